@@ -1,0 +1,1 @@
+"""The reconciler's benchmark: a synthetic fleet (`bench.fleet`) and the pass measurements (`bench.run`)."""

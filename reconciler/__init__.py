@@ -1,0 +1,1 @@
+"""reconciler: keeps pools of prebuilt workspaces ready."""

@@ -1,0 +1,99 @@
+"""What the planner decides for one preset: its counts and its ordered actions."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from reconciler.snapshot import Preset
+
+
+class DeleteReason(enum.StrEnum):
+    EXPIRED = "expired"
+    EXTRANEOUS = "extraneous"
+    INACTIVE = "inactive"
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffAction:
+    until: datetime
+    num_failed: int
+    type: str = "backoff"
+
+
+@dataclass(frozen=True, slots=True)
+class CancelPendingAction:
+    count: int
+    type: str = "cancel_pending"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteAction:
+    workspace_ids: tuple[UUID, ...]
+    reason: DeleteReason
+    type: str = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class CreateAction:
+    count: int
+    type: str = "create"
+
+
+Action = BackoffAction | CancelPendingAction | DeleteAction | CreateAction
+
+
+@dataclass(frozen=True, slots=True)
+class PresetState:
+    """The eight counts of BEHAVIOR.md section 2."""
+
+    desired: int = 0
+    actual: int = 0
+    eligible: int = 0
+    extraneous: int = 0
+    expired: int = 0
+    starting: int = 0
+    stopping: int = 0
+    deleting: int = 0
+
+
+class CreateBlock(enum.StrEnum):
+    """Why creates were withheld from a preset that wanted them."""
+
+    HARD_LIMITED = "hard_limited"
+    VALIDATION_FAILED = "validation_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class PresetPlan:
+    preset: Preset
+    state: PresetState
+    actions: tuple[Action, ...]
+    hard_limited: bool
+    # Set when the preset would have created prebuilds but may not.
+    create_blocked: CreateBlock | None = None
+    # How many creates were withheld because of `create_blocked`.
+    creates_withheld: int = 0
+    backoff_until: datetime | None = None
+
+    @property
+    def skipped(self) -> bool:
+        return not self.actions
+
+
+@dataclass(frozen=True, slots=True)
+class PlanProblem:
+    """Something odd in the data that the planner worked around; the pass logs it."""
+
+    preset_id: UUID
+    event: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    generated_at: datetime
+    presets: tuple[PresetPlan, ...]
+    problems: tuple[PlanProblem, ...] = ()

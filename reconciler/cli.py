@@ -1,0 +1,278 @@
+"""Command line: argument parsing and exit codes; the work is done by the modules it calls.
+
+Exit codes: 0 success; 1 a failed pass or check (or an unreachable database); 2 bad usage (argparse);
+78 bad configuration (EX_CONFIG: systemd's RestartPreventExitStatus keeps a misconfigured unit down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import structlog
+
+from reconciler import db, store
+from reconciler.config import EXIT_CONFIG, ConfigError, Settings, database_url_for_display, load_settings
+from reconciler.logs import configure_logging
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+logger = structlog.get_logger("reconciler.cli")
+
+
+class CommandError(Exception):
+    """A failure the user can act on; printed as one line, exit 1."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reconciler",
+        description="Keeps pools of prebuilt workspaces at their desired size. Configured by environment "
+        "variables (RECONCILER_DATABASE_URL, RECONCILER_RECONCILIATION_INTERVAL, ...; see the README).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser(
+        "run",
+        help="run the daemon: passes on the interval, metrics and health over HTTP",
+        description="Run the daemon until SIGTERM or SIGINT. Serves /metrics, /healthz and /readyz "
+        "on RECONCILER_HTTP_ADDRESS.",
+    )
+    commands.add_parser("migrate", help="create or upgrade the database schema (safe to run concurrently)")
+    reconcile = commands.add_parser("reconcile", help="run reconciliation passes from the command line")
+    reconcile.add_argument("--once", action="store_true", required=True, help="run exactly one pass, then exit")
+    for name, text in (
+        ("plan", "show what a pass would do, without writing anything"),
+        ("status", "show every preset's counts, status and backoff"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    commands.add_parser("pause", help="pause reconciliation (all replicas)")
+    commands.add_parser("resume", help="resume reconciliation")
+    presets = commands.add_parser("presets", help="operator actions on presets")
+    preset_commands = presets.add_subparsers(dest="presets_command", metavar="ACTION", required=True)
+    reset = preset_commands.add_parser(
+        "reset",
+        help="set a hard-limited or validation-failed preset back to normal",
+        description="Set the preset back to `normal`. Failures before now no longer count toward the hard limit: "
+        "the preset gets failure_hard_limit fresh attempts.",
+    )
+    reset.add_argument("preset_id", metavar="PRESET_ID", help="the preset's id (uuid)")
+    notifications = commands.add_parser("notifications", help="inspect the notification outbox")
+    notification_commands = notifications.add_subparsers(dest="notifications_command", metavar="ACTION", required=True)
+    listing = notification_commands.add_parser("list", help="list recent notification messages")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    healthcheck = commands.add_parser("healthcheck", help="exit 0 when the local daemon is alive and ready")
+    healthcheck.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    return parser
+
+
+def _settings(require_database: bool = True) -> Settings:
+    settings = load_settings(require_database=require_database)
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+def _dsn(settings: Settings) -> str:
+    assert settings.database_url is not None
+    return settings.database_url.get_secret_value()
+
+
+async def _with_connection(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[int]]) -> int:
+    try:
+        connection = await db.connect(
+            _dsn(settings), statement_timeout=settings.statement_timeout, connect_timeout=settings.connect_timeout
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+        raise CommandError(
+            f"cannot connect to the database at {database_url_for_display(settings)}: {type(error).__name__}: {error}"
+        ) from None
+    try:
+        return await work(connection)
+    finally:
+        await connection.close()
+
+
+async def _require_schema(connection: asyncpg.Connection) -> None:
+    current, reason = await db.schema_is_current(connection)
+    if not current:
+        raise CommandError(f"the database schema is not ready: {reason}")
+
+
+async def _migrate(settings: Settings) -> int:
+    async def work(connection: asyncpg.Connection) -> int:
+        try:
+            applied = await db.migrate(connection)
+        except db.SchemaError as error:
+            raise CommandError(str(error)) from None
+        print(f"applied migrations {applied}" if applied else "schema is up to date")
+        return EXIT_OK
+
+    return await _with_connection(settings, work)
+
+
+async def _reconcile_once(settings: Settings) -> int:
+    from reconciler.reconcile import PassOutcome, run_pass
+
+    async def check(connection: asyncpg.Connection) -> int:
+        await _require_schema(connection)
+        return EXIT_OK
+
+    await _with_connection(settings, check)
+    pool = await db.create_pool(
+        _dsn(settings),
+        max_size=settings.pool_max_size,
+        statement_timeout=settings.statement_timeout,
+        connect_timeout=settings.connect_timeout,
+    )
+    try:
+        result = await run_pass(pool, settings, datetime.now(UTC))
+    finally:
+        await pool.close()
+    if result.outcome is PassOutcome.FAILED:
+        print(f"reconcile: the pass failed: {result.error}", file=sys.stderr)
+        return EXIT_FAILED
+    if result.outcome is PassOutcome.SKIPPED_LOCK:
+        print("reconcile: another reconciler holds the lock; this pass was skipped", file=sys.stderr)
+    elif result.outcome is PassOutcome.PAUSED:
+        print("reconcile: reconciliation is paused (reconciler resume)", file=sys.stderr)
+    elif result.execution is not None:
+        execution = result.execution
+        print(
+            f"reconciled: created {execution.created}, deleted {execution.deleted}, "
+            f"canceled {execution.canceled}, presets failed {execution.presets_failed}"
+        )
+        if execution.presets_failed:
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _plan_or_status(settings: Settings, as_json: bool, status: bool) -> int:
+    from reconciler import planner, reports
+    from reconciler.reconcile import planner_config, snapshot_parameters
+
+    async def work(connection: asyncpg.Connection) -> int:
+        await _require_schema(connection)
+        now = datetime.now(UTC)
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            paused = await store.read_paused(connection)
+            snapshot = await store.read_snapshot(connection, snapshot_parameters(settings, now))
+        plan = planner.plan(snapshot, planner_config(settings), now)
+        if as_json:
+            document = reports.status_json(plan, paused=paused) if status else reports.plan_json(plan, paused=paused)
+            print(json.dumps(document, indent=2))
+        else:
+            print(reports.status_table(plan, paused=paused) if status else reports.plan_table(plan, paused=paused))
+        return EXIT_OK
+
+    return await _with_connection(settings, work)
+
+
+async def _set_paused(settings: Settings, paused: bool) -> int:
+    async def work(connection: asyncpg.Connection) -> int:
+        await _require_schema(connection)
+        await store.write_paused(connection, paused)
+        logger.info("reconcile.paused_set" if paused else "reconcile.resumed")
+        print("reconciliation paused" if paused else "reconciliation resumed")
+        return EXIT_OK
+
+    return await _with_connection(settings, work)
+
+
+async def _reset_preset(settings: Settings, preset_id_text: str) -> int:
+    try:
+        preset_id = uuid.UUID(preset_id_text)
+    except ValueError:
+        raise CommandError(f"not a preset id (a uuid): {preset_id_text!r}") from None
+
+    async def work(connection: asyncpg.Connection) -> int:
+        from reconciler.notify.outbox import reset_preset
+
+        await _require_schema(connection)
+        result = await reset_preset(connection, preset_id, actor=_actor(), now=datetime.now(UTC))
+        if result is None:
+            raise CommandError(f"no preset with id {preset_id}")
+        print(f"preset {preset_id} reset to normal (was {result})")
+        return EXIT_OK
+
+    return await _with_connection(settings, work)
+
+
+def _actor() -> str:
+    import getpass
+    import os
+
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+async def _list_notifications(settings: Settings, limit: int, as_json: bool) -> int:
+    from reconciler import reports
+    from reconciler.notify.outbox import list_messages
+
+    async def work(connection: asyncpg.Connection) -> int:
+        await _require_schema(connection)
+        messages = await list_messages(connection, limit=limit)
+        if as_json:
+            print(json.dumps([message.as_json() for message in messages], indent=2))
+        else:
+            rows = [message.as_row() for message in messages]
+            print(reports.table(type(messages[0]).ROW_HEADERS, rows) if messages else "no notification messages")
+        return EXIT_OK
+
+    return await _with_connection(settings, work)
+
+
+def _dispatch(arguments: argparse.Namespace) -> int:
+    command = arguments.command
+    if command == "healthcheck":
+        from reconciler.health import healthcheck
+
+        settings = load_settings(require_database=False)
+        return healthcheck(settings, timeout=arguments.timeout)
+    settings = _settings()
+    if command == "run":
+        from reconciler.service import run_service
+
+        return run_service(settings)
+    runners: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
+        "migrate": lambda: _migrate(settings),
+        "reconcile": lambda: _reconcile_once(settings),
+        "plan": lambda: _plan_or_status(settings, arguments.json, status=False),
+        "status": lambda: _plan_or_status(settings, arguments.json, status=True),
+        "pause": lambda: _set_paused(settings, True),
+        "resume": lambda: _set_paused(settings, False),
+        "presets": lambda: _reset_preset(settings, arguments.preset_id),
+        "notifications": lambda: _list_notifications(settings, arguments.limit, arguments.json),
+    }
+    return asyncio.run(runners[command]())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    try:
+        return _dispatch(arguments)
+    except ConfigError as error:
+        print("reconciler: bad configuration:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (CommandError, db.SchemaError) as error:
+        print(f"reconciler: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+        # The database went away mid-command: one clear line, no traceback (messages carry no password).
+        print(f"reconciler: database error: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,223 @@
+"""Database plumbing: where the SQL lives, the connection pool, and the migration runner."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+from asyncpg.pool import PoolConnectionProxy
+
+# What store functions accept: a plain connection or one borrowed from a pool.
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+logger = structlog.get_logger(__name__)
+
+# Advisory lock keys, fixed so that every replica and every `reconciler migrate` agree.
+MIGRATIONS_LOCK_KEY = 7_236_001
+RECONCILIATION_LOCK_KEY = 7_236_002
+
+_QUERY_NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class SchemaError(Exception):
+    """The database schema is not one this code can work with."""
+
+
+def sql_directory() -> Path:
+    """The `sql/` folder: inside the installed package (wheel), or beside it in a source checkout."""
+    package_directory = Path(__file__).resolve().parent
+    for candidate in (package_directory / "sql", package_directory.parent / "sql"):
+        if (candidate / "migrations").is_dir():
+            return candidate
+    raise FileNotFoundError(f"no sql/ folder found beside {package_directory}")
+
+
+def parse_queries(text: str, source: str) -> dict[str, str]:
+    """Split a `.sql` file into its named statements (`-- name: verb_noun` starts each one)."""
+    matches = list(_QUERY_NAME.finditer(text))
+    if not matches:
+        raise ValueError(f"{source}: no '-- name:' blocks")
+    queries: dict[str, str] = {}
+    for index, match in enumerate(matches):
+        end = matches[index + 1].start() if index + 1 < len(matches) else len(text)
+        body = text[match.end() : end].strip()
+        if not body:
+            raise ValueError(f"{source}: query {match.group(1)} is empty")
+        queries[match.group(1)] = body
+    return queries
+
+
+@functools.cache
+def queries() -> Mapping[str, str]:
+    """Every named statement of `sql/queries/*.sql`, loaded once."""
+    loaded: dict[str, str] = {}
+    for path in sorted((sql_directory() / "queries").glob("*.sql")):
+        for name, body in parse_queries(path.read_text(encoding="utf-8"), path.name).items():
+            if name in loaded:
+                raise ValueError(f"{path.name}: query {name} is defined twice")
+            loaded[name] = body
+    return loaded
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def migrations() -> list[Migration]:
+    found: list[Migration] = []
+    for path in sorted((sql_directory() / "migrations").glob("*.sql")):
+        match = _MIGRATION_FILE.match(path.name)
+        if match is None:
+            raise ValueError(f"migration file {path.name} is not named NNNN_description.sql")
+        found.append(Migration(int(match.group(1)), match.group(2), path.read_text(encoding="utf-8")))
+    versions = [migration.version for migration in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise ValueError(f"migration versions must be 1..n without gaps, found {versions}")
+    return found
+
+
+_CREATE_VERSION_TABLE = """
+create table if not exists reconciler_schema_migrations (
+    version integer primary key,
+    name text not null,
+    checksum text not null,
+    applied_at timestamptz not null default now()
+)
+"""
+
+
+async def applied_versions(connection: Connection) -> dict[int, str]:
+    """Recorded migrations (version -> checksum); empty when the version table does not exist."""
+    exists = await connection.fetchval("select to_regclass('reconciler_schema_migrations') is not null")
+    if not exists:
+        return {}
+    rows = await connection.fetch("select version, checksum from reconciler_schema_migrations")
+    return {row["version"]: row["checksum"] for row in rows}
+
+
+def _check_not_newer(recorded: Mapping[int, str], known: list[Migration]) -> None:
+    newest_known = known[-1].version if known else 0
+    unknown = sorted(version for version in recorded if version > newest_known)
+    if unknown:
+        raise SchemaError(
+            f"the database has schema version {unknown[-1]}, newer than this reconciler knows "
+            f"({newest_known}); upgrade the reconciler instead of downgrading the schema"
+        )
+
+
+async def migrate(connection: asyncpg.Connection) -> list[int]:
+    """Apply pending migrations in order, each in its own transaction; return the versions applied.
+
+    Runs under a session advisory lock held on this one connection (not a pool), so that several
+    processes migrating at once queue up and each migration is applied exactly once.
+    """
+    known = migrations()
+    await connection.execute("select pg_advisory_lock($1)", MIGRATIONS_LOCK_KEY)
+    try:
+        await connection.execute(_CREATE_VERSION_TABLE)
+        recorded = await applied_versions(connection)
+        _check_not_newer(recorded, known)
+        applied: list[int] = []
+        for migration in known:
+            if migration.version in recorded:
+                continue
+            async with connection.transaction():
+                await connection.execute(migration.sql)
+                await connection.execute(
+                    "insert into reconciler_schema_migrations (version, name, checksum) values ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+            logger.info("migration.applied", version=migration.version, name=migration.name)
+            applied.append(migration.version)
+        return applied
+    finally:
+        await connection.execute("select pg_advisory_unlock($1)", MIGRATIONS_LOCK_KEY)
+
+
+async def schema_is_current(connection: Connection) -> tuple[bool, str]:
+    """Whether every known migration is applied (and none unknown): (ok, reason when not)."""
+    known = migrations()
+    recorded = await applied_versions(connection)
+    try:
+        _check_not_newer(recorded, known)
+    except SchemaError as error:
+        return False, str(error)
+    missing = [migration.version for migration in known if migration.version not in recorded]
+    if missing:
+        return False, f"migrations not applied: {missing} (run `reconciler migrate`)"
+    return True, ""
+
+
+async def _initialize_connection(connection: asyncpg.Connection) -> None:
+    # JSON in and out as Python objects, so that no query formats JSON by hand.
+    import json
+
+    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def connection_options(statement_timeout: timedelta, application_name: str) -> dict[str, Any]:
+    return {
+        "server_settings": {
+            "application_name": application_name,
+            "statement_timeout": str(int(statement_timeout.total_seconds() * 1000)),
+            # A pass must never hang on a lock held by another component.
+            "lock_timeout": "10000",
+            "idle_in_transaction_session_timeout": "60000",
+        }
+    }
+
+
+async def connect(
+    dsn: str,
+    *,
+    statement_timeout: timedelta = timedelta(seconds=30),
+    connect_timeout: timedelta = timedelta(seconds=10),
+    application_name: str = "reconciler",
+) -> asyncpg.Connection:
+    connection: asyncpg.Connection = await asyncpg.connect(
+        dsn,
+        timeout=connect_timeout.total_seconds(),
+        **connection_options(statement_timeout, application_name),
+    )
+    await _initialize_connection(connection)
+    return connection
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    max_size: int = 10,
+    statement_timeout: timedelta = timedelta(seconds=30),
+    connect_timeout: timedelta = timedelta(seconds=10),
+    application_name: str = "reconciler",
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        timeout=connect_timeout.total_seconds(),
+        # Recycle idle connections so a restarted server or a failover is picked up cleanly.
+        max_inactive_connection_lifetime=300,
+        init=_initialize_connection,
+        **connection_options(statement_timeout, application_name),
+    )
+    assert pool is not None
+    return pool

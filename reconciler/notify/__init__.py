@@ -1,0 +1,1 @@
+"""Notifications: the outbox written with status changes, and its delivery to webhooks and e-mail."""

@@ -1,0 +1,181 @@
+"""The notification outbox: what a status change enqueues, in the same transaction as the change.
+
+Exactly once per preset, episode and recipient is the database's job (`dedupe_key` is unique); this module
+decides what a message says. Delivery is elsewhere (`dispatcher.py`), so a pass never waits on a sink.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+from uuid import UUID
+
+import structlog
+
+from reconciler import db, store
+from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures
+
+logger = structlog.get_logger(__name__)
+
+# Fixed ids: the contract's template, and the two of our own (migration 0002).
+HARD_LIMITED_TEMPLATE_ID = UUID("414d9331-c1fc-4761-b40c-d1f4702279eb")
+RECOVERED_TEMPLATE_ID = UUID("3612b174-7ca6-431d-8222-8b9dcc23a45b")
+VALIDATION_FAILED_TEMPLATE_ID = UUID("9ab56367-21d6-438e-9e48-0cf94beca3d8")
+
+
+class NoticeKind(enum.StrEnum):
+    HARD_LIMITED = "hard_limited"
+    VALIDATION_FAILED = "validation_failed"
+    RECOVERED = "recovered"
+
+    @property
+    def template_id(self) -> UUID:
+        return {
+            NoticeKind.HARD_LIMITED: HARD_LIMITED_TEMPLATE_ID,
+            NoticeKind.VALIDATION_FAILED: VALIDATION_FAILED_TEMPLATE_ID,
+            NoticeKind.RECOVERED: RECOVERED_TEMPLATE_ID,
+        }[self]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusNotice:
+    """One preset's status change, to be told to the template's administrators."""
+
+    kind: NoticeKind
+    preset: Preset
+    failure_episode: int
+    failures: PresetFailures | None
+    at: datetime
+
+    def payload(self) -> dict[str, Any]:
+        preset = self.preset
+        failures = self.failures
+        return {
+            "kind": self.kind.value,
+            "organization": preset.organization_name,
+            "organization_id": str(preset.organization_id),
+            "template": preset.template_name,
+            "template_id": str(preset.template_id),
+            "template_version": preset.template_version_name,
+            "template_version_id": str(preset.template_version_id),
+            "preset": preset.name,
+            "preset_id": str(preset.id),
+            "episode": self.failure_episode,
+            "failure_count": failures.failure_streak if failures else 0,
+            "last_error": failures.last_error if failures else None,
+            "last_error_code": failures.last_error_code if failures else None,
+            "last_failed_at": failures.last_failed_at.isoformat() if failures and failures.last_failed_at else None,
+            "at": self.at.isoformat(),
+        }
+
+
+async def enqueue_notices(connection: db.Connection, notices: list[StatusNotice]) -> int:
+    """Write the outbox rows of `notices` (inside the caller's transaction); returns rows written."""
+    rows = await store.enqueue_notifications(
+        connection,
+        template_ids=[notice.kind.template_id for notice in notices],
+        preset_ids=[notice.preset.id for notice in notices],
+        episodes=[notice.failure_episode for notice in notices],
+        kinds=[notice.kind.value for notice in notices],
+        payloads=[json.dumps(notice.payload()) for notice in notices],
+    )
+    addressed = {(row.kind, row.preset_id) for row in rows if row.user_id is not None}
+    for notice in notices:
+        if (notice.kind.value, notice.preset.id) not in addressed:
+            # Recorded all the same, with no user: nothing is lost, and an operator can see it.
+            logger.warning(
+                "notification.no_recipients",
+                kind=notice.kind.value,
+                preset_id=str(notice.preset.id),
+                preset_name=notice.preset.name,
+                template_name=notice.preset.template_name,
+                organization_name=notice.preset.organization_name,
+            )
+    return len(rows)
+
+
+async def reset_preset(
+    connection: db.Connection, preset_id: UUID, *, actor: str, now: datetime
+) -> PrebuildStatus | None:
+    """An operator's reset to `normal`; None when there is no such preset."""
+    previous = await store.reset_preset(connection, preset_id, now)
+    if previous is not None:
+        logger.info("preset.reset", preset_id=str(preset_id), previous_status=previous.value, actor=actor)
+    return previous
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A notification message as `reconciler notifications list` shows it."""
+
+    ROW_HEADERS: ClassVar[tuple[str, ...]] = (
+        "CREATED",
+        "KIND",
+        "STATUS",
+        "RECIPIENT",
+        "TEMPLATE",
+        "PRESET",
+        "ATTEMPTS",
+        "LAST ERROR",
+    )
+
+    id: UUID
+    kind: str
+    status: str
+    created_at: datetime
+    sent_at: datetime | None
+    attempts: int
+    last_error: str | None
+    payload: dict[str, Any]
+    recipient: str | None
+    recipient_email: str | None
+    notification_template: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "kind": self.kind,
+            "notification_template": self.notification_template,
+            "status": self.status,
+            "created_at": self.created_at.isoformat(),
+            "sent_at": self.sent_at.isoformat() if self.sent_at else None,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "recipient": self.recipient,
+            "recipient_email": self.recipient_email,
+            "payload": self.payload,
+        }
+
+    def as_row(self) -> tuple[object, ...]:
+        return (
+            f"{self.created_at:%Y-%m-%d %H:%M:%S}",
+            self.kind,
+            self.status,
+            self.recipient or "(nobody)",
+            self.payload.get("template", "-"),
+            self.payload.get("preset", "-"),
+            self.attempts,
+            (self.last_error or "-")[:60],
+        )
+
+
+async def list_messages(connection: db.Connection, *, limit: int = 50) -> list[OutboxMessage]:
+    return [
+        OutboxMessage(
+            id=row.id,
+            kind=row.kind,
+            status=row.status,
+            created_at=row.created_at,
+            sent_at=row.sent_at,
+            attempts=row.attempts,
+            last_error=row.last_error,
+            payload=row.payload,
+            recipient=row.username,
+            recipient_email=row.email,
+            notification_template=row.template_name,
+        )
+        for row in await store.list_notifications(connection, limit)
+    ]

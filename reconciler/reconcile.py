@@ -1,0 +1,326 @@
+"""One reconciliation pass (BEHAVIOR.md section 1): lock, pause, snapshot, status, plan, execute, summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from reconciler import executor, planner, store
+from reconciler.actions import CreateBlock, Plan
+from reconciler.config import Settings
+from reconciler.notify.outbox import NoticeKind, StatusNotice, enqueue_notices
+from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
+
+logger = structlog.get_logger(__name__)
+
+
+class PassOutcome(enum.StrEnum):
+    SUCCESS = "success"
+    FAILED = "failed"
+    SKIPPED_LOCK = "skipped_lock"
+    PAUSED = "paused"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChanges:
+    hard_limited: tuple[UUID, ...] = ()
+    validation_failed: tuple[UUID, ...] = ()
+    recovered: tuple[UUID, ...] = ()
+    notifications_enqueued: int = 0
+
+
+@dataclass(frozen=True)
+class PassResult:
+    run_id: str
+    outcome: PassOutcome
+    started_at: datetime
+    duration_seconds: float
+    snapshot: Snapshot | None = None
+    plan: Plan | None = None
+    execution: executor.ExecutionSummary | None = None
+    status_changes: StatusChanges = StatusChanges()
+    error: str | None = None
+
+
+def planner_config(settings: Settings) -> planner.PlannerConfig:
+    return planner.PlannerConfig(
+        backoff_interval=settings.backoff_interval, max_desired_instances=settings.max_desired_instances
+    )
+
+
+def snapshot_parameters(settings: Settings, now: datetime) -> store.SnapshotParameters:
+    return store.SnapshotParameters(
+        lookback_start=now - settings.backoff_lookback,
+        failure_hard_limit=settings.failure_hard_limit,
+        non_retryable_error_codes=settings.non_retryable_error_codes,
+        capacity_error_codes=settings.capacity_error_codes,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Transitions:
+    hard_limited: list[Preset]
+    validation_failed: list[Preset]
+    recovered: list[Preset]
+
+
+def find_status_transitions(snapshot: Snapshot) -> _Transitions:
+    """Which presets change status this pass (section 5): newly limited, newly invalid, recovered.
+
+    Only active presets move: the failure queries look at the active version alone, so an outdated
+    preset's status is left as it was rather than "recovering" because nobody looks any more.
+    """
+    hard_limited: list[Preset] = []
+    validation_failed: list[Preset] = []
+    recovered: list[Preset] = []
+    for preset in snapshot.presets:
+        if not preset.active:
+            continue
+        if preset.prebuild_status is PrebuildStatus.NORMAL:
+            if preset.id in snapshot.validation_failed_preset_ids:
+                validation_failed.append(preset)
+            elif preset.id in snapshot.hard_limited_preset_ids:
+                hard_limited.append(preset)
+        elif (
+            preset.prebuild_status is PrebuildStatus.HARD_LIMITED and preset.id not in snapshot.hard_limited_preset_ids
+        ):
+            recovered.append(preset)
+    return _Transitions(hard_limited, validation_failed, recovered)
+
+
+async def apply_status_transitions(
+    pool: asyncpg.Pool, snapshot: Snapshot, now: datetime
+) -> tuple[Snapshot, StatusChanges]:
+    """Write the status changes and their notifications in one transaction; return the updated snapshot.
+
+    The database decides who moves (only presets still in the expected status), so two replicas or a
+    crash between steps never open an episode twice; the outbox's unique key does the same for messages.
+    """
+    transitions = find_status_transitions(snapshot)
+    if not (transitions.hard_limited or transitions.validation_failed or transitions.recovered):
+        return snapshot, StatusChanges()
+    failures = {failure.preset_id: failure for failure in snapshot.failures}
+    presets = {preset.id: preset for preset in snapshot.presets}
+    new_status: dict[UUID, PrebuildStatus] = {}
+    notices: list[StatusNotice] = []
+
+    def notice(kind: NoticeKind, change: store.StatusChange) -> StatusNotice:
+        return StatusNotice(
+            kind=kind,
+            preset=presets[change.preset_id],
+            failure_episode=change.failure_episode,
+            failures=failures.get(change.preset_id),
+            at=now,
+        )
+
+    async with pool.acquire() as connection, connection.transaction():
+        for status, group, kind in (
+            (PrebuildStatus.VALIDATION_FAILED, transitions.validation_failed, NoticeKind.VALIDATION_FAILED),
+            (PrebuildStatus.HARD_LIMITED, transitions.hard_limited, NoticeKind.HARD_LIMITED),
+        ):
+            if group:
+                for change in await store.mark_presets_status(connection, [p.id for p in group], status, now):
+                    new_status[change.preset_id] = status
+                    notices.append(notice(kind, change))
+        if transitions.recovered:
+            for change in await store.mark_presets_recovered(connection, [p.id for p in transitions.recovered], now):
+                new_status[change.preset_id] = PrebuildStatus.NORMAL
+                notices.append(notice(NoticeKind.RECOVERED, change))
+        enqueued = await enqueue_notices(connection, notices) if notices else 0
+
+    updated = dataclasses.replace(
+        snapshot,
+        presets=tuple(
+            dataclasses.replace(preset, prebuild_status=new_status[preset.id]) if preset.id in new_status else preset
+            for preset in snapshot.presets
+        ),
+    )
+    changes = StatusChanges(
+        hard_limited=_moved(new_status, PrebuildStatus.HARD_LIMITED),
+        validation_failed=_moved(new_status, PrebuildStatus.VALIDATION_FAILED),
+        recovered=_moved(new_status, PrebuildStatus.NORMAL),
+        notifications_enqueued=enqueued,
+    )
+    for preset_id in changes.hard_limited:
+        _log_preset(logger.warning, "preset.hard_limited", presets[preset_id], failures.get(preset_id))
+    for preset_id in changes.validation_failed:
+        _log_preset(logger.warning, "preset.validation_failed", presets[preset_id], failures.get(preset_id))
+    for preset_id in changes.recovered:
+        _log_preset(logger.info, "preset.recovered", presets[preset_id], None)
+    return updated, changes
+
+
+def _moved(new_status: dict[UUID, PrebuildStatus], status: PrebuildStatus) -> tuple[UUID, ...]:
+    return tuple(preset_id for preset_id, moved_to in new_status.items() if moved_to is status)
+
+
+def _log_preset(
+    log: structlog.typing.BindableLogger, event: str, preset: Preset, failure: PresetFailures | None, **extra: object
+) -> None:
+    fields: dict[str, object] = {
+        "preset_id": str(preset.id),
+        "preset_name": preset.name,
+        "template_name": preset.template_name,
+        "template_version_name": preset.template_version_name,
+        "organization_name": preset.organization_name,
+        **extra,
+    }
+    if failure is not None:
+        fields.update(failure_streak=failure.failure_streak, last_error_code=failure.last_error_code)
+    log(event, **fields)  # type: ignore[operator]
+
+
+def _log_plan_details(plan: Plan) -> None:
+    presets = {preset_plan.preset.id: preset_plan.preset for preset_plan in plan.presets}
+    for problem in plan.problems:
+        preset = presets.get(problem.preset_id)
+        logger.warning(
+            problem.event,
+            preset_id=str(problem.preset_id),
+            preset_name=preset.name if preset else None,
+            template_name=preset.template_name if preset else None,
+            detail=problem.detail,
+        )
+    for preset_plan in plan.presets:
+        if preset_plan.create_blocked is CreateBlock.HARD_LIMITED:
+            _log_preset(
+                logger.warning,
+                "preset.creates_skipped_hard_limited",
+                preset_plan.preset,
+                None,
+                creates_withheld=preset_plan.creates_withheld,
+            )
+        elif preset_plan.create_blocked is CreateBlock.VALIDATION_FAILED:
+            _log_preset(
+                logger.warning,
+                "preset.creates_skipped_validation_failed",
+                preset_plan.preset,
+                None,
+                creates_withheld=preset_plan.creates_withheld,
+            )
+
+
+def summarize(plan: Plan) -> dict[str, int]:
+    counts = {
+        "presets": len(plan.presets),
+        "presets_with_actions": 0,
+        "backoff": 0,
+        "hard_limited": 0,
+        "to_create": 0,
+        "to_delete": 0,
+        "to_cancel": 0,
+    }
+    for preset_plan in plan.presets:
+        counts["presets_with_actions"] += bool(preset_plan.actions)
+        counts["hard_limited"] += preset_plan.hard_limited
+        for action in preset_plan.actions:
+            if action.type == "backoff":
+                counts["backoff"] += 1
+            elif action.type == "create":
+                counts["to_create"] += action.count  # type: ignore[union-attr]
+            elif action.type == "delete":
+                counts["to_delete"] += len(action.workspace_ids)  # type: ignore[union-attr]
+            elif action.type == "cancel_pending":
+                counts["to_cancel"] += action.count  # type: ignore[union-attr]
+    return counts
+
+
+async def run_pass(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    now: datetime,
+    *,
+    run_id: str | None = None,
+    observe_action: executor.ActionObserver | None = None,
+) -> PassResult:
+    """Run one pass. Never raises for database trouble: a failed pass is an outcome, retried next time."""
+    run_id = run_id or uuid.uuid4().hex[:12]
+    started = time.perf_counter()
+    log = logger.bind(run_id=run_id)
+
+    def result(
+        outcome: PassOutcome,
+        *,
+        snapshot: Snapshot | None = None,
+        plan: Plan | None = None,
+        execution: executor.ExecutionSummary | None = None,
+        status_changes: StatusChanges = StatusChanges(),
+        error: str | None = None,
+    ) -> PassResult:
+        pass_result = PassResult(
+            run_id=run_id,
+            outcome=outcome,
+            started_at=now,
+            duration_seconds=time.perf_counter() - started,
+            snapshot=snapshot,
+            plan=plan,
+            execution=execution,
+            status_changes=status_changes,
+            error=error,
+        )
+        if outcome is not PassOutcome.SUCCESS:
+            # The canonical event of a pass that did not reconcile; a lock skip is routine, hence debug.
+            level = {PassOutcome.FAILED: log.error, PassOutcome.PAUSED: log.info}.get(outcome, log.debug)
+            level(
+                "reconcile.pass",
+                outcome=outcome.value,
+                error=pass_result.error,
+                duration_seconds=round(pass_result.duration_seconds, 4),
+            )
+        return pass_result
+
+    try:
+        async with pool.acquire() as connection:
+            # The lock lives as long as this transaction: it is released when the pass ends, and by the
+            # server if this process dies, so another replica can take over on its next tick.
+            transaction = connection.transaction(isolation="repeatable_read", readonly=True)
+            await transaction.start()
+            try:
+                if not await store.try_reconciliation_lock(connection):
+                    return result(PassOutcome.SKIPPED_LOCK)
+                if await store.read_paused(connection):
+                    return result(PassOutcome.PAUSED)
+                snapshot = await store.read_snapshot(connection, snapshot_parameters(settings, now))
+                snapshot, changes = await apply_status_transitions(pool, snapshot, now)
+                plan = planner.plan(snapshot, planner_config(settings), now)
+                _log_plan_details(plan)
+                summary = await executor.execute(
+                    pool, plan, now, concurrency=settings.executor_concurrency, observe=observe_action
+                )
+            finally:
+                await transaction.rollback()
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+        # The database is gone or refused: expected in an outage, so no traceback, one line per pass.
+        return result(PassOutcome.FAILED, error=f"{type(error).__name__}: {error}")
+    except Exception as error:
+        # A bug, not an outage: keep the traceback, fail this pass only.
+        log.exception("reconcile.pass_crashed")
+        return result(PassOutcome.FAILED, error=f"{type(error).__name__}: {error}")
+    outcome = PassOutcome.SUCCESS
+    pass_result = result(outcome, snapshot=snapshot, plan=plan, execution=summary, status_changes=changes)
+    log.info(
+        "reconcile.pass",
+        outcome=outcome.value,
+        duration_seconds=round(pass_result.duration_seconds, 4),
+        **summarize(plan),
+        created=summary.created,
+        deleted=summary.deleted,
+        canceled=summary.canceled,
+        creates_clamped=summary.creates_clamped,
+        deletes_skipped=summary.deletes_skipped,
+        presets_failed=summary.presets_failed,
+        newly_hard_limited=len(changes.hard_limited),
+        newly_validation_failed=len(changes.validation_failed),
+        recovered=len(changes.recovered),
+        notifications_enqueued=changes.notifications_enqueued,
+        problems=len(plan.problems),
+    )
+    return pass_result

@@ -1,0 +1,131 @@
+"""What one pass reads: a consistent picture of every preset that has prebuilds.
+
+These types are filled by `store.py` from one REPEATABLE READ transaction and consumed by the pure
+planner. They carry only what the rules of BEHAVIOR.md need; every timestamp is timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+# The prebuilds system user: owner of every prebuilt workspace until it is claimed.
+PREBUILDS_SYSTEM_USER_ID = UUID("c42fdf75-3097-471c-8c33-fb52454d81c0")
+
+
+class PrebuildStatus(enum.StrEnum):
+    NORMAL = "normal"
+    HARD_LIMITED = "hard_limited"
+    VALIDATION_FAILED = "validation_failed"
+
+
+class Transition(enum.StrEnum):
+    START = "start"
+    STOP = "stop"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A schedule row: while `cron_expression` (a time range) contains now, the target is `desired_instances`."""
+
+    cron_expression: str
+    desired_instances: int
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """A preset that has prebuilds (`desired_instances IS NOT NULL`), on any template version."""
+
+    id: UUID
+    name: str
+    template_id: UUID
+    template_name: str
+    template_version_id: UUID
+    template_version_name: str
+    organization_id: UUID
+    organization_name: str
+    desired_instances: int
+    invalidate_after_secs: int | None
+    scheduling_timezone: str
+    prebuild_status: PrebuildStatus
+    last_invalidated_at: datetime | None
+    # The preset's version is its template's active version.
+    is_active_version: bool
+    template_deleted: bool
+    template_deprecated: bool
+    schedules: tuple[Schedule, ...] = ()
+    # Ours: how many failure episodes (hard limit, validation failure) the preset has had.
+    failure_episode: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Active: on the active version of a template that is neither deleted nor deprecated."""
+        return self.is_active_version and not self.template_deleted and not self.template_deprecated
+
+
+@dataclass(frozen=True, slots=True)
+class RunningPrebuild:
+    """A prebuild whose latest build is a succeeded `start`, counted for its current preset."""
+
+    workspace_id: UUID
+    preset_id: UUID
+    template_version_id: UUID
+    ready: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class InProgress:
+    """System-initiated builds still pending or running, on the template's active version."""
+
+    preset_id: UUID
+    template_version_id: UUID
+    transition: Transition
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingNonActive:
+    """First builds still waiting for a provisioner, on a version that is no longer active."""
+
+    preset_id: UUID
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Recent failures of a preset's prebuilds, as the backoff query computes them."""
+
+    preset_id: UUID
+    num_failed: int
+    last_build_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PresetFailures:
+    """A preset's recent failures (active version, since the last reset), for marking and notifying."""
+
+    preset_id: UUID
+    hard_limited: bool
+    validation_failed: bool
+    failure_streak: int
+    last_error: str | None
+    last_error_code: str | None
+    last_failed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    presets: tuple[Preset, ...] = ()
+    running: tuple[RunningPrebuild, ...] = ()
+    in_progress: tuple[InProgress, ...] = ()
+    pending_non_active: tuple[PendingNonActive, ...] = ()
+    backoffs: tuple[Backoff, ...] = ()
+    # Presets whose most recent `failure_hard_limit` prebuilds all failed (the hard-limit query).
+    hard_limited_preset_ids: frozenset[UUID] = field(default_factory=frozenset)
+    # Presets whose latest failed prebuild carries a non-retryable error code.
+    validation_failed_preset_ids: frozenset[UUID] = field(default_factory=frozenset)
+    failures: tuple[PresetFailures, ...] = ()

@@ -1,0 +1,220 @@
+-- The reads of one pass. All run in one REPEATABLE READ, read-only transaction; none is per preset.
+-- The prebuilds system user c42fdf75-3097-471c-8c33-fb52454d81c0 is written literally (not as a
+-- parameter) so that the planner can match the partial index workspaces_live_prebuilds_idx, which a
+-- generic plan for a parameter could not.
+
+-- name: try_reconciliation_lock
+select pg_try_advisory_xact_lock($1::bigint)
+
+-- name: read_prebuilds_settings
+select value from site_configs where key = 'prebuilds_settings'
+
+-- name: snapshot_presets
+-- Every preset that has prebuilds, on any version, deleted templates included.
+select
+    p.id,
+    p.name,
+    p.template_version_id,
+    tv.name as template_version_name,
+    t.id as template_id,
+    t.name as template_name,
+    o.id as organization_id,
+    o.name as organization_name,
+    p.desired_instances,
+    p.invalidate_after_secs,
+    p.scheduling_timezone,
+    p.prebuild_status::text as prebuild_status,
+    p.last_invalidated_at,
+    t.active_version_id is not distinct from p.template_version_id as is_active_version,
+    t.deleted as template_deleted,
+    t.deprecated <> '' as template_deprecated,
+    p.failure_episode
+from template_version_presets p
+join template_versions tv on tv.id = p.template_version_id
+join templates t on t.id = tv.template_id
+join organizations o on o.id = t.organization_id
+where p.desired_instances is not null
+order by t.name, tv.created_at, p.name, p.id
+
+-- name: snapshot_schedules
+select s.preset_id, s.cron_expression, s.desired_instances
+from template_version_preset_prebuild_schedules s
+join template_version_presets p on p.id = s.preset_id
+where p.desired_instances is not null
+order by s.preset_id, s.id
+
+-- name: snapshot_prebuilds
+-- One statement, so that the latest build of each live prebuild is looked up once (the materialized
+-- CTE `live`) and every other figure is derived from that small set: its size is the number of live
+-- prebuilds, whatever the length of the build history. Rows are tagged by `kind`:
+--   running      one row per running prebuild (workspace, current preset, readiness, created_at)
+--   in_progress  count of system-initiated pending/running builds per preset, version and transition
+--   pending      count of pending first builds on a non-active version, per preset
+--   backoff      num_failed and last_build_at per preset in backoff (BEHAVIOR.md 3.1)
+--   failures     per preset: hard-limit verdict, newest failure's error and code, recent failure count
+-- Parameters: $1 start of the backoff lookback window, $2 failure hard limit (0 disables),
+-- $3 non-retryable error codes, $4 capacity error codes (not the template's fault).
+with live as materialized (
+    select
+        w.id as workspace_id,
+        w.created_at as workspace_created_at,
+        latest.build_number,
+        latest.transition,
+        latest.template_version_id,
+        latest.initiator_id,
+        latest.created_at as build_created_at,
+        -- A build counts for the preset it names, else for the workspace's current preset.
+        coalesce(latest.template_version_preset_id, current_preset.template_version_preset_id) as preset_id,
+        current_preset.template_version_preset_id as current_preset_id,
+        job.id as job_id,
+        job.job_status,
+        job.worker_id,
+        job.error,
+        job.error_code
+    from workspaces w
+    cross join lateral (
+        select b.build_number, b.transition, b.template_version_id, b.template_version_preset_id,
+               b.initiator_id, b.created_at, b.job_id
+        from workspace_builds b
+        where b.workspace_id = w.id
+        order by b.build_number desc
+        limit 1
+    ) latest
+    join provisioner_jobs job on job.id = latest.job_id
+    left join lateral (
+        select b.template_version_preset_id
+        from workspace_builds b
+        where b.workspace_id = w.id and b.transition = 'start' and b.template_version_preset_id is not null
+        order by b.build_number desc
+        limit 1
+    ) current_preset on true
+    where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
+),
+-- Latest start builds of live prebuilds on their template's active version: the evidence for backoff
+-- and for the hard limit. `rank` 1 is the newest prebuild of the preset.
+starts as materialized (
+    select
+        live.preset_id,
+        live.build_created_at,
+        live.job_status,
+        live.error,
+        live.error_code,
+        p.desired_instances,
+        p.failure_reset_at,
+        t.deleted as template_deleted,
+        row_number() over (partition by live.preset_id order by live.build_created_at desc, live.workspace_id)
+            as rank
+    from live
+    join template_version_presets p on p.id = live.preset_id
+    join template_versions tv on tv.id = p.template_version_id
+    join templates t on t.id = tv.template_id and t.active_version_id = tv.id
+    where live.transition = 'start' and p.desired_instances is not null
+),
+failed_in_window as (
+    select starts.preset_id, count(*) as num_failed
+    from starts
+    where starts.job_status = 'failed' and starts.build_created_at >= $1 and not starts.template_deleted
+    group by starts.preset_id
+),
+-- In backoff: one of the N newest prebuilds failed inside the window. num_failed counts every failure
+-- in the window, not only those among the N newest.
+backoff as (
+    select starts.preset_id, failed_in_window.num_failed, max(starts.build_created_at) as last_build_at
+    from starts
+    join failed_in_window on failed_in_window.preset_id = starts.preset_id
+    where starts.rank <= starts.desired_instances
+        and starts.job_status = 'failed'
+        and starts.build_created_at >= $1
+        and not starts.template_deleted
+    group by starts.preset_id, failed_in_window.num_failed
+),
+-- For the hard limit, failures caused by capacity (quota) are neither a failure nor a success, and
+-- builds from before an operator's reset no longer count. A prebuild still in progress is "not failed".
+limit_evidence as (
+    select
+        starts.*,
+        row_number() over (partition by starts.preset_id order by starts.build_created_at desc) as limit_rank
+    from starts
+    -- coalesce: a failure without a code is a plain failure (null = any(...) would drop the row).
+    where not (starts.job_status = 'failed' and coalesce(starts.error_code, '') = any($4::text[]))
+        and (starts.failure_reset_at is null or starts.build_created_at > starts.failure_reset_at)
+),
+failures as (
+    select
+        limit_evidence.preset_id,
+        $2::int > 0
+            and count(*) filter (where limit_evidence.limit_rank <= $2::int) = $2::int
+            and bool_and(limit_evidence.job_status = 'failed') filter (where limit_evidence.limit_rank <= $2::int)
+            as hard_limited,
+        (array_agg(limit_evidence.error order by limit_evidence.build_created_at desc)
+            filter (where limit_evidence.job_status = 'failed'))[1] as last_error,
+        (array_agg(limit_evidence.error_code order by limit_evidence.build_created_at desc)
+            filter (where limit_evidence.job_status = 'failed'))[1] as last_error_code,
+        max(limit_evidence.build_created_at) filter (where limit_evidence.job_status = 'failed') as last_failed_at,
+        -- Consecutive failures from the newest prebuild back to the newest one that did not fail.
+        coalesce(
+            min(limit_evidence.limit_rank) filter (where limit_evidence.job_status <> 'failed') - 1,
+            count(*)
+        ) as failure_streak,
+        (array_agg(limit_evidence.job_status order by limit_evidence.build_created_at desc))[1] = 'failed'
+            and coalesce((array_agg(limit_evidence.error_code order by limit_evidence.build_created_at desc))[1], '')
+                = any($3::text[]) as validation_failed
+    from limit_evidence
+    group by limit_evidence.preset_id
+    having bool_or(limit_evidence.job_status = 'failed')
+)
+select 'running' as kind, live.current_preset_id as preset_id, live.workspace_id, live.template_version_id,
+       coalesce((
+           -- Ready when every live top-level agent is ready; a workspace without agents is not.
+           select bool_and(agent.lifecycle_state = 'ready')
+           from workspace_agents agent
+           where agent.job_id = live.job_id and agent.parent_id is null and not agent.deleted
+       ), false) as ready,
+       live.workspace_created_at as at, null::bigint as count, null::text as transition,
+       null::text as error, null::text as error_code
+from live
+where live.transition = 'start' and live.job_status = 'succeeded' and live.current_preset_id is not null
+union all
+select 'in_progress', live.preset_id, null, live.template_version_id, null, null, count(*),
+       live.transition::text, null, null
+from live
+join template_versions tv on tv.id = live.template_version_id
+join templates t on t.id = tv.template_id and t.active_version_id = tv.id
+where live.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+    and live.job_status in ('pending', 'running')
+    and live.preset_id is not null
+group by live.preset_id, live.template_version_id, live.transition
+union all
+select 'pending', live.preset_id, null, null, null, null, count(*), null, null, null
+from live
+join template_versions tv on tv.id = live.template_version_id
+join templates t on t.id = tv.template_id
+where live.build_number = 1 and live.transition = 'start' and live.job_status = 'pending'
+    and live.worker_id is null
+    and t.active_version_id is distinct from live.template_version_id
+    and live.preset_id is not null
+group by live.preset_id
+union all
+select 'backoff', preset_id, null, null, null, last_build_at, num_failed, null, null, null
+from backoff
+union all
+select 'failures', preset_id, null, null, hard_limited, last_failed_at, failure_streak,
+       case when validation_failed then 'validation_failed' end, last_error, last_error_code
+from failures
+
+-- name: prebuild_totals
+-- Lifetime counts per preset for the created/failed/claimed counters: first builds of prebuilds (build 1,
+-- initiated by the system user), those that failed, and those whose workspace now has another owner.
+-- Not part of a pass: the daemon refreshes these at most once a minute, beside the passes.
+select
+    b.template_version_preset_id as preset_id,
+    count(*) as created,
+    count(*) filter (where j.job_status = 'failed') as failed,
+    count(*) filter (where w.owner_id <> 'c42fdf75-3097-471c-8c33-fb52454d81c0') as claimed
+from workspace_builds b
+join provisioner_jobs j on j.id = b.job_id
+join workspaces w on w.id = b.workspace_id
+where b.build_number = 1
+    and b.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+    and b.template_version_preset_id = any($1::uuid[])
+group by b.template_version_preset_id

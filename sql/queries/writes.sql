@@ -1,0 +1,178 @@
+-- The writes of a pass and of the operator commands. Each create, delete and cancel statement is one
+-- atomic unit: either every row of it lands or none does.
+
+-- name: lock_preset_for_create
+-- Serializes creators of one preset (replicas, a manual `reconcile --once`) and re-reads what a create
+-- must still be true of: the preset has prebuilds, is active, and may create.
+select
+    p.desired_instances,
+    p.prebuild_status::text as prebuild_status,
+    t.active_version_id is not distinct from p.template_version_id and not t.deleted and t.deprecated = ''
+        as active,
+    t.id as template_id,
+    t.organization_id
+from template_version_presets p
+join template_versions tv on tv.id = p.template_version_id
+join templates t on t.id = tv.template_id
+where p.id = $1
+for update of p
+
+-- name: count_preset_prebuilds
+-- Fresh count for the create clamp: live prebuilds of the preset that are running or on their way
+-- (latest build a start that has not failed or been canceled).
+select count(*)
+from workspaces w
+cross join lateral (
+    select b.transition, b.job_id, b.template_version_preset_id
+    from workspace_builds b
+    where b.workspace_id = w.id
+    order by b.build_number desc
+    limit 1
+) latest
+join provisioner_jobs job on job.id = latest.job_id
+where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
+    and w.template_id = $2
+    and latest.transition = 'start'
+    and latest.template_version_preset_id = $1
+    and job.job_status in ('pending', 'running', 'succeeded')
+
+-- name: create_prebuilds
+-- $1 preset, $2 template version, $3 template, $4 organization, $5 names, $6 now.
+-- One workspace, one first build and one pending provisioner job per name, in one statement.
+with fresh as (
+    select gen_random_uuid() as workspace_id, gen_random_uuid() as job_id, gen_random_uuid() as build_id, name
+    from unnest($5::text[]) as name
+),
+inserted_workspaces as (
+    insert into workspaces (id, owner_id, organization_id, template_id, name, created_at, updated_at)
+    select workspace_id, 'c42fdf75-3097-471c-8c33-fb52454d81c0', $4, $3, name, $6, $6 from fresh
+),
+inserted_jobs as (
+    insert into provisioner_jobs (id, organization_id, initiator_id, type, input, created_at, updated_at)
+    select job_id, $4, 'c42fdf75-3097-471c-8c33-fb52454d81c0', 'workspace_build',
+           jsonb_build_object('workspace_build_id', build_id), $6, $6
+    from fresh
+)
+insert into workspace_builds (id, workspace_id, build_number, transition, template_version_id,
+                              template_version_preset_id, job_id, initiator_id, reason, created_at, updated_at)
+select build_id, workspace_id, 1, 'start', $2, $1, job_id, 'c42fdf75-3097-471c-8c33-fb52454d81c0',
+       'initiator', $6, $6
+from fresh
+returning workspace_id
+
+-- name: delete_prebuilds
+-- $1 workspace ids, $2 now. Re-checks in this transaction that each workspace is still a live prebuild
+-- whose latest build is a succeeded start: a workspace claimed meanwhile (another owner) or already
+-- being deleted is left alone. Returns the workspaces for which a delete build was created.
+with candidates as (
+    select w.id, w.organization_id
+    from workspaces w
+    where w.id = any($1::uuid[]) and w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
+    order by w.id
+    for update
+),
+deletable as (
+    select candidates.id as workspace_id, candidates.organization_id, latest.build_number,
+           latest.template_version_id, gen_random_uuid() as job_id, gen_random_uuid() as build_id
+    from candidates
+    cross join lateral (
+        select b.build_number, b.template_version_id, b.transition, b.job_id
+        from workspace_builds b
+        where b.workspace_id = candidates.id
+        order by b.build_number desc
+        limit 1
+    ) latest
+    join provisioner_jobs job on job.id = latest.job_id
+    where latest.transition = 'start' and job.job_status = 'succeeded'
+),
+inserted_jobs as (
+    insert into provisioner_jobs (id, organization_id, initiator_id, type, input, created_at, updated_at)
+    select job_id, organization_id, 'c42fdf75-3097-471c-8c33-fb52454d81c0', 'workspace_build',
+           jsonb_build_object('workspace_build_id', build_id), $2, $2
+    from deletable
+)
+insert into workspace_builds (id, workspace_id, build_number, transition, template_version_id,
+                              template_version_preset_id, job_id, initiator_id, reason, created_at, updated_at)
+select build_id, workspace_id, build_number + 1, 'delete', template_version_id, null, job_id,
+       'c42fdf75-3097-471c-8c33-fb52454d81c0', 'initiator', $2, $2
+from deletable
+returning workspace_id
+
+-- name: cancel_pending_prebuilds
+-- $1 preset, $2 now. First builds of the preset on a non-active version whose job no provisioner has
+-- picked up: cancel the job, add a delete build completed at once (nothing was provisioned), and mark
+-- the workspace deleted. Decided by the same criteria at write time; a job being picked up right now
+-- (row locked) is skipped, one picked up already no longer matches.
+with pending as (
+    select job.id as job_id, build.workspace_id, build.template_version_id, workspace.organization_id
+    from workspace_builds build
+    join provisioner_jobs job on job.id = build.job_id
+    join workspaces workspace on workspace.id = build.workspace_id
+    join template_versions tv on tv.id = build.template_version_id
+    join templates t on t.id = tv.template_id
+    where build.template_version_preset_id = $1
+        and build.build_number = 1
+        and build.transition = 'start'
+        and t.active_version_id is distinct from build.template_version_id
+        and workspace.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not workspace.deleted
+        and job.started_at is null and job.worker_id is null and job.canceled_at is null
+        and job.completed_at is null and coalesce(job.error, '') = ''
+    for update of job, workspace skip locked
+),
+canceled as (
+    update provisioner_jobs set canceled_at = $2, completed_at = $2, updated_at = $2
+    where id in (select job_id from pending)
+),
+fresh as (
+    select pending.*, gen_random_uuid() as delete_job_id, gen_random_uuid() as delete_build_id from pending
+),
+delete_jobs as (
+    insert into provisioner_jobs (id, organization_id, initiator_id, type, input, created_at, updated_at,
+                                  started_at, completed_at)
+    select delete_job_id, organization_id, 'c42fdf75-3097-471c-8c33-fb52454d81c0', 'workspace_build',
+           jsonb_build_object('workspace_build_id', delete_build_id), $2, $2, $2, $2
+    from fresh
+),
+delete_builds as (
+    insert into workspace_builds (id, workspace_id, build_number, transition, template_version_id,
+                                  template_version_preset_id, job_id, initiator_id, reason, created_at,
+                                  updated_at)
+    select delete_build_id, workspace_id, 2, 'delete', template_version_id, null, delete_job_id,
+           'c42fdf75-3097-471c-8c33-fb52454d81c0', 'initiator', $2, $2
+    from fresh
+)
+update workspaces set deleted = true, updated_at = $2
+where id in (select workspace_id from fresh)
+returning id
+
+-- name: mark_presets_status
+-- $1 presets, $2 the new status, $3 now. Moves presets from `normal` into a failure status; each move
+-- starts a new failure episode. Presets already in a failure status are left as they are, so that two
+-- replicas (or two passes) never open two episodes. Returns the presets moved and their episode.
+update template_version_presets
+set prebuild_status = $2::prebuild_status,
+    prebuild_status_changed_at = $3,
+    failure_episode = failure_episode + 1
+where id = any($1::uuid[]) and prebuild_status = 'normal'
+returning id, failure_episode
+
+-- name: mark_presets_recovered
+-- $1 presets, $2 now. Back to `normal` from `hard_limited` (the streak is broken). Returns the presets
+-- moved, with the episode that just ended.
+update template_version_presets
+set prebuild_status = 'normal', prebuild_status_changed_at = $2
+where id = any($1::uuid[]) and prebuild_status = 'hard_limited'
+returning id, failure_episode
+
+-- name: reset_preset
+-- An operator's reset: back to `normal`, and failures of builds created until now no longer count
+-- toward the hard limit or the validation check. Returns the previous status (null: no such preset).
+update template_version_presets p
+set prebuild_status = 'normal', prebuild_status_changed_at = $2, failure_reset_at = $2
+from (select id, prebuild_status from template_version_presets where id = $1 for update) previous
+where p.id = previous.id
+returning previous.prebuild_status::text as previous_status
+
+-- name: write_prebuilds_settings
+insert into site_configs (key, value) values ('prebuilds_settings', $1)
+on conflict (key) do update set value = excluded.value

@@ -1,0 +1,222 @@
+import asyncio
+
+import asyncpg
+import pytest
+
+from reconciler import db
+
+CONTRACT_COLUMNS = {
+    "organizations": {"id", "name", "created_at"},
+    "users": {"id", "username", "email", "status", "rbac_roles", "deleted", "is_system", "created_at"},
+    "organization_members": {"organization_id", "user_id", "roles"},
+    "templates": {
+        "id",
+        "organization_id",
+        "name",
+        "active_version_id",
+        "deleted",
+        "deprecated",
+        "created_at",
+        "updated_at",
+    },
+    "template_versions": {"id", "template_id", "organization_id", "name", "created_at"},
+    "template_version_presets": {
+        "id",
+        "template_version_id",
+        "name",
+        "desired_instances",
+        "invalidate_after_secs",
+        "scheduling_timezone",
+        "prebuild_status",
+        "last_invalidated_at",
+        "created_at",
+    },
+    "template_version_preset_parameters": {"id", "template_version_preset_id", "name", "value"},
+    "template_version_preset_prebuild_schedules": {"id", "preset_id", "cron_expression", "desired_instances"},
+    "workspaces": {
+        "id",
+        "owner_id",
+        "organization_id",
+        "template_id",
+        "name",
+        "deleted",
+        "created_at",
+        "updated_at",
+    },
+    "workspace_builds": {
+        "id",
+        "workspace_id",
+        "build_number",
+        "transition",
+        "template_version_id",
+        "template_version_preset_id",
+        "job_id",
+        "initiator_id",
+        "reason",
+        "created_at",
+    },
+    "provisioner_jobs": {
+        "id",
+        "organization_id",
+        "initiator_id",
+        "type",
+        "input",
+        "worker_id",
+        "created_at",
+        "started_at",
+        "canceled_at",
+        "completed_at",
+        "error",
+        "error_code",
+        "job_status",
+    },
+    "workspace_agents": {"id", "job_id", "name", "lifecycle_state", "parent_id", "deleted", "created_at"},
+    "site_configs": {"key", "value"},
+    "notification_templates": {"id", "name", "title_template", "body_template"},
+    "notification_messages": {"id", "notification_template_id", "user_id", "payload", "status", "created_at"},
+}
+
+CONTRACT_ENUMS = {
+    "provisioner_job_status": [
+        "pending",
+        "running",
+        "succeeded",
+        "canceling",
+        "canceled",
+        "failed",
+        "unknown",
+    ],
+    "workspace_transition": ["start", "stop", "delete"],
+    "build_reason": [
+        "initiator",
+        "autostart",
+        "autostop",
+        "dormancy",
+        "failedstop",
+        "autodelete",
+        "dashboard",
+        "cli",
+    ],
+    "prebuild_status": ["normal", "hard_limited", "validation_failed"],
+    "workspace_agent_lifecycle_state": [
+        "created",
+        "starting",
+        "start_timeout",
+        "start_error",
+        "ready",
+        "shutting_down",
+        "shutdown_timeout",
+        "shutdown_error",
+        "off",
+    ],
+}
+
+
+async def test_fresh_apply_creates_every_contract_table_and_column(empty_database_url: str) -> None:
+    connection = await db.connect(empty_database_url)
+    try:
+        applied = await db.migrate(connection)
+        assert applied == [migration.version for migration in db.migrations()]
+        for table, expected in CONTRACT_COLUMNS.items():
+            rows = await connection.fetch(
+                "select column_name from information_schema.columns where table_name = $1", table
+            )
+            assert expected <= {row["column_name"] for row in rows}, table
+        for enum_name, labels in CONTRACT_ENUMS.items():
+            found = await connection.fetchval(
+                "select array_agg(enumlabel order by enumsortorder) from pg_enum "
+                "join pg_type on pg_type.oid = enumtypid where typname = $1",
+                enum_name,
+            )
+            assert found == labels
+        system_user = await connection.fetchrow(
+            "select username, is_system from users where id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'"
+        )
+        assert system_user is not None
+        assert (system_user["username"], system_user["is_system"]) == ("prebuilds", True)
+        template_name = await connection.fetchval(
+            "select name from notification_templates where id = '414d9331-c1fc-4761-b40c-d1f4702279eb'"
+        )
+        assert template_name == "Prebuild Failure Limit Reached"
+        assert await db.schema_is_current(connection) == (True, "")
+    finally:
+        await connection.close()
+
+
+async def test_second_run_is_a_no_op(empty_database_url: str) -> None:
+    connection = await db.connect(empty_database_url)
+    try:
+        await db.migrate(connection)
+        before = await connection.fetch("select version, applied_at from reconciler_schema_migrations")
+        assert await db.migrate(connection) == []
+        after = await connection.fetch("select version, applied_at from reconciler_schema_migrations")
+        assert before == after
+    finally:
+        await connection.close()
+
+
+async def test_three_concurrent_runs_apply_each_migration_once(empty_database_url: str) -> None:
+    connections = [await db.connect(empty_database_url) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(db.migrate(connection) for connection in connections))
+        applied = sorted(version for result in results for version in result)
+        assert applied == [migration.version for migration in db.migrations()]
+        count = await connections[0].fetchval("select count(*) from reconciler_schema_migrations")
+        assert count == len(db.migrations())
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+async def test_refuses_a_database_newer_than_the_code(empty_database_url: str) -> None:
+    connection = await db.connect(empty_database_url)
+    try:
+        await db.migrate(connection)
+        newer = len(db.migrations()) + 1
+        await connection.execute(
+            "insert into reconciler_schema_migrations (version, name, checksum) values ($1, 'future', 'x')",
+            newer,
+        )
+        with pytest.raises(db.SchemaError, match=f"schema version {newer}, newer than this reconciler"):
+            await db.migrate(connection)
+        current, reason = await db.schema_is_current(connection)
+        assert not current
+        assert "newer" in reason
+    finally:
+        await connection.close()
+
+
+async def test_unmigrated_database_is_reported_not_current(empty_database_url: str) -> None:
+    connection = await db.connect(empty_database_url)
+    try:
+        current, reason = await db.schema_is_current(connection)
+        assert not current
+        assert "reconciler migrate" in reason
+    finally:
+        await connection.close()
+
+
+async def test_failed_migration_rolls_back_and_is_not_recorded(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = [
+        *db.migrations(),
+        db.Migration(len(db.migrations()) + 1, "broken", "create table t(); select 1/0;"),
+    ]
+    monkeypatch.setattr(db, "migrations", lambda: broken)
+    connection = await db.connect(empty_database_url)
+    try:
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await db.migrate(connection)
+        versions = await connection.fetch("select version from reconciler_schema_migrations")
+        assert [row["version"] for row in versions] == [migration.version for migration in broken[:-1]]
+        assert await connection.fetchval("select to_regclass('t')") is None
+    finally:
+        await connection.close()
+
+
+def test_query_files_parse_into_named_statements() -> None:
+    parsed = db.parse_queries("-- name: first_one\nselect 1;\n\n-- name: second\nselect 2;\n", "x.sql")
+    assert parsed == {"first_one": "select 1;", "second": "select 2;"}
+    with pytest.raises(ValueError, match="no '-- name:'"):
+        db.parse_queries("select 1", "y.sql")
