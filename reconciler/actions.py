@@ -77,10 +77,8 @@ class PresetPlan:
     # How many creates were withheld because of `create_blocked`.
     creates_withheld: int = 0
     backoff_until: datetime | None = None
-
-    @property
-    def skipped(self) -> bool:
-        return not self.actions
+    # BEHAVIOR.md 3.4: inactive, with nothing running, pending or backing off; nothing to look at.
+    skipped: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,6 +145,8 @@ def plan_preset(
             return result([BackoffAction(until=until, num_failed=inputs.backoff.num_failed)], backoff_until=until)
 
     actions: list[Action] = []
+    if not active and not running and inputs.pending_non_active == 0:
+        return result(actions, skipped=True)
     if not active:
         # 2. Never creates; cancels what no provisioner picked up, deletes everything running (ours:
         # expired ones too, which Coder leaves behind).

@@ -56,6 +56,8 @@ def preset_json(preset_plan: PresetPlan) -> dict[str, Any]:
         # Extensions beyond the contract (allowed: extend, never rename).
         "backoff_until": _iso(preset_plan.backoff_until) if preset_plan.backoff_until else None,
         "create_blocked": preset_plan.create_blocked.value if preset_plan.create_blocked else None,
+        "creates_withheld": preset_plan.creates_withheld,
+        "skipped": preset_plan.skipped,
     }
 
 
