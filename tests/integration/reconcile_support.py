@@ -1,0 +1,124 @@
+"""Helpers shared by the rule tests: settings, a pool, read-only plans, real passes, and row checks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from reconciler import db, planner, store
+from reconciler.actions import Plan, PresetPlan
+from reconciler.config import Settings, load_settings
+from reconciler.reconcile import PassOutcome, PassResult, planner_config, run_pass, snapshot_parameters
+from reconciler.snapshot import Snapshot
+from tests.factories import Preset, Workspace
+
+
+def settings_for(database_url: str, **overrides: str) -> Settings:
+    """Settings as the daemon would read them; `failure_hard_limit="0"` sets RECONCILER_FAILURE_HARD_LIMIT."""
+    environ = {"RECONCILER_DATABASE_URL": database_url}
+    environ.update({f"RECONCILER_{name.upper()}": value for name, value in overrides.items()})
+    return load_settings(environ)
+
+
+@asynccontextmanager
+async def open_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await db.create_pool(database_url, max_size=12)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def read_snapshot(connection: asyncpg.Connection, settings: Settings, now: datetime) -> Snapshot:
+    """The snapshot a pass at `now` would read, in the same kind of transaction; writes nothing."""
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        return await store.read_snapshot(connection, snapshot_parameters(settings, now))
+
+
+async def read_plan(connection: asyncpg.Connection, settings: Settings, now: datetime) -> Plan:
+    """What a pass at `now` would decide (without marking statuses); writes nothing."""
+    snapshot = await read_snapshot(connection, settings, now)
+    return planner.plan(snapshot, planner_config(settings), now)
+
+
+def plan_of(plan: Plan, preset: Preset) -> PresetPlan:
+    matches = [preset_plan for preset_plan in plan.presets if preset_plan.preset.id == preset.id]
+    assert len(matches) == 1, f"preset {preset.name} appears {len(matches)} times in the plan"
+    return matches[0]
+
+
+async def pass_at(pool: asyncpg.Pool, settings: Settings, now: datetime) -> PassResult:
+    """A real pass that must succeed, with no preset failing."""
+    result = await run_pass(pool, settings, now)
+    assert result.outcome is PassOutcome.SUCCESS, result.error
+    assert result.execution is not None
+    assert result.execution.presets_failed == 0
+    return result
+
+
+def ids(*workspaces: Workspace) -> tuple[UUID, ...]:
+    return tuple(workspace.id for workspace in workspaces)
+
+
+async def builds_of(connection: asyncpg.Connection, workspace_id: UUID) -> list[asyncpg.Record]:
+    """Every build of a workspace with its job, oldest first."""
+    return await connection.fetch(
+        """
+        select b.id, b.build_number, b.transition::text as transition, b.template_version_id,
+               b.template_version_preset_id, b.initiator_id, b.reason::text as reason, b.created_at,
+               j.id as job_id, j.job_status::text as job_status, j.type as job_type, j.initiator_id as job_initiator_id,
+               j.organization_id as job_organization_id, j.input, j.worker_id, j.started_at, j.canceled_at,
+               j.completed_at
+        from workspace_builds b
+        join provisioner_jobs j on j.id = b.job_id
+        where b.workspace_id = $1
+        order by b.build_number
+        """,
+        workspace_id,
+    )
+
+
+async def workspace_row(connection: asyncpg.Connection, workspace_id: UUID) -> asyncpg.Record:
+    row = await connection.fetchrow("select * from workspaces where id = $1", workspace_id)
+    assert row is not None
+    return row
+
+
+async def preset_row(connection: asyncpg.Connection, preset: Preset) -> asyncpg.Record:
+    row = await connection.fetchrow(
+        "select prebuild_status::text as prebuild_status, prebuild_status_changed_at, failure_episode, "
+        "desired_instances from template_version_presets where id = $1",
+        preset.id,
+    )
+    assert row is not None
+    return row
+
+
+async def prebuild_workspaces(connection: asyncpg.Connection, preset: Preset) -> list[asyncpg.Record]:
+    """Workspaces whose first build names `preset`, oldest first."""
+    return await connection.fetch(
+        "select w.* from workspaces w join workspace_builds b on b.workspace_id = w.id and b.build_number = 1 "
+        "where b.template_version_preset_id = $1 order by w.created_at, w.id",
+        preset.id,
+    )
+
+
+async def table_checksums(connection: asyncpg.Connection, skip: Sequence[str] = ()) -> dict[str, str]:
+    """An md5 of every row of every table of the public schema, by table."""
+    tables = await connection.fetch(
+        "select tablename from pg_tables where schemaname = 'public' order by tablename",
+    )
+    checksums: dict[str, str] = {}
+    for row in tables:
+        name = row["tablename"]
+        if name in skip:
+            continue
+        quoted = '"' + name.replace('"', '""') + '"'
+        checksums[name] = await connection.fetchval(
+            f"select md5(coalesce(string_agg(t::text, ',' order by t::text), '')) || ':' || count(*) from {quoted} t"
+        )
+    return checksums
