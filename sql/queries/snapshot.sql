@@ -54,7 +54,26 @@ order by s.preset_id, s.id
 --   failures     per preset: hard-limit verdict, newest failure's error and code, recent failure count
 -- Parameters: $1 start of the backoff lookback window, $2 failure hard limit (0 disables),
 -- $3 non-retryable error codes, $4 capacity error codes (not the template's fault).
-with live as materialized (
+--
+-- Shape matters here more than anywhere (see PERFORMANCE-NOTES): "is this the template's active
+-- version" is computed once per version and per preset as a column of two small sets (`versions`,
+-- `preset_info`), and the live builds are joined to them by a single equality. Joining the live builds
+-- to `templates on t.active_version_id = tv.id and tv.template_id = t.id` instead lets the planner
+-- estimate that correlated join at one row, pick a nested loop, and take seconds to minutes at scale.
+with versions as materialized (
+    select tv.id as template_version_id, coalesce(t.active_version_id = tv.id, false) as is_active
+    from template_versions tv
+    left join templates t on t.id = tv.template_id
+),
+preset_info as materialized (
+    select p.id as preset_id, p.desired_instances, p.failure_reset_at, t.deleted as template_deleted,
+           coalesce(t.active_version_id = p.template_version_id, false) as on_active_version
+    from template_version_presets p
+    join template_versions tv on tv.id = p.template_version_id
+    join templates t on t.id = tv.template_id
+    where p.desired_instances is not null
+),
+live as materialized (
     select
         w.id as workspace_id,
         w.created_at as workspace_created_at,
@@ -64,8 +83,8 @@ with live as materialized (
         latest.initiator_id,
         latest.created_at as build_created_at,
         -- A build counts for the preset it names, else for the workspace's current preset.
-        coalesce(latest.template_version_preset_id, current_preset.template_version_preset_id) as preset_id,
-        current_preset.template_version_preset_id as current_preset_id,
+        coalesce(latest.template_version_preset_id, current_preset.id) as preset_id,
+        current_preset.id as current_preset_id,
         job.id as job_id,
         job.job_status,
         job.worker_id,
@@ -81,13 +100,21 @@ with live as materialized (
         limit 1
     ) latest
     join provisioner_jobs job on job.id = latest.job_id
-    left join lateral (
-        select b.template_version_preset_id
-        from workspace_builds b
-        where b.workspace_id = w.id and b.transition = 'start' and b.template_version_preset_id is not null
-        order by b.build_number desc
-        limit 1
-    ) current_preset on true
+    -- The current preset is the latest build's own when it is a start naming one (most prebuilds): the
+    -- CASE only looks further back in the history for the others, saving one lookup per prebuild.
+    cross join lateral (
+        select case
+            when latest.transition = 'start' and latest.template_version_preset_id is not null
+                then latest.template_version_preset_id
+            else (
+                select b.template_version_preset_id
+                from workspace_builds b
+                where b.workspace_id = w.id and b.transition = 'start' and b.template_version_preset_id is not null
+                order by b.build_number desc
+                limit 1
+            )
+        end as id
+    ) current_preset
     where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
 ),
 -- Latest start builds of live prebuilds on their template's active version: the evidence for backoff
@@ -99,34 +126,32 @@ starts as materialized (
         live.job_status,
         live.error,
         live.error_code,
-        p.desired_instances,
-        p.failure_reset_at,
-        t.deleted as template_deleted,
+        preset_info.desired_instances,
+        preset_info.failure_reset_at,
+        preset_info.template_deleted,
         row_number() over (partition by live.preset_id order by live.build_created_at desc, live.workspace_id)
             as rank
     from live
-    join template_version_presets p on p.id = live.preset_id
-    join template_versions tv on tv.id = p.template_version_id
-    join templates t on t.id = tv.template_id and t.active_version_id = tv.id
-    where live.transition = 'start' and p.desired_instances is not null
-),
-failed_in_window as (
-    select starts.preset_id, count(*) as num_failed
-    from starts
-    where starts.job_status = 'failed' and starts.build_created_at >= $1 and not starts.template_deleted
-    group by starts.preset_id
+    join preset_info on preset_info.preset_id = live.preset_id
+    where live.transition = 'start' and preset_info.on_active_version
 ),
 -- In backoff: one of the N newest prebuilds failed inside the window. num_failed counts every failure
--- in the window, not only those among the N newest.
+-- in the window, not only those among the N newest. One aggregate over `starts`: joining `starts` to an
+-- aggregate of itself let the planner pick a nested loop over the whole set.
 backoff as (
-    select starts.preset_id, failed_in_window.num_failed, max(starts.build_created_at) as last_build_at
+    select
+        starts.preset_id,
+        count(*) filter (where starts.job_status = 'failed' and starts.build_created_at >= $1) as num_failed,
+        max(starts.build_created_at) filter (
+            where starts.rank <= starts.desired_instances
+                and starts.job_status = 'failed' and starts.build_created_at >= $1
+        ) as last_build_at
     from starts
-    join failed_in_window on failed_in_window.preset_id = starts.preset_id
-    where starts.rank <= starts.desired_instances
-        and starts.job_status = 'failed'
-        and starts.build_created_at >= $1
-        and not starts.template_deleted
-    group by starts.preset_id, failed_in_window.num_failed
+    where not starts.template_deleted
+    group by starts.preset_id
+    having bool_or(
+        starts.rank <= starts.desired_instances and starts.job_status = 'failed' and starts.build_created_at >= $1
+    )
 ),
 -- For the hard limit, failures caused by capacity (quota) are neither a failure nor a success, and
 -- builds from before an operator's reset no longer count. A prebuild still in progress is "not failed".
@@ -178,20 +203,18 @@ union all
 select 'in_progress', live.preset_id, null, live.template_version_id, null, null, count(*),
        live.transition::text, null, null
 from live
-join template_versions tv on tv.id = live.template_version_id
-join templates t on t.id = tv.template_id and t.active_version_id = tv.id
-where live.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+join versions on versions.template_version_id = live.template_version_id
+where versions.is_active and live.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
     and live.job_status in ('pending', 'running')
     and live.preset_id is not null
 group by live.preset_id, live.template_version_id, live.transition
 union all
 select 'pending', live.preset_id, null, null, null, null, count(*), null, null, null
 from live
-join template_versions tv on tv.id = live.template_version_id
-join templates t on t.id = tv.template_id
+join versions on versions.template_version_id = live.template_version_id
 where live.build_number = 1 and live.transition = 'start' and live.job_status = 'pending'
     and live.worker_id is null
-    and t.active_version_id is distinct from live.template_version_id
+    and not versions.is_active
     and live.preset_id is not null
 group by live.preset_id
 union all
