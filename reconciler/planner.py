@@ -79,7 +79,12 @@ def is_expired(prebuild: RunningPrebuild, preset: Preset, now: datetime) -> bool
 
 
 def backoff_until(backoff: Backoff, interval: timedelta) -> datetime:
-    return backoff.last_build_at + backoff.num_failed * interval
+    try:
+        return backoff.last_build_at + backoff.num_failed * interval
+    except OverflowError:
+        # A build stamped `infinity` (or near the end of time) by another component: backing off
+        # "forever" is the rule's answer; raising would fail the pass for every preset.
+        return datetime.max.replace(tzinfo=backoff.last_build_at.tzinfo)
 
 
 def _in_progress_counts(rows: Iterable[InProgress]) -> Mapping[Transition, int]:

@@ -277,6 +277,7 @@ async def run_pass(
             )
         return pass_result
 
+    bad_rows: list[store.BadRowError] = []
     try:
         async with pool.acquire() as connection:
             # The lock lives as long as this transaction: it is released when the pass ends, and by the
@@ -288,7 +289,7 @@ async def run_pass(
                     return result(PassOutcome.SKIPPED_LOCK)
                 if await store.read_paused(connection):
                     return result(PassOutcome.PAUSED)
-                snapshot = await store.read_snapshot(connection, snapshot_parameters(settings, now))
+                snapshot = await store.read_snapshot(connection, snapshot_parameters(settings, now), bad_rows=bad_rows)
                 snapshot, changes = await apply_status_transitions(pool, snapshot, now)
                 plan = planner.plan(snapshot, planner_config(settings), now)
                 _log_plan_details(plan)
@@ -322,5 +323,6 @@ async def run_pass(
         recovered=len(changes.recovered),
         notifications_enqueued=changes.notifications_enqueued,
         problems=len(plan.problems),
+        bad_rows=len(bad_rows),
     )
     return pass_result

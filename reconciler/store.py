@@ -7,12 +7,13 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import asyncpg
+import structlog
 
 from reconciler import db
 from reconciler.snapshot import (
@@ -27,6 +28,8 @@ from reconciler.snapshot import (
     Snapshot,
     Transition,
 )
+
+logger = structlog.get_logger(__name__)
 
 
 def _query(name: str) -> str:
@@ -93,7 +96,44 @@ async def write_paused(connection: db.Connection, paused: bool) -> None:
     await connection.execute(_query("write_prebuilds_settings"), json.dumps({"reconciliation_paused": paused}))
 
 
+def _aware(moment: datetime) -> datetime:
+    """asyncpg returns `infinity` and `-infinity` timestamptz values as *naive* datetime.max and .min;
+    the rest of the code compares aware datetimes, so they are given the UTC zone here."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _aware_or_none(moment: datetime | None) -> datetime | None:
+    return None if moment is None else _aware(moment)
+
+
+def _require(row: asyncpg.Record, columns: Iterable[str]) -> None:
+    """Columns the snapshot types cannot do without; another component's schema may not promise them."""
+    missing = [column for column in columns if row[column] is None]
+    if missing:
+        raise ValueError(f"null in {', '.join(missing)}")
+
+
+_PRESET_REQUIRED = (
+    "id",
+    "name",
+    "template_id",
+    "template_name",
+    "template_version_id",
+    "template_version_name",
+    "organization_id",
+    "organization_name",
+    "desired_instances",
+    "scheduling_timezone",
+    "prebuild_status",
+    "is_active_version",
+    "template_deleted",
+    "template_deprecated",
+    "failure_episode",
+)
+
+
 def _preset_from_row(row: asyncpg.Record, schedules: Sequence[Schedule]) -> Preset:
+    _require(row, _PRESET_REQUIRED)
     return Preset(
         id=row["id"],
         name=row["name"],
@@ -107,7 +147,7 @@ def _preset_from_row(row: asyncpg.Record, schedules: Sequence[Schedule]) -> Pres
         invalidate_after_secs=row["invalidate_after_secs"],
         scheduling_timezone=row["scheduling_timezone"],
         prebuild_status=PrebuildStatus(row["prebuild_status"]),
-        last_invalidated_at=row["last_invalidated_at"],
+        last_invalidated_at=_aware_or_none(row["last_invalidated_at"]),
         is_active_version=row["is_active_version"],
         template_deleted=row["template_deleted"],
         template_deprecated=row["template_deprecated"],
@@ -116,48 +156,38 @@ def _preset_from_row(row: asyncpg.Record, schedules: Sequence[Schedule]) -> Pres
     )
 
 
-async def read_snapshot(connection: db.Connection, parameters: SnapshotParameters) -> Snapshot:
-    """Read a pass's snapshot: three statements, whatever the number of presets.
+@dataclass(slots=True)
+class _SnapshotRows:
+    running: list[RunningPrebuild] = field(default_factory=list)
+    in_progress: list[InProgress] = field(default_factory=list)
+    pending: list[PendingNonActive] = field(default_factory=list)
+    backoffs: list[Backoff] = field(default_factory=list)
+    failures: list[PresetFailures] = field(default_factory=list)
 
-    The caller runs this inside a REPEATABLE READ transaction so that the statements agree.
-    """
-    schedules: dict[UUID, list[Schedule]] = defaultdict(list)
-    for row in await connection.fetch(_query("snapshot_schedules")):
-        schedules[row["preset_id"]].append(Schedule(row["cron_expression"], row["desired_instances"]))
-    presets = tuple(
-        _preset_from_row(row, schedules.get(row["id"], ()))
-        for row in await connection.fetch(_query("snapshot_presets"))
-    )
-    rows = await connection.fetch(
-        _query("snapshot_prebuilds"),
-        parameters.lookback_start,
-        parameters.failure_hard_limit,
-        sorted(parameters.non_retryable_error_codes),
-        sorted(parameters.capacity_error_codes),
-    )
-    running: list[RunningPrebuild] = []
-    in_progress: list[InProgress] = []
-    pending: list[PendingNonActive] = []
-    backoffs: list[Backoff] = []
-    failures: list[PresetFailures] = []
-    for row in rows:
+    def add(self, row: asyncpg.Record) -> None:
+        """Convert one tagged row of `snapshot_prebuilds`; raises ValueError or TypeError on a bad one."""
         kind = row["kind"]
         if kind == "running":
-            running.append(
+            _require(row, ("preset_id", "workspace_id", "template_version_id", "ready", "at"))
+            self.running.append(
                 RunningPrebuild(
-                    row["workspace_id"], row["preset_id"], row["template_version_id"], row["ready"], row["at"]
+                    row["workspace_id"], row["preset_id"], row["template_version_id"], row["ready"], _aware(row["at"])
                 )
             )
         elif kind == "in_progress":
-            in_progress.append(
+            _require(row, ("preset_id", "template_version_id", "transition", "count"))
+            self.in_progress.append(
                 InProgress(row["preset_id"], row["template_version_id"], Transition(row["transition"]), row["count"])
             )
         elif kind == "pending":
-            pending.append(PendingNonActive(row["preset_id"], row["count"]))
+            _require(row, ("preset_id", "count"))
+            self.pending.append(PendingNonActive(row["preset_id"], row["count"]))
         elif kind == "backoff":
-            backoffs.append(Backoff(row["preset_id"], row["count"], row["at"]))
+            _require(row, ("preset_id", "count", "at"))
+            self.backoffs.append(Backoff(row["preset_id"], row["count"], _aware(row["at"])))
         elif kind == "failures":
-            failures.append(
+            _require(row, ("preset_id", "count"))
+            self.failures.append(
                 PresetFailures(
                     preset_id=row["preset_id"],
                     hard_limited=bool(row["ready"]),
@@ -165,15 +195,81 @@ async def read_snapshot(connection: db.Connection, parameters: SnapshotParameter
                     failure_streak=row["count"],
                     last_error=row["error"],
                     last_error_code=row["error_code"],
-                    last_failed_at=row["at"],
+                    last_failed_at=_aware_or_none(row["at"]),
                 )
             )
+        else:
+            raise ValueError(f"unknown row kind {kind!r}")
+
+
+def _bad_row(preset_id: UUID | None, what: str, error: Exception) -> BadRowError:
+    return BadRowError(preset_id, f"{what}: {type(error).__name__}: {error}")
+
+
+async def read_snapshot(
+    connection: db.Connection, parameters: SnapshotParameters, *, bad_rows: list[BadRowError] | None = None
+) -> Snapshot:
+    """Read a pass's snapshot: three statements, whatever the number of presets.
+
+    The caller runs this inside a REPEATABLE READ transaction so that the statements agree.
+
+    Other components write these tables, and a newer one may write values this code does not know (an
+    enum value added by its migration, a null where ours has none). Such a row must not fail the pass:
+    it is reported (logged as `snapshot.bad_row`, and appended to `bad_rows` when given), and the preset
+    it belongs to is left out of this snapshot whole, because its counts would be wrong without the row.
+    Every other preset goes on.
+    """
+    problems: list[BadRowError] = []
+    schedules: dict[UUID, list[Schedule]] = defaultdict(list)
+    for row in await connection.fetch(_query("snapshot_schedules")):
+        schedules[row["preset_id"]].append(Schedule(row["cron_expression"], row["desired_instances"]))
+    presets: list[Preset] = []
+    names: dict[UUID, asyncpg.Record] = {}
+    for row in await connection.fetch(_query("snapshot_presets")):
+        names[row["id"]] = row
+        try:
+            presets.append(_preset_from_row(row, schedules.get(row["id"], ())))
+        except (ValueError, TypeError) as error:
+            problems.append(_bad_row(row["id"], "preset", error))
+    rows = await connection.fetch(
+        _query("snapshot_prebuilds"),
+        parameters.lookback_start,
+        parameters.failure_hard_limit,
+        sorted(parameters.non_retryable_error_codes),
+        sorted(parameters.capacity_error_codes),
+    )
+    converted = _SnapshotRows()
+    for row in rows:
+        try:
+            converted.add(row)
+        except (ValueError, TypeError) as error:
+            subject = f"{row['kind']} row" + (f" of workspace {row['workspace_id']}" if row["workspace_id"] else "")
+            problems.append(_bad_row(row["preset_id"], subject, error))
+    bad_preset_ids = {problem.preset_id for problem in problems}
+    for problem in problems:
+        preset_row = names.get(problem.preset_id) if problem.preset_id is not None else None
+        logger.warning(
+            "snapshot.bad_row",
+            preset_id=str(problem.preset_id) if problem.preset_id else None,
+            preset_name=preset_row["name"] if preset_row else None,
+            template_name=preset_row["template_name"] if preset_row else None,
+            template_version_name=preset_row["template_version_name"] if preset_row else None,
+            detail=problem.detail,
+            consequence="preset skipped this pass" if problem.preset_id else "row ignored",
+        )
+    if bad_rows is not None:
+        bad_rows.extend(problems)
+
+    def keep(preset_id: UUID) -> bool:
+        return preset_id not in bad_preset_ids
+
+    failures = [failure for failure in converted.failures if keep(failure.preset_id)]
     return Snapshot(
-        presets=presets,
-        running=tuple(running),
-        in_progress=tuple(in_progress),
-        pending_non_active=tuple(pending),
-        backoffs=tuple(backoffs),
+        presets=tuple(preset for preset in presets if keep(preset.id)),
+        running=tuple(prebuild for prebuild in converted.running if keep(prebuild.preset_id)),
+        in_progress=tuple(row for row in converted.in_progress if keep(row.preset_id)),
+        pending_non_active=tuple(row for row in converted.pending if keep(row.preset_id)),
+        backoffs=tuple(row for row in converted.backoffs if keep(row.preset_id)),
         hard_limited_preset_ids=frozenset(f.preset_id for f in failures if f.hard_limited),
         validation_failed_preset_ids=frozenset(f.preset_id for f in failures if f.validation_failed),
         failures=tuple(failures),
