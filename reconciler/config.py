@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -91,10 +91,54 @@ def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
+def _split_url(text: str, expected: str) -> SplitResult:
+    """urlsplit, whose own errors quote the URL (and so its password or token): replaced by ours."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0-65535
+    except ValueError:
+        raise ValueError(f"not a valid URL (expected {expected})") from None
+    return parts
+
+
 def _http_url(value: SecretStr) -> SecretStr:
-    parts = urlsplit(value.get_secret_value())
+    parts = _split_url(value.get_secret_value(), "https://host/path")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+_DSN_EXAMPLE = "postgresql://user:password@host:5432/dbname"
+
+
+def _host_port(spec: str) -> tuple[str, str]:
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        return host, rest.removeprefix(":")
+    host, _, port = spec.partition(":")
+    return host, port
+
+
+def _postgres_dsn(value: SecretStr) -> SecretStr:
+    """A PostgreSQL URL that asyncpg can use; every message is about its shape, never its text."""
+    text = value.get_secret_value()
+    scheme = text.partition("://")[0]
+    if scheme not in ("postgres", "postgresql") or "://" not in text:
+        raise ValueError(f"must be a postgresql:// DSN, e.g. {_DSN_EXAMPLE}")
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise ValueError(f"not a valid URL (expected {_DSN_EXAMPLE})") from None
+    _, at, hosts = parts.netloc.rpartition("@")
+    if "@" in parts.path + parts.fragment or (not at and "@" in parts.query):
+        # A '/', '?' or '#' in a password ends the host part early: the rest would be read as a database name.
+        raise ValueError("a '/', '?', '#' or '@' in the user name or password must be percent-encoded (%2F, ...)")
+    for spec in hosts.split(","):
+        _, port = _host_port(spec)
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(
+                "the port must be a number between 1 and 65535 (percent-encode a ':' in the user name or password)"
+            )
     return value
 
 
@@ -120,7 +164,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(frozen=True, extra="forbid", validate_default=True)
 
-    database_url: SecretStr | None = None
+    database_url: Annotated[SecretStr, AfterValidator(_postgres_dsn)] | None = None
     reconciliation_interval: Duration(SECOND, DAY) = MINUTE  # type: ignore[valid-type]
     backoff_interval: Duration(SECOND, DAY) = MINUTE  # type: ignore[valid-type]
     backoff_lookback: Duration(MINUTE, 30 * DAY) = HOUR  # type: ignore[valid-type]
@@ -162,11 +206,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
         problems = []
-        if self.database_url is not None:
-            scheme = urlsplit(self.database_url.get_secret_value()).scheme
-            if scheme not in ("postgres", "postgresql"):
-                problems.append("database_url: must be a postgresql:// DSN")
-        _split_address(self.http_address)
+        try:
+            _split_address(self.http_address)
+        except ValueError as error:
+            problems.append(str(error))
         if self.smtp_host is not None and not self.smtp_from:
             problems.append("smtp_from: required when RECONCILER_SMTP_HOST is set")
         if self.smtp_password is not None and not self.smtp_username:
@@ -229,7 +272,10 @@ def _secret_from_files(
             return Path(path_text).read_text(encoding="utf-8").rstrip("\r\n"), variable + "_FILE"
         except OSError as error:
             problems.append(f"{variable}_FILE: cannot read {path_text}: {error.strerror or error}")
-            return None
+        except UnicodeDecodeError:
+            # The decoder's message would quote bytes of the secret.
+            problems.append(f"{variable}_FILE: cannot read {path_text}: not UTF-8 text")
+        return None
     directories = [environ["CREDENTIALS_DIRECTORY"]] if environ.get("CREDENTIALS_DIRECTORY") else []
     secret_directories = environ.get("RECONCILER_SECRETS_DIRECTORIES")
     directories += secret_directories.split(os.pathsep) if secret_directories else list(DEFAULT_SECRET_DIRECTORIES)
@@ -240,6 +286,9 @@ def _secret_from_files(
                 return candidate.read_text(encoding="utf-8").rstrip("\r\n"), str(candidate)
         except OSError:
             continue
+        except UnicodeDecodeError:
+            problems.append(f"{candidate}: cannot read: not UTF-8 text")
+            return None
     return None
 
 
@@ -262,34 +311,54 @@ def read_environment(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[s
                 if found is not None:
                     values[field], sources[field] = found
     webhooks: dict[int, dict[str, Any]] = {}
-    for name in environ:
+    secret_files: dict[int, str] = {}
+    for name in sorted(environ):
         match = _WEBHOOK_VARIABLE.match(name)
         if match is None:
             continue
         index, part, from_file = int(match.group(1)), match.group(2).lower(), match.group(3)
-        if from_file:
-            if part != "secret":
-                problems.append(f"{name}: only secrets can be read from files")
+        if from_file and part != "secret":
+            problems.append(f"{name}: only secrets can be read from files")
             continue
-        webhooks.setdefault(index, {"index": index})[part] = environ[name]
+        # Sources are kept as spelled (`RECONCILER_WEBHOOK_01_URL`), so that messages name what was set.
+        key = _webhook_source_key(index, part + ("_file" if from_file else ""))
+        if key in sources:
+            problems.append(f"{name}: the same setting as {sources[key]} (webhook {index}); set only one of them")
+            continue
+        sources[key] = name
+        webhook = webhooks.setdefault(index, {"index": index})
+        if from_file:
+            secret_files[index] = name.removesuffix("_FILE")
+        else:
+            webhook[part] = environ[name]
     for index, webhook in webhooks.items():
         if "secret" not in webhook:
-            variable = f"{PREFIX}WEBHOOK_{index}_SECRET"
+            variable = secret_files.get(index, f"{PREFIX}WEBHOOK_{index}_SECRET")
             found = _secret_from_files(variable, f"webhook_{index}_secret", environ, problems)
             if found is not None:
                 webhook["secret"] = found[0]
+                sources[_webhook_source_key(index, "secret")] = found[1]
     values["webhooks"] = [webhooks[index] for index in sorted(webhooks)]
     return values, sources, problems
+
+
+def _webhook_source_key(index: int, part: str) -> str:
+    return f"webhooks.{index}.{part}"
 
 
 def _describe(error: Mapping[str, Any], sources: Mapping[str, str], values: Mapping[str, Any]) -> str:
     location = [str(part) for part in error["loc"]]
     message = str(error["msg"]).removeprefix("Value error, ")
     if location and location[0] == "webhooks" and len(location) >= 2:
-        index = values["webhooks"][int(location[1])]["index"]
+        webhook = values["webhooks"][int(location[1])]
+        index = webhook["index"]
         part = location[2] if len(location) > 2 else "url"
-        missing = error["type"] == "missing"
-        return f"{PREFIX}WEBHOOK_{index}_{part.upper()}: {'required for this webhook' if missing else message}"
+        variable = sources.get(_webhook_source_key(index, part), f"{PREFIX}WEBHOOK_{index}_{part.upper()}")
+        if error["type"] == "missing":
+            return f"{variable}: required for this webhook"
+        if part == "timeout" and isinstance(webhook.get(part), str):
+            return f"{variable}: {message} (got {_shown(webhook[part])})"
+        return f"{variable}: {message}"
     if not location:
         # A model-level check: its message already starts with the field it is about.
         lines = []
@@ -302,8 +371,12 @@ def _describe(error: Mapping[str, Any], sources: Mapping[str, str], values: Mapp
     raw = values.get(field)
     if field in SECRET_FIELDS or raw is None or not isinstance(raw, str):
         return f"{variable}: {message}"
-    shown = raw if len(raw) <= 60 else raw[:57] + "..."
-    return f"{variable}: {message} (got {shown!r})"
+    return f"{variable}: {message} (got {_shown(raw)})"
+
+
+def _shown(raw: str) -> str:
+    """A value that is not a secret, quoted for a message and cut to a readable length."""
+    return repr(raw if len(raw) <= 60 else raw[:57] + "...")
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, require_database: bool = True) -> Settings:
@@ -316,7 +389,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_database:
     except ValidationError as error:
         for detail in error.errors(include_input=False, include_url=False):
             problems.extend(_describe(detail, sources, values).splitlines())
-    if settings is not None and require_database and settings.database_url is None:
+    file_failed = any(problem.startswith(f"{PREFIX}DATABASE_URL_FILE: ") for problem in problems)
+    if settings is not None and require_database and settings.database_url is None and not file_failed:
         problems.append(
             f"{PREFIX}DATABASE_URL: required (a PostgreSQL DSN, e.g. postgresql://user@host:5432/dbname; "
             f"or {PREFIX}DATABASE_URL_FILE)"
@@ -328,18 +402,27 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_database:
 
 
 def redact_dsn(dsn: str) -> str:
-    """A DSN with its password replaced, for messages. Never fails; never returns the password."""
+    """A DSN with its password replaced, for messages. Never fails; never returns the password.
+
+    Shows scheme, user, hosts (several, comma-separated, as libpq allows) and database; drops the query,
+    which may carry `password=`. A DSN whose shape could put part of a password elsewhere (an unencoded
+    '/' or '@' in it) is not shown at all.
+    """
+    unparseable = "(an unparseable DSN)"
     try:
         parts = urlsplit(dsn)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port else ""
-        user = parts.username or ""
     except ValueError:
-        return "(an unparseable DSN)"
-    credentials = f"{user}{':***' if parts.password is not None else ''}@" if user else ""
-    return urlunsplit((parts.scheme, f"{credentials}{host}{port}", parts.path, "", ""))
+        return unparseable
+    user_information, at, hosts = parts.netloc.rpartition("@")
+    for spec in hosts.split(","):
+        port = _host_port(spec)[1]
+        if port and not (port.isascii() and port.isdigit()):
+            return unparseable
+    if "@" in parts.path:
+        return unparseable
+    user, colon, _ = user_information.partition(":")
+    credentials = f"{user}{':***' if colon else ''}@" if at else ""
+    return f"{parts.scheme}://{credentials}{hosts}{parts.path}"
 
 
 def database_url_for_display(settings: Settings) -> str:
