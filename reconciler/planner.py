@@ -8,7 +8,7 @@ O(presets x rows): at tens of thousands of presets that difference is the whole 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
@@ -70,12 +70,24 @@ def _group(snapshot: Snapshot) -> _Grouped:
     return grouped
 
 
-def is_expired(prebuild: RunningPrebuild, preset: Preset, now: datetime) -> bool:
-    """Created before the preset's invalidation, or strictly older than its time-to-live."""
-    if preset.last_invalidated_at is not None and prebuild.created_at < preset.last_invalidated_at:
-        return True
+def expiry_cutoff(preset: Preset, now: datetime) -> datetime | None:
+    """Prebuilds created strictly before this instant are expired; None when nothing expires.
+
+    Created before the preset's invalidation, or strictly older than its time-to-live
+    (now - created_at > ttl, i.e. created_at < now - ttl): both are one comparison with the later bound.
+    """
+    cutoffs = []
+    if preset.last_invalidated_at is not None:
+        cutoffs.append(preset.last_invalidated_at)
     ttl = preset.invalidate_after_secs
-    return ttl is not None and ttl > 0 and now - prebuild.created_at > timedelta(seconds=ttl)
+    if ttl is not None and ttl > 0:
+        cutoffs.append(now - timedelta(seconds=ttl))
+    return max(cutoffs) if cutoffs else None
+
+
+def is_expired(prebuild: RunningPrebuild, preset: Preset, now: datetime) -> bool:
+    cutoff = expiry_cutoff(preset, now)
+    return cutoff is not None and prebuild.created_at < cutoff
 
 
 def backoff_until(backoff: Backoff, interval: timedelta) -> datetime:
@@ -85,13 +97,6 @@ def backoff_until(backoff: Backoff, interval: timedelta) -> datetime:
         # A build stamped `infinity` (or near the end of time) by another component: backing off
         # "forever" is the rule's answer; raising would fail the pass for every preset.
         return datetime.max.replace(tzinfo=backoff.last_build_at.tzinfo)
-
-
-def _in_progress_counts(rows: Iterable[InProgress]) -> Mapping[Transition, int]:
-    counts = dict.fromkeys(Transition, 0)
-    for row in rows:
-        counts[row.transition] += row.count
-    return counts
 
 
 def _oldest_first(prebuilds: Iterable[RunningPrebuild]) -> list[RunningPrebuild]:
@@ -106,17 +111,34 @@ def plan_preset(
     problems: list[PlanProblem] = []
     active = preset.active
     running = inputs.running
-    expired = [prebuild for prebuild in running if is_expired(prebuild, preset, now)]
-    expired_ids = {prebuild.workspace_id for prebuild in expired}
-    fresh = [prebuild for prebuild in running if prebuild.workspace_id not in expired_ids]
-    in_progress = _in_progress_counts(inputs.in_progress)
+    # One walk over the prebuilds: this runs for every preset of a fleet, every pass.
+    cutoff = expiry_cutoff(preset, now)
+    expired: list[RunningPrebuild] = []
+    fresh: list[RunningPrebuild] = []
+    ready = 0
+    for prebuild in running:
+        if cutoff is not None and prebuild.created_at < cutoff:
+            expired.append(prebuild)
+        else:
+            fresh.append(prebuild)
+            ready += prebuild.ready
+    starting = stopping = deleting = 0
+    for row in inputs.in_progress:
+        if row.transition is Transition.START:
+            starting += row.count
+        elif row.transition is Transition.STOP:
+            stopping += row.count
+        else:
+            deleting += row.count
 
     desired = 0
     if active:
-        target = schedule.target(preset.desired_instances, preset.schedules, preset.scheduling_timezone, now)
-        if target.problem is not None:
-            problems.append(PlanProblem(preset.id, "preset.schedule_ignored", target.problem))
-        desired = target.instances
+        desired = preset.desired_instances
+        if preset.schedules:
+            target = schedule.target(desired, preset.schedules, preset.scheduling_timezone, now)
+            if target.problem is not None:
+                problems.append(PlanProblem(preset.id, "preset.schedule_ignored", target.problem))
+            desired = target.instances
         if desired > config.max_desired_instances:
             problems.append(
                 PlanProblem(
@@ -129,12 +151,12 @@ def plan_preset(
     state = PresetState(
         desired=desired,
         actual=len(running),
-        eligible=sum(1 for prebuild in fresh if prebuild.ready) if active else 0,
+        eligible=ready if active else 0,
         extraneous=max(len(fresh) - desired, 0) if active else 0,
         expired=len(expired),
-        starting=in_progress[Transition.START],
-        stopping=in_progress[Transition.STOP],
-        deleting=in_progress[Transition.DELETE],
+        starting=starting,
+        stopping=stopping,
+        deleting=deleting,
     )
     hard_limited = inputs.at_hard_limit or preset.prebuild_status is PrebuildStatus.HARD_LIMITED
     validation_failed = inputs.validation_failed or preset.prebuild_status is PrebuildStatus.VALIDATION_FAILED

@@ -168,12 +168,17 @@ class _SnapshotRows:
         """Convert one tagged row of `snapshot_prebuilds`; raises ValueError or TypeError on a bad one."""
         kind = row["kind"]
         if kind == "running":
-            _require(row, ("preset_id", "workspace_id", "template_version_id", "ready", "at"))
-            self.running.append(
-                RunningPrebuild(
-                    row["workspace_id"], row["preset_id"], row["template_version_id"], row["ready"], _aware(row["at"])
-                )
+            # The hot path (one row per live prebuild, tens of thousands): checked inline, not via _require.
+            workspace_id, preset_id, version_id, ready, at = (
+                row["workspace_id"],
+                row["preset_id"],
+                row["template_version_id"],
+                row["ready"],
+                row["at"],
             )
+            if workspace_id is None or preset_id is None or version_id is None or ready is None or at is None:
+                _require(row, ("preset_id", "workspace_id", "template_version_id", "ready", "at"))
+            self.running.append(RunningPrebuild(workspace_id, preset_id, version_id, ready, _aware(at)))
         elif kind == "in_progress":
             _require(row, ("preset_id", "template_version_id", "transition", "count"))
             self.in_progress.append(
