@@ -17,7 +17,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from reconciler import db, store
+from reconciler import db, schedule, store
 from reconciler.actions import (
     BackoffAction,
     CancelPendingAction,
@@ -69,11 +69,11 @@ async def _create(
             or check.prebuild_status is not PrebuildStatus.NORMAL
         ):
             return 0, action.count
-        # Clamp to a target computed now: the plan's target (schedules included), lowered if the preset's
-        # desired count was lowered since the snapshot and no schedule decides the target.
-        target = preset_plan.state.desired
-        if not preset.schedules:
-            target = min(target, check.desired_instances)
+        # Clamp to a target computed now from the preset's current desired count (a schedule that covers
+        # `now` still decides), never above the plan's: a preset whose schedules do not apply right now is
+        # clamped by a lowered desired count like one without schedules.
+        fresh = schedule.target(check.desired_instances, preset.schedules, preset.scheduling_timezone, now)
+        target = min(preset_plan.state.desired, fresh.instances)
         existing = await store.count_preset_prebuilds(connection, preset.id, check.template_id)
         count = max(min(action.count, target - existing), 0)
         if count == 0:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -550,3 +550,39 @@ async def test_failures_on_a_deleted_template_do_not_back_off(
     result = await pass_at(pool, settings, factory.now)
     assert result.plan is not None
     assert plan_of(result.plan, preset).actions == (DeleteAction(ids(running), DeleteReason.INACTIVE),)
+
+
+async def test_creates_are_clamped_to_a_lowered_target_when_no_schedule_applies(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    # The preset has a schedule, but it does not cover `now` (a Sunday-only schedule, on a Monday): the
+    # target is `desired_instances`, and lowering it between plan and execution must clamp the creates.
+    settings = settings_for(database_url)
+    preset = await factory.preset(desired=3, timezone="UTC", schedules=[("* * * * 0", 6)])
+    monday = datetime(2026, 1, 5, 12, tzinfo=UTC)
+    plan = await read_plan(factory.connection, settings, monday)
+    assert plan_of(plan, preset).actions == (CreateAction(count=3),)
+
+    await factory.connection.execute(
+        "update template_version_presets set desired_instances = 1 where id = $1", preset.id
+    )
+    summary = await executor.execute(pool, plan, monday)
+    assert (summary.created, summary.creates_clamped) == (1, 2)
+    assert len(await prebuild_workspaces(factory.connection, preset)) == 1
+
+
+async def test_a_schedule_target_is_kept_when_desired_instances_changes(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    # While a schedule applies, it alone gives the target: lowering `desired_instances` changes nothing.
+    settings = settings_for(database_url)
+    preset = await factory.preset(desired=1, timezone="UTC", schedules=[("* * * * 1", 3)])
+    monday = datetime(2026, 1, 5, 12, tzinfo=UTC)
+    plan = await read_plan(factory.connection, settings, monday)
+    assert plan_of(plan, preset).actions == (CreateAction(count=3),)
+
+    await factory.connection.execute(
+        "update template_version_presets set desired_instances = 0 where id = $1", preset.id
+    )
+    summary = await executor.execute(pool, plan, monday)
+    assert summary.created == 3
