@@ -32,45 +32,171 @@ class CommandError(Exception):
     """A failure the user can act on; printed as one line, exit 1."""
 
 
+_ENVIRONMENT_HELP = """\
+environment (durations: 90s, 1m, 1h30m or plain seconds):
+  RECONCILER_DATABASE_URL             PostgreSQL DSN (required; or RECONCILER_DATABASE_URL_FILE)
+  RECONCILER_RECONCILIATION_INTERVAL  time between passes (default 1m)
+  RECONCILER_BACKOFF_INTERVAL         backoff growth per failed build (default 1m)
+  RECONCILER_BACKOFF_LOOKBACK         window in which failures count (default 1h)
+  RECONCILER_FAILURE_HARD_LIMIT       failures in a row before a preset stops (default 3; 0 disables)
+  RECONCILER_HTTP_ADDRESS             /metrics, /healthz, /readyz (default 127.0.0.1:2118)
+  RECONCILER_LOG_FORMAT, _LOG_LEVEL   auto|json|console, debug|info|warning|error
+  RECONCILER_WEBHOOK_<N>_URL, RECONCILER_SMTP_HOST, ...  notification sinks (see the README)
+  Coder's CODER_WORKSPACE_PREBUILDS_* names are accepted for the four reconciliation settings.
+"""
+
+_EXIT_CODES_HELP = """\
+exit codes:
+  0   success
+  1   a failed pass or check, or an unreachable database
+  2   bad command-line usage
+  78  bad configuration (one line per problem, naming the variable; secrets are never printed)
+"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs to the terminal; keeps paragraphs whose lines are indented (tables) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.strip("\n").split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith("  ") for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(super()._fill_text(paragraph, width, indent))
+        return "\n\n".join(paragraphs)
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help explains what it does, beyond the one-line summary of the listing."""
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
+        formatter_class=_HelpFormatter,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reconciler",
-        description="Keeps pools of prebuilt workspaces at their desired size. Configured by environment "
-        "variables (RECONCILER_DATABASE_URL, RECONCILER_RECONCILIATION_INTERVAL, ...; see the README).",
+        description="Keeps pools of prebuilt workspaces at their desired size: on every interval it reads the "
+        "presets of a Coder-like platform from PostgreSQL, creates the prebuilds that are missing, deletes "
+        "the expired, extraneous and outdated ones, backs off from failing builds and stops at a hard limit. "
+        "Configured by environment variables only.",
+        epilog=_ENVIRONMENT_HELP + "\n" + _EXIT_CODES_HELP,
+        formatter_class=_HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser(
+    _command(
+        commands,
         "run",
-        help="run the daemon: passes on the interval, metrics and health over HTTP",
-        description="Run the daemon until SIGTERM or SIGINT. Serves /metrics, /healthz and /readyz "
-        "on RECONCILER_HTTP_ADDRESS.",
+        "run the daemon: passes on the interval, metrics and health over HTTP",
+        "Run the daemon until SIGTERM or SIGINT: a reconciliation pass at start-up and then every "
+        "RECONCILER_RECONCILIATION_INTERVAL (one replica per pass, by an advisory lock), notification "
+        "delivery, and /metrics, /healthz and /readyz on RECONCILER_HTTP_ADDRESS. On SIGTERM the pass in "
+        "flight may finish within RECONCILER_SHUTDOWN_GRACE.",
+        _ENVIRONMENT_HELP,
     )
-    commands.add_parser("migrate", help="create or upgrade the database schema (safe to run concurrently)")
-    reconcile = commands.add_parser("reconcile", help="run reconciliation passes from the command line")
+    _command(
+        commands,
+        "migrate",
+        "create or upgrade the database schema (safe to run concurrently)",
+        "Create or upgrade the database schema in RECONCILER_DATABASE_URL: applies the pending migrations "
+        "in order, each in its own transaction, under an advisory lock, so several processes may run it at "
+        "once. Running it again is a no-op. A database whose schema is newer than this reconciler is "
+        "refused (exit 1): upgrade the reconciler instead.",
+        _EXIT_CODES_HELP,
+    )
+    reconcile = _command(
+        commands,
+        "reconcile",
+        "run one reconciliation pass from the command line",
+        "Run one reconciliation pass now, as the daemon would (creates and deletes prebuilds), print what "
+        "it did, and exit: 0 when the pass succeeded (or was skipped because another replica holds the "
+        "lock, or reconciliation is paused), 1 when it or a preset failed.",
+    )
     reconcile.add_argument("--once", action="store_true", required=True, help="run exactly one pass, then exit")
-    for name, text in (
-        ("plan", "show what a pass would do, without writing anything"),
-        ("status", "show every preset's counts, status and backoff"),
-    ):
-        command = commands.add_parser(name, help=text, description=text)
-        command.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    commands.add_parser("pause", help="pause reconciliation (all replicas)")
-    commands.add_parser("resume", help="resume reconciliation")
-    presets = commands.add_parser("presets", help="operator actions on presets")
+    plan = _command(
+        commands,
+        "plan",
+        "show what a pass would do, without writing anything",
+        "Read the database and show, for every preset that has prebuilds, its state (desired, running, "
+        "eligible, expired, in progress) and the actions a pass would take now (backoff, cancel, delete, "
+        "create). Writes nothing; safe to run against production.",
+    )
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    status = _command(
+        commands,
+        "status",
+        "show every preset's counts, status and backoff",
+        "Show a table of every preset that has prebuilds: template, version, preset, desired and actual "
+        "counts, its prebuild status (normal, hard_limited, validation_failed) and when its backoff ends. "
+        "Writes nothing.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _command(
+        commands,
+        "pause",
+        "pause reconciliation (all replicas)",
+        "Pause reconciliation on every replica from the next pass on: no prebuild is created or deleted "
+        "until `reconciler resume`.",
+    )
+    _command(
+        commands,
+        "resume",
+        "resume reconciliation",
+        "Resume reconciliation on every replica after `reconciler pause`, from the next pass on.",
+    )
+    presets = _command(
+        commands,
+        "presets",
+        "operator actions on presets",
+        "Operator actions on presets. See `reconciler presets reset --help`.",
+    )
     preset_commands = presets.add_subparsers(dest="presets_command", metavar="ACTION", required=True)
-    reset = preset_commands.add_parser(
+    reset = _command(
+        preset_commands,
         "reset",
-        help="set a hard-limited or validation-failed preset back to normal",
-        description="Set the preset back to `normal`. Failures before now no longer count toward the hard limit: "
-        "the preset gets failure_hard_limit fresh attempts.",
+        "set a hard-limited or validation-failed preset back to normal",
+        "Set the preset back to `normal`. Failures before now no longer count toward the hard limit: the "
+        "preset gets RECONCILER_FAILURE_HARD_LIMIT fresh attempts. The failed prebuilds stay, as evidence, "
+        "until you delete them.",
     )
     reset.add_argument("preset_id", metavar="PRESET_ID", help="the preset's id (uuid)")
-    notifications = commands.add_parser("notifications", help="inspect the notification outbox")
+    notifications = _command(
+        commands,
+        "notifications",
+        "inspect the notification outbox",
+        "Inspect the notification outbox (hard limit reached, validation failed, recovered). "
+        "See `reconciler notifications list --help`.",
+    )
     notification_commands = notifications.add_subparsers(dest="notifications_command", metavar="ACTION", required=True)
-    listing = notification_commands.add_parser("list", help="list recent notification messages")
-    listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--json", action="store_true")
-    healthcheck = commands.add_parser("healthcheck", help="exit 0 when the local daemon is alive and ready")
+    listing = _command(
+        notification_commands,
+        "list",
+        "list recent notification messages",
+        "List the most recent notification messages, newest first: kind, recipient, status (pending, "
+        "sent, failed, recorded) and delivery attempts.",
+    )
+    listing.add_argument("--limit", type=int, default=50, help="how many messages to show (default 50)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    healthcheck = _command(
+        commands,
+        "healthcheck",
+        "exit 0 when the local daemon is alive and ready",
+        "Ask the daemon running on RECONCILER_HTTP_ADDRESS whether its loop is alive and its database "
+        "reachable: exit 0 when it is, 1 when it is not or does not answer. Meant for container health "
+        "checks; needs no database URL.",
+    )
     healthcheck.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
     return parser
 
