@@ -32,7 +32,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from prometheus_client import generate_latest
 
 from bench import fleet
 from reconciler import db
@@ -162,7 +161,8 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
         metrics = Metrics(process_metrics=False)
         metrics.presets.update_from_plan(last.plan)
         scrape_started = time.perf_counter()
-        exposition = generate_latest(metrics.registry)
+        # What /metrics does: the registry's text with the per-preset series rendered from the pass.
+        exposition = metrics.render()
         scrape_seconds = time.perf_counter() - scrape_started
 
         changed = await fleet.raise_targets(observer, arguments.creates)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from reconciler.metrics import Metrics
 
@@ -34,7 +34,7 @@ class HealthState:
 def build_application(metrics: Metrics, health: HealthState) -> web.Application:
     async def serve_metrics(request: web.Request) -> web.Response:
         del request
-        body = generate_latest(metrics.registry)
+        body = metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(request: web.Request) -> web.Response:

@@ -7,6 +7,8 @@ preset that stops qualifying simply disappears from the next scrape (no stale se
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
+    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -34,6 +37,33 @@ PRESET_LABELS = ("template_name", "preset_name", "organization_name")
 PASS_OUTCOMES = ("success", "failed", "skipped_lock", "paused")
 # Pass durations from a few milliseconds (small fleets) to minutes (a stuck database).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+# (name, help, PresetSample attribute) of the per-preset series, in exposition order.
+GAUGE_SERIES = (
+    ("coderd_prebuilt_workspaces_desired", "Target number of prebuilt workspaces of the preset.", "desired"),
+    ("coderd_prebuilt_workspaces_running", "Running prebuilt workspaces of the preset (expired included).", "running"),
+    ("coderd_prebuilt_workspaces_eligible", "Ready, unexpired prebuilt workspaces that can be claimed.", "eligible"),
+)
+# Present (value 1) only while the flag holds: the series disappears otherwise.
+FLAG_SERIES = (
+    (
+        "coderd_prebuilt_workspaces_preset_hard_limited",
+        "1 while the preset is at the failure hard limit.",
+        "hard_limited",
+    ),
+    (
+        "coderd_prebuilt_workspaces_preset_validation_failed",
+        "1 while the preset is marked validation_failed.",
+        "validation_failed",
+    ),
+)
+# Lifetime counters (created, failed, claimed), in the order of the totals tuples.
+COUNTER_SERIES = (
+    ("coderd_prebuilt_workspaces_created", "Prebuilt workspaces created (first builds)."),
+    ("coderd_prebuilt_workspaces_failed", "Prebuilt workspaces whose first build failed."),
+    ("coderd_prebuilt_workspaces_claimed", "Prebuilt workspaces claimed by users."),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +84,22 @@ class PresetCollector(Collector):
         self._labels_by_preset: dict[UUID, tuple[str, str, str]] = {}
         # Counters must never go down while the process runs, even if rows disappear from the database.
         self._totals: dict[tuple[str, str, str], tuple[int, int, int]] = {}
+        # The text of every per-preset series, rendered once per pass (see `exposition`).
+        self._rendered: bytes | None = None
+        self._label_text: dict[tuple[str, str, str], str] = {}
+        self._rendering = threading.local()
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """While active (in this thread), `collect` yields nothing: the caller appends `exposition()`."""
+        self._rendering.excluded = True
+        try:
+            yield
+        finally:
+            self._rendering.excluded = False
 
     def update_from_plan(self, plan: Plan) -> None:
+        self._rendered = None
         samples = []
         labels_by_preset = {}
         for preset_plan in plan.presets:
@@ -81,6 +125,7 @@ class PresetCollector(Collector):
         return list(self._labels_by_preset)
 
     def update_totals(self, totals: Mapping[UUID, PrebuildTotals]) -> None:
+        self._rendered = None
         updated = dict(self._totals)
         for preset_id, total in totals.items():
             labels = self._labels_by_preset.get(preset_id)
@@ -95,68 +140,79 @@ class PresetCollector(Collector):
         self._totals = updated
 
     def collect(self) -> Iterator[Metric]:
+        if getattr(self._rendering, "excluded", False):
+            return
+        yield from self._families()
+
+    def _families(self) -> Iterator[Metric]:
         samples = self._samples
-        families = {
-            "desired": GaugeMetricFamily(
-                "coderd_prebuilt_workspaces_desired",
-                "Target number of prebuilt workspaces of the preset.",
-                labels=PRESET_LABELS,
-            ),
-            "running": GaugeMetricFamily(
-                "coderd_prebuilt_workspaces_running",
-                "Running prebuilt workspaces of the preset (expired included).",
-                labels=PRESET_LABELS,
-            ),
-            "eligible": GaugeMetricFamily(
-                "coderd_prebuilt_workspaces_eligible",
-                "Ready, unexpired prebuilt workspaces that can be claimed.",
-                labels=PRESET_LABELS,
-            ),
-        }
-        hard_limited = GaugeMetricFamily(
-            "coderd_prebuilt_workspaces_preset_hard_limited",
-            "1 while the preset is at the failure hard limit.",
-            labels=PRESET_LABELS,
-        )
-        validation_failed = GaugeMetricFamily(
-            "coderd_prebuilt_workspaces_preset_validation_failed",
-            "1 while the preset is marked validation_failed.",
-            labels=PRESET_LABELS,
-        )
-        for sample in samples:
-            labels = list(sample.labels)
-            families["desired"].add_metric(labels, sample.desired)
-            families["running"].add_metric(labels, sample.running)
-            families["eligible"].add_metric(labels, sample.eligible)
-            if sample.hard_limited:
-                hard_limited.add_metric(labels, 1)
-            if sample.validation_failed:
-                validation_failed.add_metric(labels, 1)
-        yield from families.values()
-        yield hard_limited
-        yield validation_failed
-        qualifying = {sample.labels for sample in samples}
-        counters = [
-            CounterMetricFamily(
-                "coderd_prebuilt_workspaces_created",
-                "Prebuilt workspaces created (first builds).",
-                labels=PRESET_LABELS,
-            ),
-            CounterMetricFamily(
-                "coderd_prebuilt_workspaces_failed",
-                "Prebuilt workspaces whose first build failed.",
-                labels=PRESET_LABELS,
-            ),
-            CounterMetricFamily(
-                "coderd_prebuilt_workspaces_claimed", "Prebuilt workspaces claimed by users.", labels=PRESET_LABELS
-            ),
-        ]
-        for label_values, totals in self._totals.items():
-            if label_values not in qualifying:
-                continue
-            for counter, value in zip(counters, totals, strict=True):
-                counter.add_metric(list(label_values), value)
-        yield from counters
+        for name, documentation, attribute in GAUGE_SERIES:
+            family = GaugeMetricFamily(name, documentation, labels=PRESET_LABELS)
+            for sample in samples:
+                family.add_metric(list(sample.labels), getattr(sample, attribute))
+            yield family
+        for name, documentation, attribute in FLAG_SERIES:
+            family = GaugeMetricFamily(name, documentation, labels=PRESET_LABELS)
+            for sample in samples:
+                if getattr(sample, attribute):
+                    family.add_metric(list(sample.labels), 1)
+            yield family
+        totals = self._qualifying_totals()
+        for index, (name, documentation) in enumerate(COUNTER_SERIES):
+            counter = CounterMetricFamily(name, documentation, labels=PRESET_LABELS)
+            for label_values, values in totals:
+                counter.add_metric(list(label_values), values[index])
+            yield counter
+
+    def _qualifying_totals(self) -> list[tuple[tuple[str, str, str], tuple[int, int, int]]]:
+        qualifying = {sample.labels for sample in self._samples}
+        return [(labels, values) for labels, values in self._totals.items() if labels in qualifying]
+
+    def exposition(self) -> bytes:
+        """The text format of `collect()`'s families, byte for byte, rendered once per update.
+
+        At tens of thousands of presets, building metric family objects and formatting them on every
+        scrape took ~230 ms; the samples only change once per pass, so the text is cached, and each
+        preset's escaped label set is kept between passes.
+        """
+        rendered = self._rendered
+        if rendered is None:
+            rendered = self._rendered = "".join(self._render_lines()).encode()
+        return rendered
+
+    def _labels(self, label_values: tuple[str, str, str]) -> str:
+        text = self._label_text.get(label_values)
+        if text is None:
+            escaped = (value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') for value in label_values)
+            # Sorted by label name, as the client library writes them.
+            pairs = sorted(zip(PRESET_LABELS, escaped, strict=True))
+            text = "{" + ",".join(f'{name}="{value}"' for name, value in pairs) + "}"
+            self._label_text[label_values] = text
+        return text
+
+    def _render_lines(self) -> Iterator[str]:
+        # The same families as `_families`, in the same order, written straight from the samples.
+        samples = self._samples
+        labels = [self._labels(sample.labels) for sample in samples]
+
+        def header(name: str, documentation: str, kind: str) -> str:
+            documentation = documentation.replace("\\", "\\\\").replace("\n", "\\n")
+            return f"# HELP {name} {documentation}\n# TYPE {name} {kind}\n"
+
+        for name, documentation, attribute in GAUGE_SERIES:
+            yield header(name, documentation, "gauge")
+            for sample, label_text in zip(samples, labels, strict=True):
+                yield f"{name}{label_text} {float(getattr(sample, attribute))!r}\n"
+        for name, documentation, attribute in FLAG_SERIES:
+            yield header(name, documentation, "gauge")
+            for sample, label_text in zip(samples, labels, strict=True):
+                if getattr(sample, attribute):
+                    yield f"{name}{label_text} 1.0\n"
+        totals = self._qualifying_totals()
+        for index, (name, documentation) in enumerate(COUNTER_SERIES):
+            yield header(name + "_total", documentation, "counter")
+            for label_values, values in totals:
+                yield f"{name}_total{self._labels(label_values)} {float(values[index])!r}\n"
 
     def describe(self) -> Iterable[Metric]:
         # Describing nothing keeps registration cheap and lets the samples change freely.
@@ -223,6 +279,12 @@ class Metrics:
         for event in ("missed", "error", "max_instances"):
             self.scheduler_events.labels(event)
         self.ready = Gauge("prebuilds_reconciler_ready", "1 while /readyz answers 200.", registry=registry)
+
+    def render(self) -> bytes:
+        """What /metrics serves: the registry's text, with the per-preset series from the pass's cache."""
+        with self.presets.excluded():
+            head = generate_latest(self.registry)
+        return head + self.presets.exposition()
 
     def observe_action(self, kind: str, outcome: str, rows: int) -> None:
         del rows

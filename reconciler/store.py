@@ -178,7 +178,9 @@ class _SnapshotRows:
             )
             if workspace_id is None or preset_id is None or version_id is None or ready is None or at is None:
                 _require(row, ("preset_id", "workspace_id", "template_version_id", "ready", "at"))
-            self.running.append(RunningPrebuild(workspace_id, preset_id, version_id, ready, _aware(at)))
+            if at.tzinfo is None:
+                at = _aware(at)
+            self.running.append(RunningPrebuild(workspace_id, preset_id, version_id, ready, at))
         elif kind == "in_progress":
             _require(row, ("preset_id", "template_version_id", "transition", "count"))
             self.in_progress.append(
@@ -269,9 +271,15 @@ async def read_snapshot(
         return preset_id not in bad_preset_ids
 
     failures = [failure for failure in converted.failures if keep(failure.preset_id)]
+    # Tens of thousands of running rows: filtered only when some preset has to be left out.
+    running = (
+        tuple(prebuild for prebuild in converted.running if keep(prebuild.preset_id))
+        if bad_preset_ids
+        else tuple(converted.running)
+    )
     return Snapshot(
         presets=tuple(preset for preset in presets if keep(preset.id)),
-        running=tuple(prebuild for prebuild in converted.running if keep(prebuild.preset_id)),
+        running=running,
         in_progress=tuple(row for row in converted.in_progress if keep(row.preset_id)),
         pending_non_active=tuple(row for row in converted.pending if keep(row.preset_id)),
         backoffs=tuple(row for row in converted.backoffs if keep(row.preset_id)),

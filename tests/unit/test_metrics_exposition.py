@@ -1,0 +1,79 @@
+"""The cached per-preset exposition is byte for byte what prometheus_client would write."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from reconciler.actions import PresetPlan, PresetState
+from reconciler.metrics import Metrics, PresetCollector
+from reconciler.snapshot import PrebuildStatus
+from reconciler.store import PrebuildTotals
+from tests.unit.test_metrics import make_plan, make_preset
+
+HOSTILE_NAMES = ["plain", 'quote " and \\ backslash', "new\nline", "ünïcødé ✓", "semi;colon'"]
+
+
+def populated_collector() -> PresetCollector:
+    collector = PresetCollector()
+    plans = []
+    for index, name in enumerate(HOSTILE_NAMES):
+        status = [PrebuildStatus.NORMAL, PrebuildStatus.HARD_LIMITED, PrebuildStatus.VALIDATION_FAILED][index % 3]
+        preset = dataclasses.replace(make_preset(name, status=status), organization_name=f"org {name}")
+        state = PresetState(desired=index + 1, actual=index, eligible=max(index - 1, 0))
+        plans.append(PresetPlan(preset=preset, state=state, actions=(), hard_limited=index == 3))
+    plan = make_plan(*plans)
+    collector.update_from_plan(plan)
+    collector.update_totals(
+        {
+            preset_plan.preset.id: PrebuildTotals(created=10 * index, failed=index, claimed=2 * index)
+            for index, preset_plan in enumerate(plan.presets)
+        }
+    )
+    return collector
+
+
+def test_exposition_matches_the_client_library_byte_for_byte() -> None:
+    collector = populated_collector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    assert collector.exposition() == generate_latest(registry)
+
+
+def test_exposition_parses_back_to_the_same_samples() -> None:
+    collector = populated_collector()
+    parsed = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(collector.exposition().decode())
+        for sample in family.samples
+    }
+    expected = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in collector.collect()
+        for sample in family.samples
+    }
+    assert parsed == expected
+    assert len(parsed) > 3 * len(HOSTILE_NAMES)
+
+
+def test_the_cache_follows_each_update() -> None:
+    collector = populated_collector()
+    before = collector.exposition()
+    collector.update_from_plan(make_plan())
+    after = collector.exposition()
+    assert after != before
+    assert b"coderd_prebuilt_workspaces_desired{" not in after
+
+
+def test_render_serves_every_metric_once() -> None:
+    metrics = Metrics(process_metrics=False)
+    metrics.presets.update_from_plan(make_plan(PresetPlan(make_preset("a"), PresetState(desired=2), (), False)))
+    text = metrics.render().decode()
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(names) == len(set(names))
+    assert "coderd_prebuilt_workspaces_desired" in names
+    assert "prebuilds_reconciler_passes_total" in names
+    # The same samples as the plain client rendering (family order aside, which Prometheus ignores).
+    assert sorted(text.splitlines()) == sorted(generate_latest(metrics.registry).decode().splitlines())
