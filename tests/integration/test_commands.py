@@ -367,7 +367,7 @@ async def test_a_database_without_the_schema_is_a_clear_error(empty_database_url
     assert "reconciler migrate" in process.stderr
 
 
-async def test_a_malformed_dsn_is_a_configuration_error(database_url: str) -> None:
+async def test_a_malformed_dsn_is_a_configuration_error() -> None:
     # Not a connection failure but bad configuration: CONTRACTS.md gives it exit 78, naming the setting
     # and never echoing the secret.
     process = await cli("postgresql://postgres:hunter2secret@127.0.0.1:notaport/x", "plan", "--json")
@@ -375,4 +375,3 @@ async def test_a_malformed_dsn_is_a_configuration_error(database_url: str) -> No
     assert "RECONCILER_DATABASE_URL" in process.stderr
     assert "hunter2secret" not in process.stderr + process.stdout
     assert "Traceback" not in process.stderr
-    del database_url
