@@ -1,4 +1,7 @@
 import asyncio
+import os
+import subprocess
+import sys
 
 import asyncpg
 import pytest
@@ -220,3 +223,66 @@ def test_query_files_parse_into_named_statements() -> None:
     assert parsed == {"first_one": "select 1;", "second": "select 2;"}
     with pytest.raises(ValueError, match="no '-- name:'"):
         db.parse_queries("select 1", "y.sql")
+
+
+# --- `reconciler migrate`, the real command ---------------------------------------------------------------
+
+
+def migrate_command(database_url: str) -> subprocess.Popen[str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("RECONCILER_", "CODER_"))}
+    environment |= {
+        "RECONCILER_DATABASE_URL": database_url,
+        "RECONCILER_LOG_FORMAT": "json",
+        "RECONCILER_SECRETS_DIRECTORIES": "/nonexistent/reconciler-test-secrets",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "migrate"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stdout, stderr
+
+
+async def test_three_migrate_processes_at_once_all_succeed_and_apply_each_migration_once(
+    empty_database_url: str,
+) -> None:
+    processes = [migrate_command(empty_database_url) for _ in range(3)]
+    results = await asyncio.gather(*(asyncio.to_thread(finish, process) for process in processes))
+    assert [code for code, _, _ in results] == [0, 0, 0], results
+    outputs = sorted(stdout.strip() for _, stdout, _ in results)
+    everything = [migration.version for migration in db.migrations()]
+    # One process applied everything; the others waited on the lock and found nothing left to do.
+    assert outputs == [f"applied migrations {everything}", "schema is up to date", "schema is up to date"]
+    connection = await db.connect(empty_database_url)
+    try:
+        rows = await connection.fetch("select version from reconciler_schema_migrations order by version")
+        assert [row["version"] for row in rows] == everything
+        assert await db.schema_is_current(connection) == (True, "")
+    finally:
+        await connection.close()
+
+
+async def test_migrate_refuses_a_newer_database_with_exit_1_and_one_line(empty_database_url: str) -> None:
+    connection = await db.connect(empty_database_url)
+    try:
+        await db.migrate(connection)
+        newer = len(db.migrations()) + 1
+        await connection.execute(
+            "insert into reconciler_schema_migrations (version, name, checksum) values ($1, 'future', 'x')", newer
+        )
+    finally:
+        await connection.close()
+    code, stdout, stderr = await asyncio.to_thread(finish, migrate_command(empty_database_url))
+    assert code == 1
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("reconciler:")]
+    assert len(lines) == 1, stderr
+    assert f"schema version {newer}, newer than this reconciler" in lines[0]
+    assert "upgrade the reconciler" in lines[0]
