@@ -111,10 +111,24 @@ async def execute_preset(
 ) -> None:
     """Run one preset's actions in order. Raises on the first failing action; earlier ones stay done."""
 
-    def record(kind: str, outcome: ActionOutcome, rows: int) -> None:
+    preset = preset_plan.preset
+
+    def record(kind: str, outcome: ActionOutcome, rows: int, **details: object) -> None:
         summary.actions[(kind, outcome)] += 1
         if observe is not None:
             observe(kind, outcome, rows)
+        if outcome is not ActionOutcome.ERROR:
+            # One line per preset and action: what was written, and what was planned but not done.
+            logger.info(
+                f"prebuilds.{kind}",
+                outcome=outcome.value,
+                rows=rows,
+                preset_id=str(preset.id),
+                preset_name=preset.name,
+                template_name=preset.template_name,
+                template_version_name=preset.template_version_name,
+                **details,
+            )
 
     for action in preset_plan.actions:
         try:
@@ -123,17 +137,29 @@ async def execute_preset(
             if isinstance(action, CancelPendingAction):
                 canceled = await _cancel(connection, preset_plan, now)
                 summary.canceled += canceled
-                record("cancel_pending", ActionOutcome.SUCCESS, canceled)
+                record("cancel_pending", ActionOutcome.SUCCESS, canceled, planned=action.count)
             elif isinstance(action, DeleteAction):
                 deleted = await _delete(connection, action, now)
                 summary.deleted += deleted
                 summary.deletes_skipped += len(action.workspace_ids) - deleted
-                record("delete", ActionOutcome.SUCCESS if deleted else ActionOutcome.SKIPPED, deleted)
+                record(
+                    "delete",
+                    ActionOutcome.SUCCESS if deleted else ActionOutcome.SKIPPED,
+                    deleted,
+                    planned=len(action.workspace_ids),
+                    reason=action.reason.value,
+                )
             elif isinstance(action, CreateAction):
                 created, clamped = await _create(connection, preset_plan, action, now)
                 summary.created += created
                 summary.creates_clamped += clamped
-                record("create", ActionOutcome.SUCCESS if created else ActionOutcome.SKIPPED, created)
+                record(
+                    "create",
+                    ActionOutcome.SUCCESS if created else ActionOutcome.SKIPPED,
+                    created,
+                    planned=action.count,
+                    clamped=clamped,
+                )
         except Exception:
             record(action.type, ActionOutcome.ERROR, 0)
             raise

@@ -190,7 +190,10 @@ def _log_plan_details(plan: Plan) -> None:
             detail=problem.detail,
         )
     for preset_plan in plan.presets:
-        if preset_plan.create_blocked is CreateBlock.HARD_LIMITED:
+        # Every pass, for every active preset at the limit, whether or not it wanted a create this time.
+        if preset_plan.create_blocked is CreateBlock.HARD_LIMITED or (
+            preset_plan.hard_limited and preset_plan.preset.active and preset_plan.create_blocked is None
+        ):
             _log_preset(
                 logger.warning,
                 "preset.creates_skipped_hard_limited",
@@ -241,8 +244,22 @@ async def run_pass(
     run_id: str | None = None,
     observe_action: executor.ActionObserver | None = None,
 ) -> PassResult:
-    """Run one pass. Never raises for database trouble: a failed pass is an outcome, retried next time."""
+    """Run one pass. Never raises for database trouble: a failed pass is an outcome, retried next time.
+
+    Every event logged during the pass, by any module (the executor's included), carries its `run_id`.
+    """
     run_id = run_id or uuid.uuid4().hex[:12]
+    with structlog.contextvars.bound_contextvars(run_id=run_id):
+        return await _run_pass(pool, settings, now, run_id, observe_action)
+
+
+async def _run_pass(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    now: datetime,
+    run_id: str,
+    observe_action: executor.ActionObserver | None,
+) -> PassResult:
     started = time.perf_counter()
     log = logger.bind(run_id=run_id)
 
