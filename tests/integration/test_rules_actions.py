@@ -14,6 +14,7 @@ import pytest
 
 from reconciler import executor
 from reconciler.actions import BackoffAction, CancelPendingAction, CreateAction, DeleteAction, DeleteReason
+from reconciler.reconcile import PassOutcome, run_pass
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
 from tests.factories import Factory, minutes, seconds
 from tests.integration.reconcile_support import (
@@ -586,3 +587,45 @@ async def test_a_schedule_target_is_kept_when_desired_instances_changes(
     )
     summary = await executor.execute(pool, plan, monday)
     assert summary.created == 3
+
+
+async def test_an_error_on_one_preset_does_not_stop_the_others(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    settings = settings_for(database_url)
+    # The broken preset deletes an expired prebuild, then fails to create its replacement.
+    broken = await factory.preset(desired=2, ttl_seconds=3600)
+    expired = await factory.prebuild(broken, ago=minutes(90))
+    await factory.prebuild(broken, ago=minutes(30))
+    healthy = [await factory.preset(desired=1) for _ in range(3)]
+    # A real database error on the broken preset's template only: every insert of a workspace fails.
+    await factory.connection.execute(
+        f"""
+        create function refuse_workspaces() returns trigger language plpgsql as $$
+        begin
+            if new.template_id = '{broken.template.id}' then
+                raise exception 'out of disk space';
+            end if;
+            return new;
+        end $$;
+        create trigger refuse_workspaces before insert on workspaces
+            for each row execute function refuse_workspaces();
+        """
+    )
+
+    result = await run_pass(pool, settings, factory.now)
+    assert result.outcome is PassOutcome.SUCCESS
+    assert result.execution is not None
+    assert result.execution.presets_failed == 1
+    assert result.execution.failed_preset_ids == [broken.id]
+    assert (result.execution.created, result.execution.deleted) == (3, 1)
+    for preset in healthy:
+        assert len(await prebuild_workspaces(factory.connection, preset)) == 1
+    # The delete before the failing create stays done; the create left nothing half-written.
+    assert [build["transition"] for build in await builds_of(factory.connection, expired.id)] == ["start", "delete"]
+    assert len(await prebuild_workspaces(factory.connection, broken)) == 2
+    orphans = await factory.connection.fetchval(
+        "select count(*) from provisioner_jobs j "
+        "where not exists (select 1 from workspace_builds b where b.job_id = j.id)"
+    )
+    assert orphans == 0

@@ -416,3 +416,29 @@ async def test_reset_gives_a_hard_limited_preset_fresh_attempts(
     limited = await pass_at(pool, settings, factory.now + minutes(80))
     assert limited.status_changes.hard_limited == (preset.id,)
     assert (await preset_row(factory.connection, preset))["failure_episode"] == 2
+
+
+async def test_a_snapshot_error_fails_the_pass_and_the_next_one_retries(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    settings = settings_for(database_url)
+    preset = await factory.preset(desired=1)
+    # Another component's botched migration: a table the snapshot reads is missing.
+    await factory.connection.execute(
+        "alter table template_version_preset_prebuild_schedules rename to schedules_being_migrated"
+    )
+    before = await table_checksums(factory.connection)
+    failed = await run_pass(pool, settings, factory.now)
+    assert failed.outcome is PassOutcome.FAILED
+    assert failed.error is not None
+    assert "template_version_preset_prebuild_schedules" in failed.error
+    assert failed.execution is None
+    assert await table_checksums(factory.connection) == before
+
+    await factory.connection.execute(
+        "alter table schedules_being_migrated rename to template_version_preset_prebuild_schedules"
+    )
+    retried = await pass_at(pool, settings, factory.now + minutes(1))
+    assert retried.execution is not None
+    assert retried.execution.created == 1
+    assert len(await prebuild_workspaces(factory.connection, preset)) == 1
