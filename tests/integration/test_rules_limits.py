@@ -350,7 +350,9 @@ async def test_a_pass_in_progress_makes_a_concurrent_pass_skip(
         await blocker.execute("select 1 from template_version_presets where id = $1 for update", preset.id)
         first = asyncio.create_task(run_pass(pool, settings, factory.now))
         for _ in range(200):
-            waiting = await factory.connection.fetchval("select count(*) from pg_locks where not granted")
+            waiting = await factory.connection.fetchval(
+                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'"
+            )
             if waiting:
                 break
             await asyncio.sleep(0.02)
