@@ -24,12 +24,17 @@ from reconciler.logs import configure_logging
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 logger = structlog.get_logger("reconciler.cli")
 
 
 class CommandError(Exception):
     """A failure the user can act on; printed as one line, exit 1."""
+
+
+class UsageError(Exception):
+    """A bad option value that argparse's types cannot express; printed as one line, exit 2."""
 
 
 _ENVIRONMENT_HELP = """\
@@ -198,7 +203,78 @@ def _parser() -> argparse.ArgumentParser:
         "checks; needs no database URL.",
     )
     healthcheck.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    _add_demo_commands(commands)
     return parser
+
+
+def _add_demo_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="a live demonstration on an embedded PostgreSQL, with a simulated provisioner",
+        description="Start an embedded PostgreSQL, seed a small platform (one preset always fails), run the "
+        "daemon and a simulated provisioner, and show every preset's pool live. Ctrl-C stops everything.",
+    )
+    demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop by itself after this many seconds")
+    demo.add_argument("--interval", type=float, default=5.0, metavar="SECONDS", help="seconds between passes")
+    demo.add_argument(
+        "--failure-rate", type=float, default=0.1, metavar="RATE", help="share of healthy builds that fail (0-1)"
+    )
+    demo.add_argument("--presets", type=int, default=3, metavar="N", help="number of healthy presets (0-8)")
+    demo.add_argument("--data-dir", metavar="DIR", help="keep the database and the logs here (default: temporary)")
+    demo.add_argument(
+        "--publish-after",
+        type=float,
+        metavar="SECONDS",
+        help="publish a new template version after this many seconds, to watch outdated prebuilds replaced",
+    )
+    simulate = commands.add_parser(
+        "simulate-provisioner",
+        help="a test tool: completes pending build jobs of RECONCILER_DATABASE_URL (never in production)",
+        description="A test tool: takes pending workspace-build jobs of the database named by "
+        "RECONCILER_DATABASE_URL, waits a few seconds, and completes them (succeeded, or failed at the given "
+        "rate) without provisioning anything. For trying the daemon against a staging database; never point "
+        "it at production. Several may run at once.",
+    )
+    simulate.add_argument("--failure-rate", type=float, default=0.1, metavar="RATE", help="share of builds that fail")
+    simulate.add_argument("--min-seconds", type=float, default=2.0, metavar="SECONDS", help="shortest build")
+    simulate.add_argument("--max-seconds", type=float, default=5.0, metavar="SECONDS", help="longest build")
+    simulate.add_argument("--duration", type=float, metavar="SECONDS", help="stop by itself after this many seconds")
+
+
+def _run_demo(arguments: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reconciler.demo import DemoOptions, run_demo
+
+    try:
+        options = DemoOptions(
+            duration=arguments.duration,
+            interval=arguments.interval,
+            failure_rate=arguments.failure_rate,
+            presets=arguments.presets,
+            data_dir=Path(arguments.data_dir) if arguments.data_dir else None,
+            publish_after=arguments.publish_after,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return run_demo(options)
+
+
+def _simulate_provisioner(settings: Settings, arguments: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from reconciler.provisioner import ProvisionerOptions, serve
+
+    try:
+        options = ProvisionerOptions(
+            failure_rate=arguments.failure_rate, min_seconds=arguments.min_seconds, max_seconds=arguments.max_seconds
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if arguments.duration is not None and arguments.duration <= 0:
+        raise UsageError("--duration must be positive")
+    duration = timedelta(seconds=arguments.duration) if arguments.duration is not None else None
+    return asyncio.run(serve(settings, options, duration))
 
 
 def _settings(require_database: bool = True) -> Settings:
@@ -366,7 +442,12 @@ def _dispatch(arguments: argparse.Namespace) -> int:
 
         settings = load_settings(require_database=False)
         return healthcheck(settings, timeout=arguments.timeout)
+    if command == "demo":
+        # The demo brings its own database and configures its logging itself.
+        return _run_demo(arguments)
     settings = _settings()
+    if command == "simulate-provisioner":
+        return _simulate_provisioner(settings, arguments)
     if command == "run":
         from reconciler.service import run_service
 
@@ -393,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in error.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    except UsageError as error:
+        print(f"reconciler: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (CommandError, db.SchemaError) as error:
         print(f"reconciler: {error}", file=sys.stderr)
         return EXIT_FAILED

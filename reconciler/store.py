@@ -550,3 +550,13 @@ async def publish_template_version(
     """A new active version copying the active one's presets; None when the template has no active version."""
     value = await connection.fetchval(_query("publish_template_version"), template_id, name, now)
     return None if value is None else _returned_id(value)
+
+
+async def find_organization(connection: db.Connection, name: str) -> UUID | None:
+    value = await connection.fetchval(_query("find_organization"), name)
+    return None if value is None else _returned_id(value)
+
+
+async def find_template(connection: db.Connection, organization_id: UUID, name: str) -> UUID | None:
+    value = await connection.fetchval(_query("find_template"), organization_id, name)
+    return None if value is None else _returned_id(value)

@@ -190,3 +190,11 @@ activated as (
     from version where templates.id = version.template_id
 )
 select id from version
+
+-- name: find_organization
+-- $1 name. The demo reuses the platform it seeded when started again on the same data directory.
+select id from organizations where name = $1
+
+-- name: find_template
+-- $1 organization, $2 name: the live template of that name.
+select id from templates where organization_id = $1 and lower(name) = lower($2) and not deleted
