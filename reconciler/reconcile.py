@@ -12,6 +12,7 @@ from uuid import UUID
 
 import asyncpg
 import structlog
+from asyncpg.transaction import Transaction
 
 from reconciler import executor, planner, store
 from reconciler.actions import CreateBlock, Plan
@@ -20,6 +21,29 @@ from reconciler.notify.outbox import NoticeKind, StatusNotice, enqueue_notices
 from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
 
 logger = structlog.get_logger(__name__)
+
+
+# What a database that went away (or a connection it terminated) raises through asyncpg.
+_CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError)
+
+
+class LockLostError(Exception):
+    """The connection holding the reconciliation lock broke during the pass."""
+
+
+async def _end_lock_transaction(transaction: Transaction, body_raised: bool) -> None:
+    """Roll back the lock's transaction, which releases the lock.
+
+    When the connection broke meanwhile, the lock went with it (the server ends the session), so another
+    replica may have started a pass: that is reported as a failed pass, unless the pass already failed
+    for its own reason, which is then the one reported.
+    """
+    try:
+        await transaction.rollback()
+    except _CONNECTION_ERRORS as error:
+        if not body_raised:
+            reason = f"{type(error).__name__}: {error}"
+            raise LockLostError(f"the connection holding the reconciliation lock was lost: {reason}") from error
 
 
 class PassOutcome(enum.StrEnum):
@@ -301,10 +325,13 @@ async def _run_pass(
             # server if this process dies, so another replica can take over on its next tick.
             transaction = connection.transaction(isolation="repeatable_read", readonly=True)
             await transaction.start()
+            body_raised = True
             try:
                 if not await store.try_reconciliation_lock(connection):
+                    body_raised = False
                     return result(PassOutcome.SKIPPED_LOCK)
                 if await store.read_paused(connection):
+                    body_raised = False
                     return result(PassOutcome.PAUSED)
                 snapshot = await store.read_snapshot(connection, snapshot_parameters(settings, now), bad_rows=bad_rows)
                 snapshot, changes = await apply_status_transitions(pool, snapshot, now)
@@ -313,9 +340,10 @@ async def _run_pass(
                 summary = await executor.execute(
                     pool, plan, now, concurrency=settings.executor_concurrency, observe=observe_action
                 )
+                body_raised = False
             finally:
-                await transaction.rollback()
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+                await _end_lock_transaction(transaction, body_raised)
+    except (*_CONNECTION_ERRORS, LockLostError) as error:
         # The database is gone or refused: expected in an outage, so no traceback, one line per pass.
         return result(PassOutcome.FAILED, error=f"{type(error).__name__}: {error}")
     except Exception as error:
