@@ -85,6 +85,8 @@ SECOND = timedelta(seconds=1)
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
+# Time a dispatcher keeps for its database writes after its slowest sink gave up.
+NOTIFICATION_LEASE_MARGIN = 10 * SECOND
 
 
 def _lower(value: Any) -> Any:
@@ -190,6 +192,12 @@ class Settings(BaseSettings):
     smtp_timeout: Duration(SECOND, 5 * MINUTE) = 30 * SECOND  # type: ignore[valid-type]
     notification_max_attempts: int = Field(default=8, ge=1, le=100)
     notification_poll_interval: Duration(timedelta(milliseconds=100), 10 * MINUTE) = 5 * SECOND  # type: ignore[valid-type]
+    # A failed delivery is retried after base x 2^(attempt - 1), at most `retry_max`, less up to half as jitter.
+    notification_retry_base: Duration(SECOND, HOUR) = 30 * SECOND  # type: ignore[valid-type]
+    notification_retry_max: Duration(SECOND, DAY) = HOUR  # type: ignore[valid-type]
+    # How long a dispatcher owns the messages it leased: a crashed one's messages come back after this.
+    notification_lease: Duration(10 * SECOND, HOUR) = 2 * MINUTE  # type: ignore[valid-type]
+    notification_batch_size: int = Field(default=20, ge=1, le=1000)
 
     @classmethod
     def settings_customise_sources(
@@ -214,6 +222,15 @@ class Settings(BaseSettings):
             problems.append("smtp_from: required when RECONCILER_SMTP_HOST is set")
         if self.smtp_password is not None and not self.smtp_username:
             problems.append("smtp_username: required when RECONCILER_SMTP_PASSWORD is set")
+        if self.notification_retry_max < self.notification_retry_base:
+            problems.append("notification_retry_max: must not be shorter than RECONCILER_NOTIFICATION_RETRY_BASE")
+        if self.notification_lease < self.longest_sink_timeout + NOTIFICATION_LEASE_MARGIN:
+            # A delivery still running when its lease runs out could be repeated by another replica.
+            problems.append(
+                f"notification_lease: must exceed the longest sink timeout by at least "
+                f"{format_duration(NOTIFICATION_LEASE_MARGIN)} "
+                f"(at least {format_duration(self.longest_sink_timeout + NOTIFICATION_LEASE_MARGIN)})"
+            )
         # The pass holds one connection for its lock; the executor and the outbox need their own.
         if self.pool_max_size < self.executor_concurrency + 2:
             problems.append(
@@ -231,6 +248,13 @@ class Settings(BaseSettings):
     @property
     def http_port(self) -> int:
         return _split_address(self.http_address)[1]
+
+    @property
+    def longest_sink_timeout(self) -> timedelta:
+        timeouts = [webhook.timeout for webhook in self.webhooks]
+        if self.smtp_host is not None:
+            timeouts.append(self.smtp_timeout)
+        return max(timeouts, default=timedelta(0))
 
     @property
     def smtp_effective_port(self) -> int:

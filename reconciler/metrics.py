@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from reconciler.actions import Plan
+from reconciler.notify.metrics import NotificationMetrics
 from reconciler.snapshot import PrebuildStatus
 from reconciler.store import PrebuildTotals
 
@@ -279,6 +280,7 @@ class Metrics:
         for event in ("missed", "error", "max_instances"):
             self.scheduler_events.labels(event)
         self.ready = Gauge("prebuilds_reconciler_ready", "1 while /readyz answers 200.", registry=registry)
+        self.notifications = NotificationMetrics(registry)
 
     def render(self) -> bytes:
         """What /metrics serves: the registry's text, with the per-preset series from the pass's cache."""

@@ -29,6 +29,7 @@ from reconciler import db, store
 from reconciler.config import Settings
 from reconciler.http import HealthState, HttpBindError, Readiness, bound_port, build_application, start_http
 from reconciler.metrics import Metrics
+from reconciler.notify.dispatcher import Dispatcher
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier
 
@@ -71,6 +72,7 @@ class Daemon:
         self._pass_task: asyncio.Task[Any] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
+        self.dispatcher: Dispatcher | None = None
         self._stop_started = False
         self._database_failing = False
 
@@ -99,6 +101,7 @@ class Daemon:
         self.notifier.status("waiting for the database")
         await self._connect_database()
         self._start_scheduler()
+        self._start_notifications()
         self._spawn(self._readiness_loop(), "readiness")
         self._spawn(self._totals_loop(), "totals")
         logger.info(
@@ -248,6 +251,15 @@ class Daemon:
                 await asyncio.sleep(TOTALS_REFRESH_SECONDS)
             else:
                 await asyncio.sleep(1.0)
+
+    def _start_notifications(self) -> None:
+        """Deliver the outbox beside the passes. Stopped by cancellation in `stop()`: a message in flight
+        keeps its lease and is retried once the lease runs out, so nothing is lost."""
+        assert self._pool is not None
+        self.dispatcher = Dispatcher(self._pool, self.settings, self.metrics.notifications, clock=self.clock)
+        enqueued = self.metrics.notifications.enqueued
+        self.pass_listeners.append(lambda result: enqueued.inc(result.status_changes.notifications_enqueued))
+        self._spawn(self.dispatcher.run(asyncio.Event()), "notifications")
 
     # --- passes ---------------------------------------------------------------------------------
 

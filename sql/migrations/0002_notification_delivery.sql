@@ -14,9 +14,15 @@ alter table notification_messages
     add column next_attempt_at timestamptz not null default now(),
     -- A dispatcher that leased a message owns it until then; a crashed one's lease simply runs out.
     add column leased_until timestamptz,
+    -- Which lease the dispatcher holds: one whose lease ran out (and was taken over) cannot record its
+    -- late outcome over the new holder's.
+    add column lease_token uuid,
     add column last_error text,
     add column sent_at timestamptz,
     add constraint notification_messages_status_check
+        -- pending: to deliver (and kept so while no sink is configured); sent: at least one sink has it;
+        -- failed: attempts exhausted, or refused for good; recorded: kept, but no configured sink applies
+        -- (nobody to e-mail and no webhook).
         check (status in ('pending', 'sent', 'failed', 'recorded'));
 
 -- What the dispatchers poll: due pending messages.

@@ -57,3 +57,80 @@ join notification_templates nt on nt.id = m.notification_template_id
 left join users u on u.id = m.user_id
 order by m.created_at desc, m.id
 limit $1
+
+-- name: lease_notifications
+-- Lease up to $4 due pending messages until $2 under token $3 ($1 now). SKIP LOCKED: replicas polling at
+-- the same moment take different messages instead of queueing on each other's row locks; the lease
+-- (committed with this statement) keeps them apart afterwards, and runs out if its holder dies.
+-- Returns what rendering and delivery need, with the sinks that already have each message. A notice (one
+-- kind, preset and episode) has one message per recipient; webhooks are told once per notice, by the
+-- message with the lowest id (`carries_notice`), which lists every recipient of the notice.
+with due as (
+    select id
+    from notification_messages
+    where status = 'pending' and next_attempt_at <= $1 and (leased_until is null or leased_until <= $1)
+    order by next_attempt_at, id
+    limit $4
+    for update skip locked
+),
+leased as (
+    update notification_messages m
+    set leased_until = $2, lease_token = $3, updated_at = $1
+    from due
+    where m.id = due.id
+    returning m.id, m.kind, m.payload, m.attempts, m.created_at, m.user_id, m.notification_template_id,
+              m.preset_id, m.episode
+)
+select leased.id, leased.kind, leased.payload, leased.attempts, leased.created_at, leased.preset_id,
+       leased.user_id, u.username, u.email,
+       coalesce(u.status = 'active' and not u.deleted, false) as user_active,
+       nt.name as template_name, nt.title_template, nt.body_template,
+       array(
+           select d.sink from notification_deliveries d where d.message_id = leased.id order by d.sink
+       ) as delivered_sinks,
+       not exists (
+           select 1 from notification_messages other
+           where other.preset_id = leased.preset_id and other.kind = leased.kind
+               and other.episode = leased.episode and other.id < leased.id
+       ) as carries_notice,
+       coalesce((
+           select jsonb_agg(jsonb_build_object('username', ru.username, 'email', nullif(ru.email, ''))
+                            order by ru.username)
+           from notification_messages other
+           join users ru on ru.id = other.user_id
+           where other.id = leased.id
+               or (other.preset_id = leased.preset_id and other.kind = leased.kind
+                   and other.episode = leased.episode)
+       ), '[]'::jsonb) as notice_recipients
+from leased
+join notification_templates nt on nt.id = leased.notification_template_id
+left join users u on u.id = leased.user_id
+order by leased.created_at, leased.id
+
+-- name: record_notification_delivery
+-- A sink has the message ($1 message, $2 sink, $3 when): written at once, so that a retry (or another
+-- dispatcher after a crash) never delivers it to that sink again.
+insert into notification_deliveries (message_id, sink, delivered_at)
+values ($1, $2, $3)
+on conflict (message_id, sink) do nothing
+
+-- name: finish_notification_attempt
+-- The outcome of one attempt, only by the lease holder ($1 message, $2 lease token): $3 status,
+-- $4 next attempt (null: unchanged), $5 last error, $6 sent at, $7 now. Releases the lease.
+update notification_messages
+set status = $3,
+    attempts = attempts + 1,
+    next_attempt_at = coalesce($4, next_attempt_at),
+    last_error = $5,
+    sent_at = $6,
+    leased_until = null,
+    lease_token = null,
+    updated_at = $7
+where id = $1 and lease_token = $2
+returning id
+
+-- name: notification_backlog
+-- Pending messages (due or not, leased or not) and the oldest one's creation time, for the gauges.
+select count(*) as pending, min(created_at) as oldest_created_at
+from notification_messages
+where status = 'pending'
