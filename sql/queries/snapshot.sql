@@ -158,7 +158,10 @@ backoff as (
 limit_evidence as (
     select
         starts.*,
-        row_number() over (partition by starts.preset_id order by starts.build_created_at desc) as limit_rank
+        -- Ties (prebuilds created at the same instant) broken as `rank` breaks them, so that the verdict
+        -- cannot flip between passes on an unchanged history.
+        row_number() over (partition by starts.preset_id order by starts.build_created_at desc, starts.rank)
+            as limit_rank
     from starts
     -- coalesce: a failure without a code is a plain failure (null = any(...) would drop the row).
     where not (starts.job_status = 'failed' and coalesce(starts.error_code, '') = any($4::text[]))
@@ -171,9 +174,9 @@ failures as (
             and count(*) filter (where limit_evidence.limit_rank <= $2::int) = $2::int
             and bool_and(limit_evidence.job_status = 'failed') filter (where limit_evidence.limit_rank <= $2::int)
             as hard_limited,
-        (array_agg(limit_evidence.error order by limit_evidence.build_created_at desc)
+        (array_agg(limit_evidence.error order by limit_evidence.limit_rank)
             filter (where limit_evidence.job_status = 'failed'))[1] as last_error,
-        (array_agg(limit_evidence.error_code order by limit_evidence.build_created_at desc)
+        (array_agg(limit_evidence.error_code order by limit_evidence.limit_rank)
             filter (where limit_evidence.job_status = 'failed'))[1] as last_error_code,
         max(limit_evidence.build_created_at) filter (where limit_evidence.job_status = 'failed') as last_failed_at,
         -- Consecutive failures from the newest prebuild back to the newest one that did not fail.
@@ -181,8 +184,8 @@ failures as (
             min(limit_evidence.limit_rank) filter (where limit_evidence.job_status <> 'failed') - 1,
             count(*)
         ) as failure_streak,
-        (array_agg(limit_evidence.job_status order by limit_evidence.build_created_at desc))[1] = 'failed'
-            and coalesce((array_agg(limit_evidence.error_code order by limit_evidence.build_created_at desc))[1], '')
+        (array_agg(limit_evidence.job_status order by limit_evidence.limit_rank))[1] = 'failed'
+            and coalesce((array_agg(limit_evidence.error_code order by limit_evidence.limit_rank))[1], '')
                 = any($3::text[]) as validation_failed
     from limit_evidence
     group by limit_evidence.preset_id
