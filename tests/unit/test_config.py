@@ -97,6 +97,10 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("RECONCILER_SMTP_TIMEOUT", "45s", "smtp_timeout", timedelta(seconds=45)),
     ("RECONCILER_NOTIFICATION_MAX_ATTEMPTS", "3", "notification_max_attempts", 3),
     ("RECONCILER_NOTIFICATION_POLL_INTERVAL", "250ms", "notification_poll_interval", timedelta(milliseconds=250)),
+    ("RECONCILER_NOTIFICATION_RETRY_BASE", "10s", "notification_retry_base", timedelta(seconds=10)),
+    ("RECONCILER_NOTIFICATION_RETRY_MAX", "2h", "notification_retry_max", timedelta(hours=2)),
+    ("RECONCILER_NOTIFICATION_LEASE", "5m", "notification_lease", timedelta(minutes=5)),
+    ("RECONCILER_NOTIFICATION_BATCH_SIZE", "50", "notification_batch_size", 50),
 ]
 
 # What a variable needs beside it to be valid on its own.
@@ -255,13 +259,18 @@ BOUNDS: list[tuple[str, str, str, str, str, dict[str, str]]] = [
     ("RECONCILER_SMTP_TIMEOUT", "1s", "0s", "5m", "5m1s", {}),
     ("RECONCILER_NOTIFICATION_MAX_ATTEMPTS", "1", "0", "100", "101", {}),
     ("RECONCILER_NOTIFICATION_POLL_INTERVAL", "100ms", "99ms", "10m", "601s", {}),
+    ("RECONCILER_NOTIFICATION_RETRY_BASE", "1s", "0s", "1h", "3601s", {}),
+    ("RECONCILER_NOTIFICATION_RETRY_MAX", "1s", "0.5s", "1d", "1d1s", {"RECONCILER_NOTIFICATION_RETRY_BASE": "1s"}),
+    ("RECONCILER_NOTIFICATION_LEASE", "10s", "9s", "1h", "1h1s", {}),
+    ("RECONCILER_NOTIFICATION_BATCH_SIZE", "1", "0", "1000", "1001", {}),
     (
         "RECONCILER_WEBHOOK_0_TIMEOUT",
         "1s",
         "0.9s",
         "5m",
         "5m0.1s",
-        {"RECONCILER_WEBHOOK_0_URL": "https://h.example/"},
+        # A delivery must end before its lease does.
+        {"RECONCILER_WEBHOOK_0_URL": "https://h.example/", "RECONCILER_NOTIFICATION_LEASE": "10m"},
     ),
 ]
 
