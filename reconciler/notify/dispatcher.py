@@ -111,14 +111,23 @@ class Dispatcher:
                 detail="no webhook or SMTP host configured: messages stay pending "
                 "(see `reconciler notifications list`)",
             )
+        # The reason of the current outage, so that an outage logs one line (and one when it ends), not
+        # one per poll.
+        failing: str | None = None
         try:
             while not stop.is_set():
                 handled = 0
                 try:
                     handled = await self.dispatch_once(self._clock())
+                    if failing is not None:
+                        logger.info("notification.poll_recovered")
+                        failing = None
                 except _DATABASE_ERRORS as error:
                     self._metrics.dispatch_errors.inc()
-                    logger.warning("notification.poll_failed", error=f"{type(error).__name__}: {error}")
+                    reason = f"{type(error).__name__}: {error}"
+                    if reason != failing:
+                        logger.warning("notification.poll_failed", error=reason)
+                    failing = reason
                 except Exception:
                     # A bug: keep the traceback, and keep delivering the other messages on the next poll.
                     self._metrics.dispatch_errors.inc()

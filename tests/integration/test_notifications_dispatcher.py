@@ -436,3 +436,39 @@ async def test_the_daemon_mails_each_admin_and_calls_the_webhook_once_then_tells
     )
     assert value("prebuilds_reconciler_notification_messages_enqueued_total") == 4
     assert value("prebuilds_reconciler_notifications_pending") == 0
+
+
+async def test_a_database_outage_logs_once_and_delivery_resumes_after_it(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    await factory.user(username="ada", site_roles=["template-admin"])
+    await limit_presets(factory, pool, database_url, 1)
+    probe = MetricsProbe()
+
+    async def errors(at_least: int) -> bool:
+        return (probe.value("prebuilds_reconciler_notification_dispatch_errors_total") or 0) >= at_least
+
+    async with WebhookReceiver() as receiver:
+        settings = settings_for(
+            database_url, RECONCILER_WEBHOOK_0_URL=receiver.url, RECONCILER_NOTIFICATION_POLL_INTERVAL="100ms"
+        )
+        dispatcher = Dispatcher(pool, settings, probe.metrics)
+        # The outbox is gone for a while (a botched manual change, a restore in progress).
+        await factory.connection.execute("alter table notification_messages rename to notification_messages_away")
+        stop = asyncio.Event()
+        with capture_logs() as logs:
+            running = asyncio.create_task(dispatcher.run(stop))
+            await eventually(lambda: errors(3), "three failed polls")
+            await factory.connection.execute("alter table notification_messages_away rename to notification_messages")
+
+            async def delivered() -> bool:
+                return len(receiver.requests) == 1
+
+            await eventually(delivered, "the delivery after the outage")
+            stop.set()
+            await asyncio.wait_for(running, 10)
+
+    events = [log["event"] for log in logs]
+    assert events.count("notification.poll_failed") == 1
+    assert events.count("notification.poll_recovered") == 1
+    assert events.index("notification.poll_failed") < events.index("notification.poll_recovered")
