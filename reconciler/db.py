@@ -111,6 +111,21 @@ async def applied_versions(connection: Connection) -> dict[int, str]:
     return {row["version"]: row["checksum"] for row in rows}
 
 
+def _check_recorded(recorded: Mapping[int, str], known: list[Migration]) -> None:
+    """Refuse a database newer than the code, or one migrated with a migration that was edited since."""
+    _check_not_newer(recorded, known)
+    edited = [
+        migration.version
+        for migration in known
+        if migration.version in recorded and recorded[migration.version] != migration.checksum
+    ]
+    if edited:
+        raise SchemaError(
+            f"migration(s) {edited} differ from what was applied to this database (checksum mismatch): "
+            "a released migration must never change; add a new one instead"
+        )
+
+
 def _check_not_newer(recorded: Mapping[int, str], known: list[Migration]) -> None:
     newest_known = known[-1].version if known else 0
     unknown = sorted(version for version in recorded if version > newest_known)
@@ -132,7 +147,7 @@ async def migrate(connection: asyncpg.Connection) -> list[int]:
     try:
         await connection.execute(_CREATE_VERSION_TABLE)
         recorded = await applied_versions(connection)
-        _check_not_newer(recorded, known)
+        _check_recorded(recorded, known)
         applied: list[int] = []
         for migration in known:
             if migration.version in recorded:
@@ -157,7 +172,7 @@ async def schema_is_current(connection: Connection) -> tuple[bool, str]:
     known = migrations()
     recorded = await applied_versions(connection)
     try:
-        _check_not_newer(recorded, known)
+        _check_recorded(recorded, known)
     except SchemaError as error:
         return False, str(error)
     missing = [migration.version for migration in known if migration.version not in recorded]
