@@ -115,6 +115,8 @@ class PresetFailures:
     last_error: str | None
     last_error_code: str | None
     last_failed_at: datetime | None
+    # The failed prebuilds behind the verdict, newest first (at most `failure_hard_limit` of them).
+    failed_workspace_ids: tuple[UUID, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,8 @@ class CreateCheck:
     active: bool
     template_id: UUID
     organization_id: UUID
+    schedules: tuple[Schedule, ...] = ()
+    scheduling_timezone: str = ""
 
 
 class BadRowError(Exception):
@@ -203,6 +205,7 @@ class _SnapshotRows:
                     last_error=row["error"],
                     last_error_code=row["error_code"],
                     last_failed_at=_aware_or_none(row["at"]),
+                    failed_workspace_ids=tuple(row["workspace_ids"] or ()),
                 )
             )
         else:
@@ -299,6 +302,11 @@ async def lock_preset_for_create(connection: db.Connection, preset_id: UUID) -> 
         active=row["active"],
         template_id=row["template_id"],
         organization_id=row["organization_id"],
+        schedules=tuple(
+            Schedule(cron, instances)
+            for cron, instances in zip(row["schedule_crons"], row["schedule_instances"], strict=True)
+        ),
+        scheduling_timezone=row["scheduling_timezone"],
     )
 
 

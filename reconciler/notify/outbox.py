@@ -53,6 +53,7 @@ class StatusNotice:
     def payload(self) -> dict[str, Any]:
         preset = self.preset
         failures = self.failures
+        failed_ids = [str(workspace_id) for workspace_id in failures.failed_workspace_ids] if failures else []
         return {
             "kind": self.kind.value,
             "organization": preset.organization_name,
@@ -68,6 +69,9 @@ class StatusNotice:
             "last_error": failures.last_error if failures else None,
             "last_error_code": failures.last_error_code if failures else None,
             "last_failed_at": failures.last_failed_at.isoformat() if failures and failures.last_failed_at else None,
+            "failed_workspace_ids": failed_ids,
+            # The same, as text for the message templates.
+            "failed_workspaces": ", ".join(failed_ids) or "-",
             "at": self.at.isoformat(),
         }
 

@@ -233,6 +233,7 @@ values (
     'Prebuilds of preset "{preset}" ({template}) stopped: failure limit reached',
     'The last {failure_count} prebuilds of preset "{preset}" of template "{template}" '
     '(version "{template_version}", organization "{organization}") failed, so no more are created. '
-    'Last error: {last_error} ({last_error_code}). Fix the template and publish a new version, '
+    'Last error: {last_error} ({last_error_code}). Failed prebuilds (workspace ids): {failed_workspaces}. '
+    'Fix the template and publish a new version, '
     'or run "reconciler presets reset {preset_id}" to try again.'
 );

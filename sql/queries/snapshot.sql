@@ -122,6 +122,7 @@ live as materialized (
 starts as materialized (
     select
         live.preset_id,
+        live.workspace_id,
         live.build_created_at,
         live.job_status,
         live.error,
@@ -179,6 +180,10 @@ failures as (
         (array_agg(limit_evidence.error_code order by limit_evidence.limit_rank)
             filter (where limit_evidence.job_status = 'failed'))[1] as last_error_code,
         max(limit_evidence.build_created_at) filter (where limit_evidence.job_status = 'failed') as last_failed_at,
+        -- The failed prebuilds that make the verdict (newest first), for the operator to look at.
+        array_agg(limit_evidence.workspace_id order by limit_evidence.limit_rank) filter (
+            where limit_evidence.job_status = 'failed' and limit_evidence.limit_rank <= greatest($2::int, 1)
+        ) as failed_workspace_ids,
         -- Consecutive failures from the newest prebuild back to the newest one that did not fail.
         coalesce(
             min(limit_evidence.limit_rank) filter (where limit_evidence.job_status <> 'failed') - 1,
@@ -199,12 +204,12 @@ select 'running' as kind, live.current_preset_id as preset_id, live.workspace_id
            where agent.job_id = live.job_id and agent.parent_id is null and not agent.deleted
        ), false) as ready,
        live.workspace_created_at as at, null::bigint as count, null::text as transition,
-       null::text as error, null::text as error_code
+       null::text as error, null::text as error_code, null::uuid[] as workspace_ids
 from live
 where live.transition = 'start' and live.job_status = 'succeeded' and live.current_preset_id is not null
 union all
 select 'in_progress', live.preset_id, null, live.template_version_id, null, null, count(*),
-       live.transition::text, null, null
+       live.transition::text, null, null, null
 from live
 join versions on versions.template_version_id = live.template_version_id
 where versions.is_active and live.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
@@ -212,7 +217,7 @@ where versions.is_active and live.initiator_id = 'c42fdf75-3097-471c-8c33-fb5245
     and live.preset_id is not null
 group by live.preset_id, live.template_version_id, live.transition
 union all
-select 'pending', live.preset_id, null, null, null, null, count(*), null, null, null
+select 'pending', live.preset_id, null, null, null, null, count(*), null, null, null, null
 from live
 join versions on versions.template_version_id = live.template_version_id
 where live.build_number = 1 and live.transition = 'start' and live.job_status = 'pending'
@@ -221,11 +226,11 @@ where live.build_number = 1 and live.transition = 'start' and live.job_status = 
     and live.preset_id is not null
 group by live.preset_id
 union all
-select 'backoff', preset_id, null, null, null, last_build_at, num_failed, null, null, null
+select 'backoff', preset_id, null, null, null, last_build_at, num_failed, null, null, null, null
 from backoff
 union all
 select 'failures', preset_id, null, null, hard_limited, last_failed_at, failure_streak,
-       case when validation_failed then 'validation_failed' end, last_error, last_error_code
+       case when validation_failed then 'validation_failed' end, last_error, last_error_code, failed_workspace_ids
 from failures
 
 -- name: prebuild_totals

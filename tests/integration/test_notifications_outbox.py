@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from reconciler import cli, reconcile, store
 from reconciler.config import Settings
+from reconciler.notify.message import render
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
 from tests.factories import Factory, Preset, User, minutes
 from tests.integration.notification_helpers import fail_prebuilds, open_pool, pass_at, settings_for
@@ -99,6 +100,13 @@ async def test_hard_limit_enqueues_one_message_per_recipient_with_the_payload(
     assert result.status_changes.notifications_enqueued == 2
     assert await preset_status(factory.connection, preset) == ("hard_limited", 1)
     rows = await messages(factory.connection)
+    failed = sorted(
+        str(row["workspace_id"])
+        for row in await factory.connection.fetch(
+            "select workspace_id from workspace_builds where template_version_preset_id = $1", preset.id
+        )
+    )
+    assert len(failed) == 3
     assert [row["username"] for row in rows] == ["org-admin", "site-admin"]
     assert {row["user_id"] for row in rows} == {site_admin.id, organization_admin.id}
     for row in rows:
@@ -119,6 +127,12 @@ async def test_hard_limit_enqueues_one_message_per_recipient_with_the_payload(
         assert payload["last_error"] == "terraform apply failed: boom"
         assert payload["last_error_code"] == "TF_APPLY"
         assert payload["at"] == factory.now.isoformat()
+        # It points at the failed prebuilds (BEHAVIOR.md 5), in the payload and in the rendered body.
+        assert sorted(payload["failed_workspace_ids"]) == failed
+        body = await factory.connection.fetchval(
+            "select body_template from notification_templates where name = $1", HARD_LIMITED_TEMPLATE
+        )
+        assert all(workspace_id in render(body, payload) for workspace_id in failed)
 
 
 async def test_more_passes_and_racing_replicas_add_no_message(
