@@ -69,10 +69,10 @@ async def _create(
             or check.prebuild_status is not PrebuildStatus.NORMAL
         ):
             return 0, action.count
-        # Clamp to a target computed now from the preset's current desired count (a schedule that covers
-        # `now` still decides), never above the plan's: a preset whose schedules do not apply right now is
-        # clamped by a lowered desired count like one without schedules.
-        fresh = schedule.target(check.desired_instances, preset.schedules, preset.scheduling_timezone, now)
+        # Clamp to a target computed now from the preset's current desired count and schedules (a schedule
+        # that covers `now` still decides), never above the plan's: a lowered desired count, or schedules
+        # replaced after the snapshot, clamp the creates decided from the snapshot.
+        fresh = schedule.target(check.desired_instances, check.schedules, check.scheduling_timezone, now)
         target = min(preset_plan.state.desired, fresh.instances)
         existing = await store.count_preset_prebuilds(connection, preset.id, check.template_id)
         count = max(min(action.count, target - existing), 0)

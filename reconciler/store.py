@@ -59,6 +59,8 @@ class CreateCheck:
     active: bool
     template_id: UUID
     organization_id: UUID
+    schedules: tuple[Schedule, ...] = ()
+    scheduling_timezone: str = ""
 
 
 class BadRowError(Exception):
@@ -300,6 +302,11 @@ async def lock_preset_for_create(connection: db.Connection, preset_id: UUID) -> 
         active=row["active"],
         template_id=row["template_id"],
         organization_id=row["organization_id"],
+        schedules=tuple(
+            Schedule(cron, instances)
+            for cron, instances in zip(row["schedule_crons"], row["schedule_instances"], strict=True)
+        ),
+        scheduling_timezone=row["scheduling_timezone"],
     )
 
 

@@ -3,9 +3,20 @@
 
 -- name: lock_preset_for_create
 -- Serializes creators of one preset (replicas, a manual `reconcile --once`) and re-reads what a create
--- must still be true of: the preset has prebuilds, is active, and may create.
+-- must still be true of: the preset has prebuilds, is active, and may create; and what its target is
+-- made of now (desired count, schedules in snapshot order, time zone), since the platform may have
+-- changed any of them after the pass's snapshot.
 select
     p.desired_instances,
+    p.scheduling_timezone,
+    array(
+        select s.cron_expression from template_version_preset_prebuild_schedules s
+        where s.preset_id = p.id order by s.id
+    ) as schedule_crons,
+    array(
+        select s.desired_instances from template_version_preset_prebuild_schedules s
+        where s.preset_id = p.id order by s.id
+    ) as schedule_instances,
     p.prebuild_status::text as prebuild_status,
     t.active_version_id is not distinct from p.template_version_id and not t.deleted and t.deprecated = ''
         as active,

@@ -17,11 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from reconciler import db
+from reconciler import db, executor, planner, store
+from reconciler.actions import CreateAction
 from reconciler.config import Settings, load_settings
 from reconciler.executor import ActionOutcome
 from reconciler.metrics import Metrics
-from reconciler.reconcile import PassOutcome, PassResult, run_pass
+from reconciler.reconcile import PassOutcome, PassResult, planner_config, run_pass, snapshot_parameters
 from tests.factories import Factory, Preset
 
 # Our pools and connections (db.create_pool, db.connect) name themselves so; the test's own do too.
@@ -316,3 +317,39 @@ async def test_a_disk_full_insert_fails_one_preset_and_the_rest_are_created(
         assert await live_prebuilds(outsider) == {preset.id: 2 for preset in (full, *others)}
     finally:
         await pool.close()
+
+
+# --- the platform changing a preset during a pass ----------------------------------------------------
+
+
+async def test_schedules_replaced_after_the_snapshot_clamp_the_creates(factory: Factory, database_url: str) -> None:
+    """BEHAVIOR.md 3.6: the create clamps to a target computed afresh, schedules included.
+
+    Found by the soak's reasoning: a pass read a schedule giving 5, the platform then replaced it by one
+    that does not apply (so `desired_instances`, 1, decides), and the pass created 5.
+    """
+    settings = settings_for(database_url)
+    lowered = await factory.preset(desired=1, timezone="UTC", schedules=[("* * * * *", 5)])
+    raised = await factory.preset(desired=1, timezone="UTC", schedules=[("* * 31 2 *", 5)])
+    now = datetime.now(UTC)
+    async with factory.connection.transaction(isolation="repeatable_read", readonly=True):
+        snapshot = await store.read_snapshot(factory.connection, snapshot_parameters(settings, now))
+    plan = planner.plan(snapshot, planner_config(settings), now)
+    assert {preset_plan.preset.id: preset_plan.actions for preset_plan in plan.presets} == {
+        lowered.id: (CreateAction(count=5),),
+        raised.id: (CreateAction(count=1),),
+    }
+    # The platform swaps the two presets' schedules between the snapshot and the writes.
+    await factory.connection.execute(
+        "update template_version_preset_prebuild_schedules set cron_expression = "
+        "case when preset_id = $1 then '* * 31 2 *' else '* * * * *' end",
+        lowered.id,
+    )
+    pool = await open_pool(settings)
+    try:
+        summary = await executor.execute(pool, plan, now)
+    finally:
+        await pool.close()
+    assert (summary.created, summary.creates_clamped) == (2, 4)
+    # Never above the plan's count either: the raised one gets its 4 more on the next pass.
+    assert await live_prebuilds(factory.connection) == {lowered.id: 1, raised.id: 1}
