@@ -166,6 +166,8 @@ async def seed_platform(connection: db.Connection, options: DemoOptions, now: da
     publish_name = healthy[0].template if healthy else None
     existing = await store.find_organization(connection, ORGANIZATION)
     if existing is not None:
+        # A previous demo that was killed left its jobs "running" under a worker that is gone.
+        await store.release_all_provisioner_jobs(connection, now)
         publish_id = await store.find_template(connection, existing, publish_name) if publish_name else None
         return SeededPlatform(existing, True, publish_id, publish_name)
     async with connection.transaction():

@@ -662,3 +662,9 @@ async def find_organization(connection: db.Connection, name: str) -> UUID | None
 async def find_template(connection: db.Connection, organization_id: UUID, name: str) -> UUID | None:
     value = await connection.fetchval(_query("find_template"), organization_id, name)
     return None if value is None else _returned_id(value)
+
+
+async def release_all_provisioner_jobs(connection: db.Connection, now: datetime) -> list[UUID]:
+    """Requeue every unfinished job, whoever held it: for a database no real provisioner uses (the demo's)."""
+    rows = await connection.fetch(_query("release_all_provisioner_jobs"), now)
+    return [row["id"] for row in rows]

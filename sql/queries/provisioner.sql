@@ -198,3 +198,11 @@ select id from organizations where name = $1
 -- name: find_template
 -- $1 organization, $2 name: the live template of that name.
 select id from templates where organization_id = $1 and lower(name) = lower($2) and not deleted
+
+-- name: release_all_provisioner_jobs
+-- $1 now. Every unfinished job back in the queue, whoever held it. Only for a database that no real
+-- provisioner uses: the demo, restarted on its data directory after a crash, owns every worker there.
+update provisioner_jobs
+set started_at = null, worker_id = null, updated_at = $1
+where worker_id is not null and completed_at is null and coalesce(error, '') = ''
+returning id

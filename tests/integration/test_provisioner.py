@@ -350,3 +350,51 @@ async def test_prebuild_owner_is_untouched(
     await SimulatedProvisioner(pool, INSTANT).run_once()
     owner = await connection.fetchval("select owner_id from workspaces where id = $1", workspace_id)
     assert owner == PREBUILDS_SYSTEM_USER_ID
+
+
+async def test_demo_seed_is_reused_and_abandoned_jobs_requeued(connection: asyncpg.Connection) -> None:
+    from reconciler.demo import BROKEN_PRESET, HEALTHY_PRESETS, DemoOptions, seed_platform
+
+    options = DemoOptions(presets=2)
+    first = await seed_platform(connection, options, datetime.now(UTC))
+    assert not first.reused
+    assert first.publish_template_name == HEALTHY_PRESETS[0].template
+    presets = await connection.fetch(
+        "select t.name as template, p.name, p.desired_instances from template_version_presets p "
+        "join template_versions v on v.id = p.template_version_id join templates t on t.id = v.template_id "
+        "where t.active_version_id = v.id order by 1"
+    )
+    assert [(row["template"], row["name"]) for row in presets] == sorted(
+        (seed.template, seed.preset) for seed in (*HEALTHY_PRESETS[:2], BROKEN_PRESET)
+    )
+    # A killed demo leaves a job running under a worker that no longer exists.
+    preset_id = await connection.fetchval(
+        "select p.id from template_version_presets p join template_versions v on v.id = p.template_version_id "
+        "join templates t on t.id = v.template_id where t.name = $1",
+        HEALTHY_PRESETS[0].template,
+    )
+    row = await connection.fetchrow(
+        "select v.id as version, t.id as template, t.organization_id from templates t "
+        "join template_versions v on v.id = t.active_version_id where t.name = $1",
+        HEALTHY_PRESETS[0].template,
+    )
+    assert row is not None
+    await store.create_prebuilds(
+        connection,
+        preset_id=preset_id,
+        template_version_id=row["version"],
+        template_id=row["template"],
+        organization_id=row["organization_id"],
+        count=1,
+        now=datetime.now(UTC),
+    )
+    await store.acquire_provisioner_jobs(connection, uuid.uuid4(), datetime.now(UTC), 10)
+    assert await job_statuses(connection) == {"running": 1}
+
+    second = await seed_platform(connection, options, datetime.now(UTC))
+
+    assert second.reused
+    assert second.organization_id == first.organization_id
+    assert second.publish_template_id == first.publish_template_id
+    assert await job_statuses(connection) == {"pending": 1}
+    assert await connection.fetchval("select count(*) from organizations") == 1
