@@ -170,19 +170,24 @@ class _SnapshotRows:
         """Convert one tagged row of `snapshot_prebuilds`; raises ValueError or TypeError on a bad one."""
         kind = row["kind"]
         if kind == "running":
-            # The hot path (one row per live prebuild, tens of thousands): checked inline, not via _require.
-            workspace_id, preset_id, version_id, ready, at = (
-                row["workspace_id"],
-                row["preset_id"],
-                row["template_version_id"],
-                row["ready"],
-                row["at"],
+            # The hot path: one row per preset, its running prebuilds as arrays ordered oldest first.
+            _require(row, ("preset_id", "template_version_id", "workspace_ids", "ready_flags", "created_ats"))
+            preset_id, version_id = row["preset_id"], row["template_version_id"]
+            workspace_ids, ready_flags, created_ats = row["workspace_ids"], row["ready_flags"], row["created_ats"]
+            if not len(workspace_ids) == len(ready_flags) == len(created_ats):
+                raise ValueError("running prebuilds: arrays of different lengths")
+            if None in workspace_ids or None in ready_flags or None in created_ats:
+                nulls = [
+                    f"null in {field} of workspace {workspace_id}"
+                    for workspace_id, ready, at in zip(workspace_ids, ready_flags, created_ats, strict=True)
+                    for field, value in (("workspace_id", workspace_id), ("ready", ready), ("at", at))
+                    if value is None
+                ]
+                raise ValueError("; ".join(nulls))
+            self.running.extend(
+                RunningPrebuild(workspace_id, preset_id, version_id, ready, at if at.tzinfo else _aware(at))
+                for workspace_id, ready, at in zip(workspace_ids, ready_flags, created_ats, strict=True)
             )
-            if workspace_id is None or preset_id is None or version_id is None or ready is None or at is None:
-                _require(row, ("preset_id", "workspace_id", "template_version_id", "ready", "at"))
-            if at.tzinfo is None:
-                at = _aware(at)
-            self.running.append(RunningPrebuild(workspace_id, preset_id, version_id, ready, at))
         elif kind == "in_progress":
             _require(row, ("preset_id", "template_version_id", "transition", "count"))
             self.in_progress.append(

@@ -47,7 +47,7 @@ order by s.preset_id, s.id
 -- One statement, so that the latest build of each live prebuild is looked up once (the materialized
 -- CTE `live`) and every other figure is derived from that small set: its size is the number of live
 -- prebuilds, whatever the length of the build history. Rows are tagged by `kind`:
---   running      one row per running prebuild (workspace, current preset, readiness, created_at)
+--   running      per current preset and version: workspaces, readiness and created_at as arrays
 --   in_progress  count of system-initiated pending/running builds per preset, version and transition
 --   pending      count of pending first builds on a non-active version, per preset
 --   backoff      num_failed and last_build_at per preset in backoff (BEHAVIOR.md 3.1)
@@ -196,20 +196,28 @@ failures as (
     group by limit_evidence.preset_id
     having bool_or(limit_evidence.job_status = 'failed')
 )
-select 'running' as kind, live.current_preset_id as preset_id, live.workspace_id, live.template_version_id,
-       coalesce((
-           -- Ready when every live top-level agent is ready; a workspace without agents is not.
-           select bool_and(agent.lifecycle_state = 'ready')
-           from workspace_agents agent
-           where agent.job_id = live.job_id and agent.parent_id is null and not agent.deleted
-       ), false) as ready,
-       live.workspace_created_at as at, null::bigint as count, null::text as transition,
-       null::text as error, null::text as error_code, null::uuid[] as workspace_ids
+-- Running prebuilds come grouped by preset (and version), as arrays ordered oldest first: a fleet has tens
+-- of thousands of them, and a few thousand rows of arrays decode far cheaper than one row each.
+select 'running' as kind, live.current_preset_id as preset_id, null::uuid as workspace_id, live.template_version_id,
+       null::bool as ready, null::timestamptz as at, count(*) as count, null::text as transition,
+       null::text as error, null::text as error_code,
+       array_agg(live.workspace_id order by live.workspace_created_at, live.workspace_id) as workspace_ids,
+       array_agg(readiness.ready order by live.workspace_created_at, live.workspace_id) as ready_flags,
+       array_agg(live.workspace_created_at order by live.workspace_created_at, live.workspace_id) as created_ats
 from live
+cross join lateral (
+    select coalesce((
+        -- Ready when every live top-level agent is ready; a workspace without agents is not.
+        select bool_and(agent.lifecycle_state = 'ready')
+        from workspace_agents agent
+        where agent.job_id = live.job_id and agent.parent_id is null and not agent.deleted
+    ), false) as ready
+) readiness
 where live.transition = 'start' and live.job_status = 'succeeded' and live.current_preset_id is not null
+group by live.current_preset_id, live.template_version_id
 union all
 select 'in_progress', live.preset_id, null, live.template_version_id, null, null, count(*),
-       live.transition::text, null, null, null
+       live.transition::text, null, null, null, null, null
 from live
 join versions on versions.template_version_id = live.template_version_id
 where versions.is_active and live.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
@@ -217,7 +225,7 @@ where versions.is_active and live.initiator_id = 'c42fdf75-3097-471c-8c33-fb5245
     and live.preset_id is not null
 group by live.preset_id, live.template_version_id, live.transition
 union all
-select 'pending', live.preset_id, null, null, null, null, count(*), null, null, null, null
+select 'pending', live.preset_id, null, null, null, null, count(*), null, null, null, null, null, null
 from live
 join versions on versions.template_version_id = live.template_version_id
 where live.build_number = 1 and live.transition = 'start' and live.job_status = 'pending'
@@ -226,11 +234,12 @@ where live.build_number = 1 and live.transition = 'start' and live.job_status = 
     and live.preset_id is not null
 group by live.preset_id
 union all
-select 'backoff', preset_id, null, null, null, last_build_at, num_failed, null, null, null, null
+select 'backoff', preset_id, null, null, null, last_build_at, num_failed, null, null, null, null, null, null
 from backoff
 union all
 select 'failures', preset_id, null, null, hard_limited, last_failed_at, failure_streak,
-       case when validation_failed then 'validation_failed' end, last_error, last_error_code, failed_workspace_ids
+       case when validation_failed then 'validation_failed' end, last_error, last_error_code, failed_workspace_ids,
+       null, null
 from failures
 
 -- name: prebuild_totals
