@@ -122,6 +122,12 @@ class PresetCollector(Collector):
         self._samples = tuple(samples)
         self._labels_by_preset = labels_by_preset
 
+    def withdraw(self) -> None:
+        """Stop exporting per-preset series until the next plan; the lifetime totals are kept."""
+        self._samples = ()
+        self._labels_by_preset = {}
+        self._rendered = None
+
     def qualifying_preset_ids(self) -> list[UUID]:
         return list(self._labels_by_preset)
 
@@ -302,3 +308,6 @@ class Metrics:
         if plan is not None:
             self.presets.update_from_plan(plan)
             self.metrics_last_updated.set(time.time())
+        elif outcome == "skipped_lock":
+            # Another replica reconciles now: its series are the current ones, ours would go stale.
+            self.presets.withdraw()

@@ -77,3 +77,23 @@ def test_render_serves_every_metric_once() -> None:
     assert "prebuilds_reconciler_passes_total" in names
     # The same samples as the plain client rendering (family order aside, which Prometheus ignores).
     assert sorted(text.splitlines()) == sorted(generate_latest(metrics.registry).decode().splitlines())
+
+
+def test_a_replica_that_skips_a_pass_withdraws_its_per_preset_series() -> None:
+    metrics = Metrics(process_metrics=False)
+    preset_plan = PresetPlan(make_preset("a"), PresetState(desired=2, actual=1), (), False)
+    metrics.observe_pass("success", 0.1, make_plan(preset_plan), paused=False)
+    metrics.presets.update_totals({preset_plan.preset.id: PrebuildTotals(created=4, failed=1, claimed=0)})
+    value = metrics.registry.get_sample_value
+    labels = {"template_name": "go", "preset_name": "a", "organization_name": "acme"}
+    assert value("coderd_prebuilt_workspaces_desired", labels) == 2
+    assert value("coderd_prebuilt_workspaces_created_total", labels) == 4
+
+    metrics.observe_pass("skipped_lock", 0.0, None, paused=None)
+    assert value("coderd_prebuilt_workspaces_desired", labels) is None
+    assert b"coderd_prebuilt_workspaces_desired{" not in metrics.render()
+
+    # Back in charge: the series return, and the counter did not go down meanwhile.
+    metrics.observe_pass("success", 0.1, make_plan(preset_plan), paused=False)
+    assert value("coderd_prebuilt_workspaces_desired", labels) == 2
+    assert value("coderd_prebuilt_workspaces_created_total", labels) == 4
