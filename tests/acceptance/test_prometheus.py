@@ -119,12 +119,18 @@ async def test_prometheus_scrapes_the_daemon_and_fires_the_hard_limit_alert(
         assert alert["labels"]["severity"] == "warning"
         assert broken.template.name in alert["annotations"]["summary"]
         assert alert["annotations"]["runbook"]
-        # The rules' recording rules evaluate against real series too.
-        shortfall = server.api(
+        # The rules' recording rules evaluate against real series too; they are evaluated on their own
+        # schedule, so the first evaluation after the series appear is waited for.
+        query = (
             f'query?query=preset:coderd_prebuilt_workspaces_shortfall:max{{template_name="{healthy.template.name}"}}'
         )
-        assert shortfall is not None
-        assert [float(sample["value"][1]) for sample in shortfall["result"]] == [0.0]
+
+        def shortfall() -> list[float]:
+            answer = server.api(query)
+            return [float(sample["value"][1]) for sample in (answer or {}).get("result", [])]
+
+        wait_for(lambda: bool(shortfall()), 30, "the shortfall recording rule to be evaluated", interval=0.5)
+        assert shortfall() == [0.0]
         # A healthy daemon raises nothing else (alerts with a `for:` would only be pending anyway).
         assert {alert["labels"]["alertname"] for alert in firing()} == {"PrebuildPresetHardLimited"}
     finally:
