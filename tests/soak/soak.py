@@ -1,0 +1,519 @@
+"""The soak: three replicas, a flaky provisioner, a platform that keeps changing, users claiming, faults.
+
+`Soak.run()` seeds a fleet, starts three `reconciler run` replicas (1 s interval) and the simulated
+provisioner (random latency, 20% failed builds), then for `chaos_seconds` plays the rest of the
+platform at random: targets changed (desired counts and schedules), new template versions published,
+presets invalidated, prebuilds claimed by users, hard-limited presets reset by an operator, the active
+replica killed with SIGKILL in the middle of a pass (and replaced), all replicas' connections terminated
+by the server. An invariant checker (`invariants.FleetChecker`) samples the database throughout. Then
+the chaos stops (no more failures, the broken template fixed, every limited preset reset) and every
+active preset must reach its target within three passes of the moment it may create again.
+
+Everything is bounded: each phase has a deadline, and every loop ends by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+
+from reconciler import db, store
+from reconciler.provisioner import ProvisionerOptions, SimulatedProvisioner
+from tests.acceptance.daemon_process import DaemonProcess
+from tests.factories import Factory
+from tests.soak.invariants import (
+    ALWAYS,
+    NEVER,
+    FleetChecker,
+    PassWindow,
+    lock_holder_client_ports,
+    overlapping_passes,
+    pass_windows,
+    process_owning_local_port,
+)
+
+SET_DESIRED = "update template_version_presets set desired_instances = $2 where id = $1"
+SET_SCHEDULE = """
+with removed as (delete from template_version_preset_prebuild_schedules where preset_id = $1)
+insert into template_version_preset_prebuild_schedules (preset_id, cron_expression, desired_instances)
+values ($1, $2, $3)
+"""
+INVALIDATE = "update template_version_presets set last_invalidated_at = now() where id = $1"
+# A platform's claim: lock a running, ready prebuild, re-check it under the lock (a delete build may have
+# been committed meanwhile), then give it to the user.
+CLAIM_CANDIDATES = """
+select w.id from workspaces w
+cross join lateral (
+    select b.transition, b.job_id from workspace_builds b
+    where b.workspace_id = w.id order by b.build_number desc limit 1
+) latest
+join provisioner_jobs job on job.id = latest.job_id
+where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
+    and latest.transition = 'start' and job.job_status = 'succeeded'
+    and exists (select 1 from workspace_agents a where a.job_id = job.id and a.lifecycle_state = 'ready')
+order by random()
+limit 3
+"""
+LOCK_FOR_CLAIM = """
+select 1 from workspaces
+where id = $1 and owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not deleted
+for update skip locked
+"""
+STILL_CLAIMABLE = """
+select latest.transition = 'start' and job.job_status = 'succeeded'
+from (select b.transition, b.job_id from workspace_builds b
+      where b.workspace_id = $1 order by b.build_number desc limit 1) latest
+join provisioner_jobs job on job.id = latest.job_id
+"""
+# An upper bound of each preset's backoff (BEHAVIOR.md 3.1) from its failures in the lookback window:
+# the newest failure plus one interval per failure (only the newest N count in the rule; all do here).
+BACKOFF_BOUND = """
+select max(last_failed + failures * $2::interval) from (
+    select max(b.created_at) as last_failed, count(*) as failures
+    from workspace_builds b join provisioner_jobs j on j.id = b.job_id
+    where b.build_number = 1 and b.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+        and j.job_status = 'failed' and b.created_at >= now() - $1::interval
+    group by b.template_version_preset_id
+) failed
+"""
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    chaos_seconds: float
+    presets: int = 200
+    seed: int = 0
+    interval_seconds: float = 1.0
+    failure_rate: float = 0.2
+    min_build_seconds: float = 0.2
+    max_build_seconds: float = 3.0
+    event_every_seconds: float = 0.25
+    kill_every_seconds: float = 60.0
+    terminate_every_seconds: float = 45.0
+    backoff_lookback_seconds: int = 60
+
+
+@dataclass
+class SoakSummary:
+    seed: int
+    presets: int
+    chaos_seconds: float
+    passes: int = 0
+    creates: int = 0
+    deletes: int = 0
+    claims: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+    failed_builds: int = 0
+    kills: int = 0
+    terminations: int = 0
+    lock_skips: int = 0
+    take_over_seconds: list[float] = field(default_factory=list)
+    invariant_checks: int = 0
+    violations: list[str] = field(default_factory=list)
+    hard_limit_episodes: int = 0
+    peak_surplus: int = 0
+    convergence_seconds: float = 0.0
+    convergence_allowed_seconds: float = 0.0
+    pass_seconds_median: float = 0.0
+    pass_seconds_max: float = 0.0
+
+    def render(self) -> str:
+        injected = self.failed_builds + self.kills + self.terminations
+        lines = [
+            f"soak summary (seed {self.seed}, {self.presets} presets, {self.chaos_seconds:g} s of chaos)",
+            f"  passes:            {self.passes} (and {self.lock_skips} skipped on the lock); duration median "
+            f"{self.pass_seconds_median * 1000:.0f} ms, max {self.pass_seconds_max * 1000:.0f} ms",
+            f"  creates:           {self.creates}",
+            f"  deletes:           {self.deletes}",
+            f"  claims:            {self.claims}",
+            f"  platform changes:  {dict(sorted(self.events.items()))}",
+            f"  failures injected: {injected} ({self.failed_builds} failed builds, {self.kills} kill -9 of the "
+            f"active replica, {self.terminations} rounds of pg_terminate_backend)",
+            f"  take-overs:        {', '.join(f'{seconds:.1f} s' for seconds in self.take_over_seconds) or '-'}",
+            f"  hard-limit episodes: {self.hard_limit_episodes}",
+            f"  peak surplus over target (after a target drop): {self.peak_surplus}",
+            f"  convergence:       {self.convergence_seconds:.1f} s (allowed {self.convergence_allowed_seconds:.1f} s)",
+            f"  invariant checks:  {self.invariant_checks}",
+            f"  violations:        {len(self.violations)}",
+        ]
+        lines.extend(f"    - {violation}" for violation in self.violations[:20])
+        return "\n".join(lines)
+
+
+class Soak:
+    def __init__(self, factory: Factory, database_url: str, config: SoakConfig) -> None:
+        self.factory = factory
+        self.database_url = database_url
+        self.config = config
+        self.chooser = random.Random(config.seed)
+        self.checker = FleetChecker()
+        self.summary = SoakSummary(seed=config.seed, presets=config.presets, chaos_seconds=config.chaos_seconds)
+        self.replicas: list[DaemonProcess] = []
+        self.retired: list[DaemonProcess] = []
+        self.windows: list[PassWindow] = []
+        # Presets of each template's active version, and the templates whose builds always fail.
+        self.templates: dict[UUID, list[UUID]] = {}
+        self.broken_templates: set[UUID] = set()
+        self.users: list[UUID] = []
+        self.platform: asyncpg.Connection | None = None
+        self.provisioner: SimulatedProvisioner | None = None
+
+    @property
+    def connection(self) -> asyncpg.Connection:
+        assert self.platform is not None
+        return self.platform
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    async def seed(self) -> None:
+        factory = self.factory
+        organization = await factory.organization()
+        await factory.user(site_roles=["template-admin"])
+        self.users = [(await factory.user(organization=organization)).id for _ in range(8)]
+        made = 0
+        while made < self.config.presets:
+            template = await factory.template(organization)
+            version = await factory.version(template)
+            broken = made == 0  # one template whose builds always fail: hard-limit episodes
+            presets = []
+            for _ in range(min(self.chooser.randint(1, 4), self.config.presets - made)):
+                ttl = self.chooser.choice([None, None, None, 30, 45, 90])
+                preset = await factory.preset(
+                    version, desired=self.chooser.randint(0, 4), ttl_seconds=ttl, timezone="UTC"
+                )
+                if self.chooser.random() < 0.2:
+                    cron = self.chooser.choice([ALWAYS, NEVER])
+                    await self.connection.execute(SET_SCHEDULE, preset.id, cron, self.chooser.randint(0, 5))
+                if broken:
+                    await self.connection.execute(
+                        "insert into template_version_preset_parameters (template_version_preset_id, name, value) "
+                        "values ($1, 'simulated_failure', 'always')",
+                        preset.id,
+                    )
+                presets.append(preset.id)
+                made += 1
+            self.templates[template.id] = presets
+            if broken:
+                self.broken_templates.add(template.id)
+        for preset_ids in self.templates.values():
+            for preset_id in preset_ids:
+                await self.checker.change_target(self.connection, preset_id, "select $1::uuid")
+
+    def replica_environment(self) -> dict[str, str]:
+        return {
+            "RECONCILER_BACKOFF_INTERVAL": "1s",
+            "RECONCILER_BACKOFF_LOOKBACK": f"{self.config.backoff_lookback_seconds}s",
+            "RECONCILER_FAILURE_HARD_LIMIT": "3",
+        }
+
+    async def start_replica(self) -> DaemonProcess:
+        replica = DaemonProcess(
+            self.database_url,
+            interval=f"{self.config.interval_seconds:g}s",
+            extra_environment=self.replica_environment(),
+        ).start()
+        await asyncio.to_thread(replica.wait_ready, 60)
+        self.replicas.append(replica)
+        return replica
+
+    # --- the run --------------------------------------------------------------------------------
+
+    async def run(self) -> SoakSummary:
+        self.platform = await asyncpg.connect(self.database_url, server_settings={"application_name": "platform"})
+        provisioner_pool = await db.create_pool(self.database_url, max_size=8, application_name="simulated-provisioner")
+        self.provisioner = SimulatedProvisioner(
+            provisioner_pool,
+            ProvisionerOptions(
+                failure_rate=self.config.failure_rate,
+                min_seconds=self.config.min_build_seconds,
+                max_seconds=self.config.max_build_seconds,
+                concurrency=64,
+                poll_seconds=0.2,
+            ),
+            chooser=random.Random(self.config.seed + 1),
+        )
+        try:
+            await self.seed()
+            for _ in range(3):
+                await self.start_replica()
+            self.provisioner.start()
+            await self.chaos()
+            await self.calm()
+            await self.final_checks()
+        finally:
+            await self.provisioner.stop()
+            await provisioner_pool.close()
+            for replica in self.replicas:
+                self.summary.lock_skips += int(await asyncio.to_thread(self._skips, replica))
+                self.windows.extend(pass_windows(str(replica.port), replica.events()))
+                replica.stop()
+            for replica in self.retired:
+                replica.stop()
+            await self.platform.close()
+        self.summary.failed_builds = self.provisioner.stats.failed
+        self.summary.passes = len(self.windows)
+        durations = sorted(window.end - window.start for window in self.windows)
+        if durations:
+            self.summary.pass_seconds_median = durations[len(durations) // 2]
+            self.summary.pass_seconds_max = durations[-1]
+        self.summary.invariant_checks = self.checker.checks
+        self.summary.violations = list(self.checker.violations)
+        self.summary.peak_surplus = self.checker.peak_surplus
+        return self.summary
+
+    async def chaos(self) -> None:
+        started = time.monotonic()
+        deadline = started + self.config.chaos_seconds
+        next_event = started
+        next_kill = started + min(self.config.kill_every_seconds, self.config.chaos_seconds / 2)
+        next_termination = started + min(self.config.terminate_every_seconds, self.config.chaos_seconds * 0.75)
+        next_slow_check = started
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if now >= next_event:
+                await self.platform_event()
+                next_event += self.config.event_every_seconds
+            if now >= next_kill:
+                await self.kill_active_replica()
+                next_kill += self.config.kill_every_seconds
+            if now >= next_termination:
+                await self.terminate_connections()
+                next_termination += self.config.terminate_every_seconds
+            if now >= next_slow_check:
+                await self.checker.check_claims(self.connection)
+                await self.checker.check_whole(self.connection)
+                next_slow_check += 2.0
+            await self.checker.sample(self.connection)
+            await asyncio.sleep(0.05)
+
+    async def platform_event(self) -> None:
+        kind = self.chooser.choices(
+            ["desired", "schedule", "publish", "invalidate", "claim", "reset"], weights=[30, 15, 4, 8, 35, 8]
+        )[0]
+        template_id = self.chooser.choice(list(self.templates))
+        preset_id = self.chooser.choice(self.templates[template_id]) if self.templates[template_id] else None
+        if kind == "desired" and preset_id is not None:
+            await self.checker.change_target(self.connection, preset_id, SET_DESIRED, self.chooser.randint(0, 5))
+        elif kind == "schedule" and preset_id is not None:
+            cron = self.chooser.choice([ALWAYS, NEVER])
+            await self.checker.change_target(self.connection, preset_id, SET_SCHEDULE, cron, self.chooser.randint(0, 5))
+        elif kind == "publish":
+            await self.publish(template_id)
+        elif kind == "invalidate" and preset_id is not None:
+            await self.connection.execute(INVALIDATE, preset_id)
+        elif kind == "claim":
+            if not await self.claim():
+                return
+        elif kind == "reset":
+            if not await self.reset_one_limited():
+                return
+        else:
+            return
+        self.summary.events[kind] += 1
+
+    async def publish(self, template_id: UUID) -> None:
+        """A new version of the template (its presets copied), serialized with creates of the old ones."""
+        old = self.templates[template_id]
+        connection = self.connection
+        async with connection.transaction():
+            await connection.execute(
+                "select 1 from template_version_presets where id = any($1::uuid[]) order by id for update", old
+            )
+            version_id = await store.publish_template_version(
+                connection, template_id, f"v-{uuid.uuid4().hex[:8]}", datetime.now(UTC)
+            )
+            assert version_id is not None
+            live = await self.checker.live(connection, old)
+            new = [
+                row["id"]
+                for row in await connection.fetch(
+                    "select id from template_version_presets where template_version_id = $1 "
+                    "and desired_instances is not null",
+                    version_id,
+                )
+            ]
+            targets = {preset_id: await self.checker.read_target(connection, preset_id) for preset_id in new}
+        for preset_id in old:
+            self.checker.set_target(preset_id, 0, live.get(preset_id, 0))
+        for preset_id, target in targets.items():
+            self.checker.set_target(preset_id, target, 0)
+        self.templates[template_id] = new
+
+    async def claim(self) -> bool:
+        connection = self.connection
+        for workspace_id in [row["id"] for row in await connection.fetch(CLAIM_CANDIDATES)]:
+            async with connection.transaction():
+                if not await connection.fetchval(LOCK_FOR_CLAIM, workspace_id):
+                    continue
+                if not await connection.fetchval(STILL_CLAIMABLE, workspace_id):
+                    continue
+                await connection.execute(
+                    "update workspaces set owner_id = $2, updated_at = now() where id = $1",
+                    workspace_id,
+                    self.chooser.choice(self.users),
+                )
+            self.summary.claims += 1
+            return True
+        return False
+
+    async def reset_one_limited(self) -> bool:
+        limited = await self.connection.fetch(
+            "select id from template_version_presets where prebuild_status = 'hard_limited'"
+        )
+        if not limited:
+            return False
+        await store.reset_preset(self.connection, self.chooser.choice(limited)["id"], datetime.now(UTC))
+        return True
+
+    # --- faults ---------------------------------------------------------------------------------
+
+    def _skips(self, replica: DaemonProcess) -> float:
+        try:
+            return replica.metric("prebuilds_reconciler_passes_total", {"outcome": "skipped_lock"}) or 0
+        except OSError:
+            return 0
+
+    def _successes(self, replicas: list[DaemonProcess]) -> float:
+        total = 0.0
+        for replica in replicas:
+            try:
+                total += replica.metric("prebuilds_reconciler_passes_total", {"outcome": "success"}) or 0
+            except OSError:
+                continue
+        return total
+
+    async def kill_active_replica(self) -> None:
+        """SIGKILL the replica holding the lock, caught in the middle of a pass; start a replacement."""
+        deadline = time.monotonic() + 15
+        victim: DaemonProcess | None = None
+        while victim is None and time.monotonic() < deadline:
+            ports = await lock_holder_client_ports(self.connection)
+            if ports:
+                pids = {replica.process.pid: replica for replica in self.replicas if replica.process is not None}
+                owner = process_owning_local_port(pids, ports[0])
+                victim = pids.get(owner) if owner is not None else None
+            if victim is None:
+                await asyncio.sleep(0.01)
+        if victim is None:
+            return  # no pass caught in 15 s: nothing to kill this time (the summary shows the count)
+        survivors = [replica for replica in self.replicas if replica is not victim]
+        self.summary.lock_skips += int(await asyncio.to_thread(self._skips, victim))
+        before = await asyncio.to_thread(self._successes, survivors)
+        assert victim.process is not None
+        victim.process.kill()
+        await asyncio.to_thread(victim.wait, 10)
+        killed_at = time.monotonic()
+        self.summary.kills += 1
+        self.windows.extend(pass_windows(str(victim.port), victim.events()))
+        self.replicas.remove(victim)
+        self.retired.append(victim)
+        take_over_deadline = killed_at + 30
+        while await asyncio.to_thread(self._successes, survivors) <= before:
+            if time.monotonic() > take_over_deadline:
+                self.checker.violations.append("no replica took over within 30 s of a kill -9")
+                break
+            await self.checker.sample(self.connection)
+            await asyncio.sleep(0.1)
+        self.summary.take_over_seconds.append(time.monotonic() - killed_at)
+        await self.start_replica()
+
+    async def terminate_connections(self) -> None:
+        await self.connection.fetchval(
+            "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity "
+            "where datname = current_database() and application_name = 'reconciler'"
+        )
+        self.summary.terminations += 1
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    async def calm(self) -> None:
+        """No more chaos: every active preset must reach its target within 3 passes of being free to."""
+        assert self.provisioner is not None
+        self.provisioner.options = ProvisionerOptions(
+            failure_rate=0.0,
+            min_seconds=self.config.min_build_seconds,
+            max_seconds=self.config.max_build_seconds,
+            concurrency=64,
+            poll_seconds=0.2,
+        )
+        connection = self.connection
+        # The broken template is fixed, and the operator resets what is limited.
+        await connection.execute("delete from template_version_preset_parameters where name = 'simulated_failure'")
+        calm_started = time.monotonic()
+        for row in await connection.fetch("select id from template_version_presets where prebuild_status <> 'normal'"):
+            await store.reset_preset(connection, row["id"], datetime.now(UTC))
+        # Builds started during the chaos had their outcome drawn then: let them end before judging backoff.
+        settle_until = calm_started + self.config.max_build_seconds + 0.5
+        while time.monotonic() < settle_until:
+            await self.checker.sample(connection)
+            await asyncio.sleep(0.1)
+        backoff_end = await connection.fetchval(
+            BACKOFF_BOUND, timedelta(seconds=self.config.backoff_lookback_seconds), timedelta(seconds=1)
+        )
+        backoff_seconds = 0.0
+        if backoff_end is not None:
+            backoff_seconds = max(0.0, (backoff_end - datetime.now(UTC)).total_seconds())
+        # Free to create after the backoff; then three passes, one build, and scheduling slack.
+        allowed = (time.monotonic() - calm_started) + backoff_seconds
+        allowed += 3 * self.config.interval_seconds + self.config.max_build_seconds + 3.0
+        self.summary.convergence_allowed_seconds = allowed
+        converged: dict[UUID, float] = {}
+        deadline = calm_started + allowed
+        while time.monotonic() < deadline:
+            running = await self.checker.running(connection)
+            for preset_id, target in self.checker.targets.items():
+                if preset_id not in converged and running.get(preset_id, 0) == target:
+                    converged[preset_id] = time.monotonic() - calm_started
+            if len(converged) == len(self.checker.targets):
+                break
+            await self.checker.sample(connection)
+            await asyncio.sleep(0.1)
+        late = {
+            preset_id: (running.get(preset_id, 0), target)
+            for preset_id, target in self.checker.targets.items()
+            if preset_id not in converged
+        }
+        for preset_id, (count, target) in sorted(late.items())[:10]:
+            self.checker.violations.append(
+                f"preset {preset_id} did not converge within {allowed:.1f} s: {count} running, target {target}"
+            )
+        self.summary.convergence_seconds = max(converged.values(), default=0.0)
+
+    async def final_checks(self) -> None:
+        connection = self.connection
+        await self.checker.sample(connection)
+        await self.checker.check_claims(connection)
+        await self.checker.check_whole(connection)
+        # One template administrator: one message per failure episode.
+        self.summary.hard_limit_episodes = await self.checker.check_episode_messages(connection, recipients=1)
+        self.summary.creates = await connection.fetchval(
+            "select count(*) from workspace_builds where build_number = 1 "
+            "and initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'"
+        )
+        self.summary.deletes = await connection.fetchval(
+            "select count(*) from workspace_builds where transition = 'delete' "
+            "and initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'"
+        )
+
+    def check_passes(self) -> None:
+        """No two replicas' passes overlap; every pass has its own run id."""
+        self.checker.checks += 1
+        run_ids = Counter(window.run_id for window in self.windows)
+        for run_id, count in run_ids.items():
+            if count > 1:
+                self.checker.violations.append(f"run id {run_id} logged by {count} passes")
+        for first, second in overlapping_passes(self.windows, tolerance=0.05):
+            self.checker.violations.append(
+                f"passes {first.run_id} (replica :{first.replica}) and {second.run_id} (replica "
+                f":{second.replica}) overlap by {min(first.end, second.end) - second.start:.3f} s"
+            )
+        self.summary.invariant_checks = self.checker.checks
+        self.summary.violations = list(self.checker.violations)
