@@ -2,8 +2,7 @@
 
 The metric names that the dashboard and the alert rules query must exist in what the daemon serves at
 /metrics, or a panel stays empty and an alert never fires. The tools (systemd-analyze, promtool) run
-here when installed (`.ci/deploy-checks.sh` installs them); YAML checks need PyYAML, which that script
-installs too.
+here when installed (`.ci/deploy-checks.sh` installs them); the YAML checks use PyYAML, a test extra.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ METRIC_NAME = re.compile(r"(?<![:\w])((?:coderd|prebuilds_reconciler)_[a-z0-9_]+
 
 
 def yaml_module() -> Any:
-    return pytest.importorskip("yaml", reason="PyYAML is installed by .ci/deploy-checks.sh")
+    return pytest.importorskip("yaml", reason="PyYAML (a test extra) is not installed")
 
 
 def preset(name: str, status: PrebuildStatus) -> Preset:
