@@ -109,5 +109,15 @@ async def connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A connection pool on this test's database, as the daemon opens one (room for a pass's writers)."""
+    pool = await db.create_pool(database_url, max_size=12)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
 def factory(connection: asyncpg.Connection) -> Factory:
     return Factory(connection)

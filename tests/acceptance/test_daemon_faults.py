@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -12,6 +11,7 @@ import pytest
 
 from tests.acceptance.daemon_process import DaemonProcess, wait_for
 from tests.factories import Factory
+from tests.integration.reconcile_support import live_prebuilds
 
 # Only creates of the presets in this table wait for the test's advisory lock, inside the build insert:
 # the create has written its workspace and job rows and is stopped before the statement (and its
@@ -50,15 +50,6 @@ async def wait_for_blocked_create(connection: asyncpg.Connection, within: float 
     ):
         assert time.monotonic() < deadline, "the active replica's create never blocked"
         await asyncio.sleep(0.05)
-
-
-async def live_prebuilds(connection: asyncpg.Connection) -> dict[uuid.UUID, int]:
-    rows = await connection.fetch(
-        "select b.template_version_preset_id as preset_id, count(*) as count from workspaces w "
-        "join workspace_builds b on b.workspace_id = w.id and b.build_number = 1 "
-        "where not w.deleted group by 1"
-    )
-    return {row["preset_id"]: row["count"] for row in rows}
 
 
 async def assert_every_prebuild_whole(connection: asyncpg.Connection) -> None:

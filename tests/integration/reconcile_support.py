@@ -122,3 +122,13 @@ async def table_checksums(connection: asyncpg.Connection, skip: Sequence[str] = 
             f"select md5(coalesce(string_agg(t::text, ',' order by t::text), '')) || ':' || count(*) from {quoted} t"
         )
     return checksums
+
+
+async def live_prebuilds(connection: asyncpg.Connection) -> dict[UUID, int]:
+    """Live (not deleted) prebuilds per preset, by their first build: what the fault tests count."""
+    rows = await connection.fetch(
+        "select b.template_version_preset_id as preset_id, count(*) as count from workspaces w "
+        "join workspace_builds b on b.workspace_id = w.id and b.build_number = 1 "
+        "where not w.deleted group by 1"
+    )
+    return {row["preset_id"]: row["count"] for row in rows}

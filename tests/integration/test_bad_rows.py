@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +20,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from reconciler import db
 from reconciler.actions import BackoffAction, DeleteAction, DeleteReason, PresetPlan
 from reconciler.config import Settings, load_settings
 from reconciler.metrics import Metrics
@@ -33,15 +32,6 @@ LogEvents = list[MutableMapping[str, Any]]
 
 def settings_for(database_url: str, **environment: str) -> Settings:
     return load_settings({"RECONCILER_DATABASE_URL": database_url, **environment})
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await db.create_pool(database_url, max_size=12)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def successful_pass(pool: asyncpg.Pool, settings: Settings) -> tuple[PassResult, LogEvents]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -24,6 +23,7 @@ from reconciler.executor import ActionOutcome
 from reconciler.metrics import Metrics
 from reconciler.reconcile import PassOutcome, PassResult, planner_config, run_pass, snapshot_parameters
 from tests.factories import Factory, Preset
+from tests.integration.reconcile_support import live_prebuilds
 
 # Our pools and connections (db.create_pool, db.connect) name themselves so; the test's own do too.
 APPLICATION_NAME = "reconciler"
@@ -60,15 +60,6 @@ async def watcher(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
-
-
-async def live_prebuilds(connection: asyncpg.Connection) -> dict[uuid.UUID, int]:
-    rows = await connection.fetch(
-        "select b.template_version_preset_id as preset_id, count(*) as count from workspaces w "
-        "join workspace_builds b on b.workspace_id = w.id and b.build_number = 1 "
-        "where not w.deleted group by 1"
-    )
-    return {row["preset_id"]: row["count"] for row in rows}
 
 
 async def assert_no_partial_prebuild(connection: asyncpg.Connection) -> None:

@@ -10,27 +10,19 @@ with a ready agent, deletes complete and mark their workspace deleted); the next
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
-import pytest
 
 from reconciler.actions import CreateBlock
 from tests.factories import Factory, Preset, Version, minutes
-from tests.integration.reconcile_support import open_pool, pass_at, plan_of, read_plan, settings_for
+from tests.integration.reconcile_support import pass_at, plan_of, read_plan, settings_for
 
 TEMPLATES = 10
 ACTIVE_PRESETS_PER_TEMPLATE = 24
 OUTDATED_PRESETS_PER_TEMPLATE = 9
 RETIRED_PRESETS_PER_TEMPLATE = 6  # on the deleted template, and on the deprecated one
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    async with open_pool(database_url) as pool:
-        yield pool
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from tests.integration.notification_helpers import (
     WebhookReceiver,
     client_context,
     fail_prebuilds,
-    open_pool,
     pass_at,
     self_signed_certificate,
     server_context,
@@ -31,15 +29,6 @@ SENDER = "Prebuild reconciler <reconciler@example.test>"
 
 # The login tests run SMTP AUTH without TLS on purpose (aiosmtpd warns about exactly that).
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await open_pool(database_url)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 def smtp_settings(database_url: str, port: int, security: str = "none", **environment: str) -> Settings:

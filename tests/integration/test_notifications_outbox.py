@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,15 +22,6 @@ from tests.integration.notification_helpers import fail_prebuilds, open_pool, pa
 
 HARD_LIMITED_TEMPLATE = "Prebuild Failure Limit Reached"
 RECOVERED_TEMPLATE = "Prebuild Failure Limit Recovered"
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await open_pool(database_url)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 @pytest.fixture

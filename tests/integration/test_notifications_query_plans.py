@@ -6,32 +6,18 @@ seconds on every replica: its statements must cost what is pending, not what was
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import pytest
 
 from reconciler import db
 from tests.factories import Factory
+from tests.integration.query_plans import explain
 
 PRESETS = 500
 EPISODES = 20
-
-
-def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield node
-    for child in node.get("Plans", []):
-        yield from plan_nodes(child)
-
-
-async def explain(connection: asyncpg.Connection, name: str, *arguments: object) -> list[dict[str, Any]]:
-    document = await connection.fetchval(f"explain (format json) {db.queries()[name]}", *arguments)
-    parsed = json.loads(document) if isinstance(document, str) else document
-    return list(plan_nodes(parsed[0]["Plan"]))
 
 
 @pytest.fixture

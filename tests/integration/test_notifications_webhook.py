@@ -8,11 +8,9 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import pytest
 
 from reconciler.notify.dispatcher import Dispatcher
 from tests.factories import Factory, Preset
@@ -23,21 +21,11 @@ from tests.integration.notification_helpers import (
     MetricsProbe,
     WebhookReceiver,
     fail_prebuilds,
-    open_pool,
     pass_at,
     settings_for,
 )
 
 SECRET = "webhook-s3cret"
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await open_pool(database_url)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def hard_limited(

@@ -5,27 +5,17 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
-from reconciler import db, store
+from reconciler import store
 from reconciler.provisioner import ProvisionerOptions, SimulatedProvisioner, decide_outcome
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
 from tests.factories import Factory, Preset
 
 INSTANT = ProvisionerOptions(min_seconds=0, max_seconds=0)
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await db.create_pool(database_url, max_size=6)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def create_prebuilds(connection: asyncpg.Connection, preset: Preset, count: int) -> list[uuid.UUID]:

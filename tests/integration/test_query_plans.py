@@ -7,30 +7,15 @@ deleted workspaces, failures), analyzed as autovacuum would. A sequential scan o
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
 
 import asyncpg
 import pytest
 
 from bench import fleet
-from reconciler import db
+from tests.integration.query_plans import explain
 
 HISTORY_TABLES = {"workspace_builds", "provisioner_jobs", "workspace_agents"}
-
-
-def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield node
-    for child in node.get("Plans", []):
-        yield from plan_nodes(child)
-
-
-async def explain(connection: asyncpg.Connection, sql: str, *arguments: object) -> list[dict[str, Any]]:
-    document = await connection.fetchval(f"explain (format json) {sql}", *arguments)
-    parsed = json.loads(document) if isinstance(document, str) else document
-    return list(plan_nodes(parsed[0]["Plan"]))
 
 
 @pytest.fixture
@@ -43,7 +28,6 @@ async def generated_fleet(connection: asyncpg.Connection) -> fleet.Fleet:
 async def test_snapshot_statements_never_scan_history_tables(
     connection: asyncpg.Connection, generated_fleet: fleet.Fleet, name: str
 ) -> None:
-    sql = db.queries()[name]
     arguments: tuple[object, ...] = ()
     if name == "snapshot_prebuilds":
         arguments = (
@@ -52,7 +36,7 @@ async def test_snapshot_statements_never_scan_history_tables(
             ["REQUIRED_TEMPLATE_VARIABLES"],
             ["INSUFFICIENT_QUOTA"],
         )
-    nodes = await explain(connection, sql, *arguments)
+    nodes = await explain(connection, name, *arguments)
     scanned = {node.get("Relation Name") for node in nodes if node["Node Type"] == "Seq Scan"}
     assert not scanned & HISTORY_TABLES, f"sequential scan of {scanned & HISTORY_TABLES}"
 
@@ -63,7 +47,7 @@ async def test_live_prebuilds_are_found_through_the_partial_index(
     del generated_fleet
     nodes = await explain(
         connection,
-        db.queries()["snapshot_prebuilds"],
+        "snapshot_prebuilds",
         fleet.reference_time() - timedelta(hours=1),
         3,
         ["REQUIRED_TEMPLATE_VARIABLES"],

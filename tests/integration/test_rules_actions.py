@@ -6,7 +6,6 @@ Every pass runs at an explicit `now` (the factory's, unless the test moves the c
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -20,7 +19,6 @@ from tests.factories import Factory, minutes, seconds
 from tests.integration.reconcile_support import (
     builds_of,
     ids,
-    open_pool,
     pass_at,
     plan_of,
     prebuild_workspaces,
@@ -31,12 +29,6 @@ from tests.integration.reconcile_support import (
 )
 
 PREBUILD_NAME = re.compile(r"^prebuild-[a-z2-7]+$")
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    async with open_pool(database_url) as pool:
-        yield pool
 
 
 async def test_create_writes_a_workspace_a_first_build_and_a_pending_job(

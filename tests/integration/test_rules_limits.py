@@ -8,7 +8,6 @@ are about what the limit does, not about backoff.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import datetime
 
 import asyncpg
@@ -29,12 +28,6 @@ from tests.integration.reconcile_support import (
     settings_for,
     table_checksums,
 )
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    async with open_pool(database_url) as pool:
-        yield pool
 
 
 async def fail_pending_jobs(connection: asyncpg.Connection, preset: Preset, at: datetime) -> int:

@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.actions import Plan, PresetPlan, PresetState
 from reconciler.metrics import Metrics
-from reconciler.snapshot import PrebuildStatus, Preset
+from reconciler.snapshot import PrebuildStatus
 from reconciler.store import PrebuildTotals
+from tests.unit.test_metrics import make_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -44,31 +44,10 @@ def yaml_module() -> Any:
     return pytest.importorskip("yaml", reason="PyYAML (a test extra) is not installed")
 
 
-def preset(name: str, status: PrebuildStatus) -> Preset:
-    return Preset(
-        id=uuid.uuid5(uuid.NAMESPACE_URL, name),
-        name=name,
-        template_id=uuid.uuid4(),
-        template_name="go",
-        template_version_id=uuid.uuid4(),
-        template_version_name="v1",
-        organization_id=uuid.uuid4(),
-        organization_name="acme",
-        desired_instances=2,
-        invalidate_after_secs=None,
-        scheduling_timezone="",
-        prebuild_status=status,
-        last_invalidated_at=None,
-        is_active_version=True,
-        template_deleted=False,
-        template_deprecated=False,
-    )
-
-
 def exported_sample_names() -> set[str]:
     """Every sample name of /metrics once a pass has acted on a healthy, a hard-limited and an invalid preset."""
     metrics = Metrics(CollectorRegistry())
-    presets = [preset(name, status) for name, status in (("ok", PrebuildStatus.NORMAL), *_FAILED_PRESETS)]
+    presets = [make_preset(name, status=status) for name, status in (("ok", PrebuildStatus.NORMAL), *_FAILED_PRESETS)]
     plan = Plan(
         generated_at=datetime.now(UTC),
         presets=tuple(
