@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import gc
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -273,8 +276,26 @@ async def run_pass(
     Every event logged during the pass, by any module (the executor's included), carries its `run_id`.
     """
     run_id = run_id or uuid.uuid4().hex[:12]
-    with structlog.contextvars.bound_contextvars(run_id=run_id):
+    with structlog.contextvars.bound_contextvars(run_id=run_id), _cyclic_gc_paused():
         return await _run_pass(pool, settings, now, run_id, observe_action)
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a pass runs; reference counting still frees as usual.
+
+    A pass at tens of thousands of presets allocates a few hundred thousand objects (the snapshot and the
+    plan), which set off collections that walk every live object of the process, again and again. At
+    fleet L (12,000 presets) that was ~150 ms of a ~0.9 s pass, measured. The pass is bounded and
+    short, so the collector simply resumes after it (and catches up on whatever cycles it left).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 async def _run_pass(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 from uuid import UUID
 
 # The prebuilds system user: owner of every prebuilt workspace until it is claimed.
@@ -66,9 +67,12 @@ class Preset:
         return self.is_active_version and not self.template_deleted and not self.template_deprecated
 
 
-@dataclass(frozen=True, slots=True)
-class RunningPrebuild:
-    """A prebuild whose latest build is a succeeded `start`, counted for its current preset."""
+class RunningPrebuild(NamedTuple):
+    """A prebuild whose latest build is a succeeded `start`, counted for its current preset.
+
+    A named tuple rather than a frozen dataclass: a fleet has tens of thousands of these per pass, and a
+    tuple is built in a third of the time (immutable all the same).
+    """
 
     workspace_id: UUID
     preset_id: UUID
