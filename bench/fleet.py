@@ -336,8 +336,17 @@ _STATEMENTS = (
                    case when n % 4 = 1 and not (w.deleted and n = w.build_count) then w.preset_id end
                        as preset_id,
                    case when w.kind = 'claimed' and n > 1 then w.owner_id else $1::uuid end as initiator_id,
+                   -- Live workspaces' builds a minute apart, squeezed when there are many (a small fleet
+                   -- with a long history) so that all of them are older than the hard-limited presets'
+                   -- failures (two hours before `now`), which must stay their newest prebuilds.
                    w.created_at
-                       + (n - 1) * case when w.deleted then interval '10 minutes' else interval '1 minute' end
+                       + (n - 1) * case
+                           when w.deleted then interval '10 minutes'
+                           else least(
+                               interval '1 minute',
+                               ($2::timestamptz - interval '3 hours' - w.created_at) / (w.build_count + 1)
+                           )
+                       end
                        as created_at,
                    case
                        when n = w.build_count then w.last_status
@@ -348,7 +357,7 @@ _STATEMENTS = (
             cross join generate_series(1, w.build_count) as n
         ) as b
         """,
-        ("system_user",),
+        ("system_user", "now"),
     ),
     _Statement(
         """
