@@ -383,6 +383,25 @@ class Factory:
         await self.build(workspace, status=status, created_at=when, error_code=error_code, agents=agents)
         return workspace
 
+    async def created_prebuilds(self, preset: Preset, count: int) -> list[uuid.UUID]:
+        """Exactly what the daemon's create writes (through the store): workspaces with a pending first build."""
+        from reconciler import store
+
+        return await store.create_prebuilds(
+            self.connection,
+            preset_id=preset.id,
+            template_version_id=preset.version.id,
+            template_id=preset.template.id,
+            organization_id=preset.organization.id,
+            count=count,
+            now=datetime.now(UTC),
+        )
+
+    async def job_statuses(self) -> dict[str, int]:
+        """How many provisioner jobs are in each status."""
+        rows = await self.connection.fetch("select job_status::text, count(*) from provisioner_jobs group by 1")
+        return {row["job_status"]: row["count"] for row in rows}
+
     async def prebuilds(self, preset: Preset, count: int, **options: Any) -> list[Workspace]:
         return [await self.prebuild(preset, **options) for _ in range(count)]
 

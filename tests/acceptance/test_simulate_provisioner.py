@@ -6,37 +6,17 @@ import asyncio
 import signal
 import subprocess
 import sys
-from datetime import UTC, datetime
 
 import asyncpg
 
-from reconciler import store
 from tests.acceptance.daemon_process import cli_environment, run_cli
 from tests.factories import Factory
-
-
-async def pending_prebuilds(connection: asyncpg.Connection, factory: Factory, count: int) -> None:
-    preset = await factory.preset(desired=count)
-    await store.create_prebuilds(
-        connection,
-        preset_id=preset.id,
-        template_version_id=preset.version.id,
-        template_id=preset.template.id,
-        organization_id=preset.organization.id,
-        count=count,
-        now=datetime.now(UTC),
-    )
-
-
-async def job_statuses(connection: asyncpg.Connection) -> dict[str, int]:
-    rows = await connection.fetch("select job_status::text, count(*) from provisioner_jobs group by 1")
-    return {row["job_status"]: row["count"] for row in rows}
 
 
 async def test_completes_pending_jobs_and_stops_after_its_duration(
     factory: Factory, connection: asyncpg.Connection, database_url: str
 ) -> None:
-    await pending_prebuilds(connection, factory, 3)
+    await factory.created_prebuilds(await factory.preset(desired=3), 3)
     arguments = ("--duration", "3", "--min-seconds", "0", "--max-seconds", "0.2", "--failure-rate", "0")
 
     result = await asyncio.to_thread(
@@ -44,7 +24,7 @@ async def test_completes_pending_jobs_and_stops_after_its_duration(
     )
 
     assert result.returncode == 0, result.stderr
-    assert await job_statuses(connection) == {"succeeded": 3}
+    assert await factory.job_statuses() == {"succeeded": 3}
     assert await connection.fetchval("select count(*) from workspace_agents where lifecycle_state = 'ready'") == 3
     # It says what it is, in its log: a test tool.
     assert "never use it in production" in result.stderr
@@ -53,7 +33,7 @@ async def test_completes_pending_jobs_and_stops_after_its_duration(
 async def test_sigterm_puts_jobs_in_flight_back(
     factory: Factory, connection: asyncpg.Connection, database_url: str
 ) -> None:
-    await pending_prebuilds(connection, factory, 2)
+    await factory.created_prebuilds(await factory.preset(desired=2), 2)
     process = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once; waiting happens off the loop
         [sys.executable, "-m", "reconciler", "simulate-provisioner", "--min-seconds", "60", "--max-seconds", "60"],
         env=cli_environment(database_url),
@@ -63,10 +43,10 @@ async def test_sigterm_puts_jobs_in_flight_back(
     )
     try:
         for _ in range(150):
-            if (await job_statuses(connection)).get("running") == 2:
+            if (await factory.job_statuses()).get("running") == 2:
                 break
             await asyncio.sleep(0.1)
-        assert await job_statuses(connection) == {"running": 2}
+        assert await factory.job_statuses() == {"running": 2}
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.to_thread(process.communicate, timeout=30)
     finally:
@@ -74,7 +54,7 @@ async def test_sigterm_puts_jobs_in_flight_back(
             process.kill()
             process.wait()
     assert process.returncode == 0, stderr
-    assert await job_statuses(connection) == {"pending": 2}
+    assert await factory.job_statuses() == {"pending": 2}
 
 
 async def test_a_database_without_schema_is_refused(empty_database_url: str) -> None:

@@ -13,41 +13,23 @@ import pytest
 from reconciler import store
 from reconciler.provisioner import ProvisionerOptions, SimulatedProvisioner, decide_outcome
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
-from tests.factories import Factory, Preset
+from tests.factories import Factory
 
 INSTANT = ProvisionerOptions(min_seconds=0, max_seconds=0)
-
-
-async def create_prebuilds(connection: asyncpg.Connection, preset: Preset, count: int) -> list[uuid.UUID]:
-    """What the daemon's create writes: workspaces with a pending first build each."""
-    return await store.create_prebuilds(
-        connection,
-        preset_id=preset.id,
-        template_version_id=preset.version.id,
-        template_id=preset.template.id,
-        organization_id=preset.organization.id,
-        count=count,
-        now=datetime.now(UTC),
-    )
-
-
-async def job_statuses(connection: asyncpg.Connection) -> dict[str, int]:
-    rows = await connection.fetch("select job_status::text, count(*) from provisioner_jobs group by 1")
-    return {row["job_status"]: row["count"] for row in rows}
 
 
 async def test_success_makes_a_ready_agent_and_the_prebuild_running(
     factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     preset = await factory.preset(desired=2)
-    workspace_ids = await create_prebuilds(connection, preset, 2)
+    workspace_ids = await factory.created_prebuilds(preset, 2)
     provisioner = SimulatedProvisioner(pool, INSTANT)
 
     results = await provisioner.run_once()
 
     assert len(results) == 2
     assert all(result.succeeded and result.error is None for result in results)
-    assert await job_statuses(connection) == {"succeeded": 2}
+    assert await factory.job_statuses() == {"succeeded": 2}
     agents = await connection.fetch(
         "select a.lifecycle_state::text as state, b.workspace_id, j.worker_id from workspace_agents a "
         "join workspace_builds b on b.job_id = a.job_id join provisioner_jobs j on j.id = a.job_id"
@@ -66,7 +48,7 @@ async def test_always_failing_preset_fails_with_a_message_and_its_code(
     broken = await factory.preset(desired=1)
     await store.add_preset_parameter(connection, broken.id, "simulated_failure", "always")
     await store.add_preset_parameter(connection, broken.id, "simulated_error_code", "REQUIRED_TEMPLATE_VARIABLES")
-    await create_prebuilds(connection, broken, 1)
+    await factory.created_prebuilds(broken, 1)
 
     [result] = await SimulatedProvisioner(pool, INSTANT).run_once()
 
@@ -85,20 +67,20 @@ async def test_failure_rate_one_fails_every_start(
     factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     preset = await factory.preset(desired=3)
-    await create_prebuilds(connection, preset, 3)
+    await factory.created_prebuilds(preset, 3)
     options = ProvisionerOptions(failure_rate=1.0, min_seconds=0, max_seconds=0)
 
     results = await SimulatedProvisioner(pool, options).run_once()
 
     assert [result.succeeded for result in results] == [False, False, False]
-    assert await job_statuses(connection) == {"failed": 3}
+    assert await factory.job_statuses() == {"failed": 3}
 
 
 async def test_delete_build_marks_the_workspace_deleted(
     factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     preset = await factory.preset(desired=1)
-    [workspace_id] = await create_prebuilds(connection, preset, 1)
+    [workspace_id] = await factory.created_prebuilds(preset, 1)
     provisioner = SimulatedProvisioner(pool, INSTANT)
     await provisioner.run_once()
     assert await store.delete_prebuilds(connection, [workspace_id], datetime.now(UTC)) == [workspace_id]
@@ -116,7 +98,7 @@ async def test_two_provisioners_never_take_the_same_job(
     factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     preset = await factory.preset(desired=40)
-    await create_prebuilds(connection, preset, 40)
+    await factory.created_prebuilds(preset, 40)
     first = SimulatedProvisioner(pool, INSTANT)
     second = SimulatedProvisioner(pool, INSTANT)
 
@@ -144,7 +126,7 @@ async def test_a_job_locked_by_another_is_skipped_not_waited_for(
     factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool, database_url: str
 ) -> None:
     preset = await factory.preset(desired=2)
-    await create_prebuilds(connection, preset, 2)
+    await factory.created_prebuilds(preset, 2)
     holder = await asyncpg.connect(database_url)
     try:
         transaction = holder.transaction()
@@ -165,21 +147,21 @@ async def test_stop_puts_unfinished_jobs_back_in_the_queue(
     factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     preset = await factory.preset(desired=3)
-    await create_prebuilds(connection, preset, 3)
+    await factory.created_prebuilds(preset, 3)
     provisioner = SimulatedProvisioner(
         pool, ProvisionerOptions(min_seconds=60, max_seconds=60, poll_seconds=0.05, concurrency=2)
     )
     provisioner.start()
     for _ in range(100):
-        if (await job_statuses(connection)).get("running") == 2:
+        if (await factory.job_statuses()).get("running") == 2:
             break
         await asyncio.sleep(0.05)
-    assert await job_statuses(connection) == {"running": 2, "pending": 1}
+    assert await factory.job_statuses() == {"running": 2, "pending": 1}
 
     await provisioner.stop()
     await provisioner.stop()  # idempotent
 
-    assert await job_statuses(connection) == {"pending": 3}
+    assert await factory.job_statuses() == {"pending": 3}
     assert provisioner.stats.released == 2
     assert await connection.fetchval("select count(*) from provisioner_jobs where worker_id is not null") == 0
 
@@ -188,7 +170,7 @@ async def test_the_loop_runs_jobs_to_completion(
     factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     preset = await factory.preset(desired=5)
-    await create_prebuilds(connection, preset, 5)
+    await factory.created_prebuilds(preset, 5)
     provisioner = SimulatedProvisioner(
         pool, ProvisionerOptions(min_seconds=0.05, max_seconds=0.2, poll_seconds=0.05, concurrency=2)
     )
@@ -203,12 +185,12 @@ async def test_the_loop_runs_jobs_to_completion(
     finally:
         await provisioner.stop()
     assert completed == [True] * 5
-    assert await job_statuses(connection) == {"succeeded": 5}
+    assert await factory.job_statuses() == {"succeeded": 5}
 
 
 async def test_canceled_jobs_end_canceled(factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool) -> None:
     preset = await factory.preset(desired=2)
-    await create_prebuilds(connection, preset, 2)
+    await factory.created_prebuilds(preset, 2)
     provisioner = SimulatedProvisioner(pool, INSTANT)
     async with pool.acquire() as own:
         [taken] = await store.acquire_provisioner_jobs(own, provisioner.worker_id, datetime.now(UTC), 1)
@@ -225,7 +207,7 @@ async def test_canceled_jobs_end_canceled(factory: Factory, connection: asyncpg.
     assert completed is not None
     assert completed.canceled
     assert not completed.succeeded
-    assert await job_statuses(connection) == {"canceled": 2}
+    assert await factory.job_statuses() == {"canceled": 2}
     assert await connection.fetchval("select count(*) from workspace_agents") == 0
 
 
@@ -233,14 +215,14 @@ async def test_another_workers_job_is_not_completed(
     factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     preset = await factory.preset(desired=1)
-    await create_prebuilds(connection, preset, 1)
+    await factory.created_prebuilds(preset, 1)
     async with pool.acquire() as own:
         [taken] = await store.acquire_provisioner_jobs(own, uuid.uuid4(), datetime.now(UTC), 1)
         completed = await store.complete_provisioner_job(
             own, job_id=taken.job_id, worker_id=uuid.uuid4(), now=datetime.now(UTC), error=None, error_code=None
         )
     assert completed is None
-    assert await job_statuses(connection) == {"running": 1}
+    assert await factory.job_statuses() == {"running": 1}
 
 
 async def test_seeding_and_publishing_a_version_copies_presets(connection: asyncpg.Connection) -> None:
@@ -336,7 +318,7 @@ async def test_prebuild_owner_is_untouched(
 ) -> None:
     """The provisioner completes jobs; it never changes who owns a workspace."""
     preset = await factory.preset(desired=1)
-    [workspace_id] = await create_prebuilds(connection, preset, 1)
+    [workspace_id] = await factory.created_prebuilds(preset, 1)
     await SimulatedProvisioner(pool, INSTANT).run_once()
     owner = await connection.fetchval("select owner_id from workspaces where id = $1", workspace_id)
     assert owner == PREBUILDS_SYSTEM_USER_ID
@@ -379,12 +361,12 @@ async def test_demo_seed_is_reused_and_abandoned_jobs_requeued(connection: async
         now=datetime.now(UTC),
     )
     await store.acquire_provisioner_jobs(connection, uuid.uuid4(), datetime.now(UTC), 10)
-    assert await job_statuses(connection) == {"running": 1}
+    assert await Factory(connection).job_statuses() == {"running": 1}
 
     second = await seed_platform(connection, options, datetime.now(UTC))
 
     assert second.reused
     assert second.organization_id == first.organization_id
     assert second.publish_template_id == first.publish_template_id
-    assert await job_statuses(connection) == {"pending": 1}
+    assert await Factory(connection).job_statuses() == {"pending": 1}
     assert await connection.fetchval("select count(*) from organizations") == 1
