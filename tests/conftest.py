@@ -8,6 +8,7 @@ commit, lock and run in parallel processes without seeing each other.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import structlog
 
 from reconciler import db
 from reconciler.embedded import EmbeddedPostgres
@@ -116,6 +118,18 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that configure logging (or run the CLI in-process, which does): put the session's back."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_reconciler", False):
+            root.removeHandler(handler)
 
 
 @pytest.fixture

@@ -5,15 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import socket
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-import structlog
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
@@ -37,18 +34,6 @@ from tests.integration.notification_helpers import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """Tests that configure logging (or run the CLI, which does) put the session's configuration back."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_reconciler", False):
-            root.removeHandler(handler)
 
 
 async def limit_presets(

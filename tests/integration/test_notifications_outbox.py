@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from reconciler import cli, reconcile, store
@@ -279,20 +277,6 @@ async def test_capacity_failures_do_not_reach_the_hard_limit(
 
     assert await preset_status(factory.connection, preset) == ("normal", 0)
     assert await messages(factory.connection) == []
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The CLI configures logging for the process; put the test session's configuration back."""
-    import logging
-
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_reconciler", False):
-            root.removeHandler(handler)
 
 
 @pytest.mark.usefixtures("restore_logging")
