@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
 from tests.acceptance.daemon_process import DaemonProcess, wait_for
 from tests.factories import Factory
@@ -29,16 +27,6 @@ create trigger test_hold_creates before insert on workspace_builds
     for each row execute function test_hold_creates();
 """
 HOLD_KEY = 4242
-
-
-@pytest.fixture
-async def platform(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """The test's own connection, named so that nobody mistakes it for the daemon's."""
-    connection = await asyncpg.connect(database_url, server_settings={"application_name": "platform"})
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def wait_for_blocked_create(connection: asyncpg.Connection, within: float = 30) -> None:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
 from uuid import UUID
 
 import asyncpg
-import pytest
 
 from reconciler import db
 from reconciler.provisioner import ProvisionerOptions, SimulatedProvisioner
@@ -50,15 +48,6 @@ create trigger test_slow_creates before insert on workspace_builds
     for each row execute function test_slow_creates();
 """
 SET_DESIRED = "update template_version_presets set desired_instances = $2 where id = $1"
-
-
-@pytest.fixture
-async def platform(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url, server_settings={"application_name": "platform"})
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 def metric(replica: DaemonProcess, name: str, **labels: str) -> float:
