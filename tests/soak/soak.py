@@ -455,6 +455,11 @@ class Soak:
         while time.monotonic() < settle_until:
             await self.checker.sample(connection)
             await asyncio.sleep(0.1)
+        # Those builds can still open a new episode (three failures drawn during the chaos, ending after
+        # the first reset): the daemon rightly limits the preset again. The operator looks once more,
+        # now that nothing from the chaos is in flight, and resets what is limited.
+        for row in await connection.fetch("select id from template_version_presets where prebuild_status <> 'normal'"):
+            await store.reset_preset(connection, row["id"], datetime.now(UTC))
         backoff_end = await connection.fetchval(
             BACKOFF_BOUND, timedelta(seconds=self.config.backoff_lookback_seconds), timedelta(seconds=1)
         )
@@ -484,8 +489,29 @@ class Soak:
         for preset_id, (count, target) in sorted(late.items())[:10]:
             self.checker.violations.append(
                 f"preset {preset_id} did not converge within {allowed:.1f} s: {count} running, target {target}"
+                f" ({await self.describe_preset(preset_id)})"
             )
         self.summary.convergence_seconds = max(converged.values(), default=0.0)
+
+    async def describe_preset(self, preset_id: UUID) -> str:
+        """What an operator would look at for a preset that did not converge: status, active, recent builds."""
+        row = await self.connection.fetchrow(
+            "select p.prebuild_status::text as status, p.desired_instances, "
+            "t.active_version_id = p.template_version_id and not t.deleted and t.deprecated = '' as active "
+            "from template_version_presets p join template_versions v on v.id = p.template_version_id "
+            "join templates t on t.id = v.template_id where p.id = $1",
+            preset_id,
+        )
+        builds = await self.connection.fetch(
+            "select b.transition::text, j.job_status::text, count(*) from workspace_builds b "
+            "join provisioner_jobs j on j.id = b.job_id join workspaces w on w.id = b.workspace_id "
+            "where b.template_version_preset_id = $1 and not w.deleted and b.created_at > now() - interval '2 minutes' "
+            "group by 1, 2 order by 1, 2",
+            preset_id,
+        )
+        recent = ", ".join(f"{build['transition']}/{build['job_status']}: {build['count']}" for build in builds)
+        status, active = (row["status"], row["active"]) if row else ("?", "?")
+        return f"status {status}, active {active}, recent builds {recent or 'none'}"
 
     async def final_checks(self) -> None:
         connection = self.connection
