@@ -195,9 +195,7 @@ def test_every_variable_of_the_readme_table_is_a_setting() -> None:
 
 
 def test_every_variable_of_the_contract_is_a_setting() -> None:
-    contract = REPOSITORY.parent / "shared" / "design" / "CONTRACTS.md"
-    if not contract.exists():
-        pytest.skip("../shared/design/CONTRACTS.md is not beside this checkout")
+    contract = REPOSITORY / "docs" / "CONTRACTS.md"
     section = contract.read_text(encoding="utf-8").partition("## 3.")[2]
     documented = _documented_variables(section) | set(re.findall(r"`(RECONCILER_WEBHOOK_\d+_[A-Z]+)`", section))
     assert {"RECONCILER_DATABASE_URL", "RECONCILER_LOG_LEVEL", "RECONCILER_WEBHOOK_1_URL"} <= documented

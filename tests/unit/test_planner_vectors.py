@@ -1,7 +1,7 @@
-"""The 86 shared planner cases (`shared/vectors/planner-scenarios.json`) against our pure planner.
+"""The 86 planner cases of `tests/vectors/planner-scenarios.json` against our pure planner.
 
 The cases speak a small vocabulary of their own (see the vectors' README); `Adapter` turns it into our
-snapshot types. Where a case contradicts a rule of ours (BEHAVIOR.md "Ours:"), `OURS` says why and what
+snapshot types. Where a case contradicts a rule of ours (docs/BEHAVIOR.md "Ours:"), `OURS` says why and what
 we assert instead.
 """
 
@@ -38,18 +38,10 @@ from reconciler.snapshot import (
     Transition,
 )
 
-
-def _vectors_file() -> Path:
-    # shared/ sits beside the project's root (in CI too: a clone with shared/ beside it).
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent.parent / "shared" / "vectors" / "planner-scenarios.json"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("shared/vectors/planner-scenarios.json not found beside the project")
+VECTORS_FILE = Path(__file__).resolve().parents[1] / "vectors" / "planner-scenarios.json"
 
 
-CASES: list[dict[str, Any]] = json.loads(_vectors_file().read_text(encoding="utf-8"))
+CASES: list[dict[str, Any]] = json.loads(VECTORS_FILE.read_text(encoding="utf-8"))
 # Any fixed instant will do for "T0".
 T0 = datetime(2025, 1, 15, 12, 0, 0, tzinfo=UTC)
 # Coder's zero time, for rows whose creation time the case leaves out.
