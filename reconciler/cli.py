@@ -317,7 +317,7 @@ async def _with_connection(settings: Settings, work: Callable[[asyncpg.Connectio
         connection = await db.connect(
             _dsn(settings), statement_timeout=settings.statement_timeout, connect_timeout=settings.connect_timeout
         )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+    except db.SURVIVABLE_ERRORS as error:
         raise CommandError(
             f"cannot connect to the database at {database_url_for_display(settings)}: {type(error).__name__}: {error}"
         ) from None
@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, db.SchemaError) as error:
         print(f"reconciler: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+    except db.SURVIVABLE_ERRORS as error:
         # The database went away mid-command: one clear line, no traceback (messages carry no password).
         print(f"reconciler: database error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED

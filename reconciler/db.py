@@ -20,6 +20,25 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 
 logger = structlog.get_logger(__name__)
 
+# The errors through which a database that went away, refused, or stopped answering reaches us, and which
+# every part of the daemon survives (the pass fails and the next one retries, a loop logs and goes on,
+# readiness turns 503). Anything else is a bug and keeps its traceback.
+SURVIVABLE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,  # refused, reset, unreachable
+    asyncpg.PostgresError,  # the server's refusal: a terminated backend, a timeout, a read-only standby
+    asyncpg.InterfaceError,  # a connection that closed or broke under us
+    # The driver's state machine caught mid-way by a backend terminated at the wrong moment ("cannot
+    # switch to state 15"); the connection is discarded like any broken one.
+    asyncpg.InternalClientError,
+    TimeoutError,  # a client-side deadline: the server did not answer in time
+)
+
+
+def describe_error(error: BaseException) -> str:
+    """`Type: message`, the one-line form in which database errors are logged and reported."""
+    return f"{type(error).__name__}: {error}"
+
+
 # Advisory lock keys, fixed so that every replica and every `reconciler migrate` agree.
 MIGRATIONS_LOCK_KEY = 7_236_001
 RECONCILIATION_LOCK_KEY = 7_236_002

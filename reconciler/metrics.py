@@ -286,6 +286,12 @@ class Metrics:
         for event in ("missed", "error", "max_instances"):
             self.scheduler_events.labels(event)
         self.ready = Gauge("prebuilds_reconciler_ready", "1 while /readyz answers 200.", registry=registry)
+        self.task_failures = Counter(
+            "prebuilds_reconciler_task_failures",
+            "Background tasks that ended while the daemon was not stopping (then restarted, or the daemon stopped).",
+            ["task"],
+            registry=registry,
+        )
         self.notifications = NotificationMetrics(registry)
 
     def render(self) -> bytes:

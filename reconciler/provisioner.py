@@ -43,7 +43,6 @@ _RANDOM_ERRORS = (
     "terraform apply: the cloud provider returned 503 Service Unavailable",
     "agent did not connect within the startup timeout",
 )
-_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 def utc_now() -> datetime:
@@ -145,7 +144,7 @@ class SimulatedProvisioner:
         try:
             async with self.pool.acquire(timeout=5) as connection:
                 released = await store.release_provisioner_jobs(connection, self.worker_id, self.clock())
-        except _DATABASE_ERRORS as error:
+        except db.SURVIVABLE_ERRORS as error:
             # The database may be going away with us (the demo); the jobs stay "running" then.
             logger.warning("provisioner.release_failed", error=f"{type(error).__name__}: {error}")
             return
@@ -170,7 +169,7 @@ class SimulatedProvisioner:
                     async with self.pool.acquire() as connection:
                         await store.complete_canceling_jobs(connection, self.clock())
                         jobs = await store.acquire_provisioner_jobs(connection, self.worker_id, self.clock(), free)
-                except _DATABASE_ERRORS as error:
+                except db.SURVIVABLE_ERRORS as error:
                     logger.warning("provisioner.poll_failed", error=f"{type(error).__name__}: {error}")
                     jobs = []
                 self.stats.acquired += len(jobs)
@@ -194,7 +193,7 @@ class SimulatedProvisioner:
                     error=outcome.error,
                     error_code=outcome.error_code,
                 )
-        except _DATABASE_ERRORS as error:
+        except db.SURVIVABLE_ERRORS as error:
             # Left running under our worker id; `stop()` puts it back in the queue.
             logger.warning(
                 "provisioner.complete_failed", job_id=str(job.job_id), error=f"{type(error).__name__}: {error}"

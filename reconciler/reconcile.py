@@ -17,7 +17,7 @@ import asyncpg
 import structlog
 from asyncpg.transaction import Transaction
 
-from reconciler import executor, planner, store
+from reconciler import db, executor, planner, store
 from reconciler.actions import CreateBlock, Plan
 from reconciler.config import Settings
 from reconciler.notify.outbox import NoticeKind, StatusNotice, enqueue_notices
@@ -26,12 +26,12 @@ from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
 logger = structlog.get_logger(__name__)
 
 
-# What a database that went away (or a connection it terminated) raises through asyncpg.
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError)
-
-
 class LockLostError(Exception):
     """The connection holding the reconciliation lock broke during the pass."""
+
+
+# A pass that fails for one of these is an outcome (one line, no traceback), not a bug.
+_EXPECTED_FAILURES: tuple[type[Exception], ...] = (*db.SURVIVABLE_ERRORS, LockLostError)
 
 
 async def _end_lock_transaction(transaction: Transaction, body_raised: bool) -> None:
@@ -43,7 +43,7 @@ async def _end_lock_transaction(transaction: Transaction, body_raised: bool) -> 
     """
     try:
         await transaction.rollback()
-    except _CONNECTION_ERRORS as error:
+    except db.SURVIVABLE_ERRORS as error:
         if not body_raised:
             reason = f"{type(error).__name__}: {error}"
             raise LockLostError(f"the connection holding the reconciliation lock was lost: {reason}") from error
@@ -364,7 +364,7 @@ async def _run_pass(
                 body_raised = False
             finally:
                 await _end_lock_transaction(transaction, body_raised)
-    except (*_CONNECTION_ERRORS, LockLostError) as error:
+    except _EXPECTED_FAILURES as error:
         # The database is gone or refused: expected in an outage, so no traceback, one line per pass.
         return result(PassOutcome.FAILED, error=f"{type(error).__name__}: {error}")
     except Exception as error:

@@ -2,14 +2,20 @@
 
 Start order: HTTP (so health answers while we wait), heartbeat, database (retried until it answers and
 the schema is current), scheduler (first pass at once), background tasks, then READY=1. Stop order: no
-new passes, the pass in flight gets `shutdown_grace` to finish (then it is cancelled: every write is
-one transaction, so nothing is left half done), background tasks, pool, HTTP.
+new passes, the pass in flight and the notification poll in flight get `shutdown_grace` to finish (then
+they are cancelled: every write is one transaction, so nothing is left half done), background tasks,
+pool, HTTP.
+
+Every background task is supervised: one that ends while the daemon is not stopping is logged with its
+traceback and, by its policy, either restarted with backoff or turned into a stop of the whole daemon
+with exit code 1 (see `TaskPolicy` and the README's "Operations").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import signal
 import time
@@ -39,8 +45,26 @@ HEARTBEAT_SECONDS = 1.0
 READINESS_PROBE_SECONDS = 5.0
 DATABASE_RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)
 TOTALS_REFRESH_SECONDS = 60.0
+# A restarted task waits 1, 2, 4 ... seconds, at most a minute; a task that ran this long before it
+# ended starts the count afresh.
+TASK_RESTART_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+TASK_HEALTHY_SECONDS = 300.0
 
 PassListener = Callable[[PassResult], None]
+TaskFactory = Callable[[], Coroutine[Any, Any, None]]
+
+
+class TaskPolicy(enum.Enum):
+    """What the daemon does when a background task ends while it is not stopping."""
+
+    # Restart it after a backoff: its state lives in the database or is rebuilt on its next round, so a
+    # fresh copy is what a restarted process would run, without losing the passes meanwhile.
+    RESTART = "restart"
+    # Stop the daemon, exit 1: the task *is* a liveness signal to the outside (heartbeat, systemd
+    # watchdog). It cannot fail by anything but a bug, and a process that kept running without it would
+    # report itself dead (a stale /healthz) or be killed by systemd without a word: better to say why
+    # and exit, and let systemd or the orchestrator start a fresh process.
+    FATAL = "fatal"
 
 
 def utc_now() -> datetime:
@@ -68,13 +92,18 @@ class Daemon:
         self._pool: asyncpg.Pool | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._task_failures: dict[str, int] = {}
         self._pass_task: asyncio.Task[Any] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
+        # Set when the daemon begins to stop: the dispatcher finishes its poll and returns.
+        self._stop_requested = asyncio.Event()
+        # Set when a FATAL task ended: `serve` stops the daemon and exits with `exit_code`.
+        self.failed = asyncio.Event()
+        self.exit_code = 0
         self.dispatcher: Dispatcher | None = None
         self._stop_started = False
-        self._database_failing = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -85,25 +114,22 @@ class Daemon:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{bound_port(self._runner)}"
 
-    @property
-    def pool(self) -> asyncpg.Pool | None:
-        return self._pool
-
     async def start(self) -> None:
         """Start everything; waits (retrying) for the database. Raises HttpBindError if the port is taken."""
         health = HealthState(readiness=self.readiness, heartbeat=lambda: self._heartbeat)
         self._runner = await start_http(
             build_application(self.metrics, health), self.settings.http_host, self.settings.http_port
         )
-        self._spawn(self._heartbeat_loop(), "heartbeat")
-        if self.notifier.watchdog_interval_seconds:
-            self._spawn(self._watchdog_loop(self.notifier.watchdog_interval_seconds), "watchdog")
+        self._spawn("heartbeat", self._heartbeat_loop, TaskPolicy.FATAL)
+        watchdog_interval = self.notifier.watchdog_interval_seconds
+        if watchdog_interval:
+            self._spawn("watchdog", lambda: self._watchdog_loop(watchdog_interval), TaskPolicy.FATAL)
         self.notifier.status("waiting for the database")
         await self._connect_database()
         self._start_scheduler()
         self._start_notifications()
-        self._spawn(self._readiness_loop(), "readiness")
-        self._spawn(self._totals_loop(), "totals")
+        self._spawn("readiness", self._readiness_loop, TaskPolicy.RESTART)
+        self._spawn("totals", self._totals_loop, TaskPolicy.RESTART)
         logger.info(
             "daemon.started",
             http=self.http_url,
@@ -119,18 +145,19 @@ class Daemon:
             return
         self._stop_started = True
         self._stopping = True
+        self._stop_requested.set()
         self.notifier.stopping()
         logger.info("daemon.stopping")
         try:
             if self._scheduler is not None and self._scheduler.running:
                 # No new passes from here on; the one in flight may finish.
                 self._scheduler.pause()
-            await self._finish_pass_in_flight()
+            await self._finish_work_in_flight()
             if self._scheduler is not None and self._scheduler.running:
                 self._scheduler.shutdown(wait=False)
-            for task in self._tasks:
+            for task in self._tasks.values():
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             if self._pool is not None:
                 try:
                     await asyncio.wait_for(self._pool.close(), timeout=10)
@@ -143,20 +170,76 @@ class Daemon:
             self._stopped.set()
             logger.info("daemon.stopped")
 
-    async def _finish_pass_in_flight(self) -> None:
-        task = self._pass_task
-        if task is None or task.done():
-            return
+    async def _finish_work_in_flight(self) -> None:
+        """The pass in flight and the dispatcher (whose stop event is set) share one grace period."""
         grace = self.settings.shutdown_grace.total_seconds()
-        logger.info("daemon.waiting_for_pass", grace_seconds=grace)
-        done, _ = await asyncio.wait({task}, timeout=grace)
-        if not done:
+        pass_task = self._pass_task if self._pass_task is not None and not self._pass_task.done() else None
+        dispatcher_task = self._tasks.get("notifications")
+        waiting = {task for task in (pass_task, dispatcher_task) if task is not None and not task.done()}
+        if not waiting:
+            return
+        if pass_task is not None:
+            logger.info("daemon.waiting_for_pass", grace_seconds=grace)
+        _, pending = await asyncio.wait(waiting, timeout=grace)
+        if pass_task in pending:
             logger.warning("daemon.pass_cancelled", reason="shutdown grace period elapsed")
+        for task in pending:
             task.cancel()
-            await asyncio.wait({task}, timeout=10)
+        if pending:
+            await asyncio.wait(pending, timeout=10)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
-        self._tasks.append(asyncio.create_task(coroutine, name=f"reconciler-{name}"))
+    # --- supervision ----------------------------------------------------------------------------
+
+    def _spawn(self, name: str, factory: TaskFactory, policy: TaskPolicy, *, delay: float = 0.0) -> None:
+        """Run `factory()` as the task `name`, watched: see `_on_task_done`."""
+
+        async def run() -> None:
+            if delay:
+                await asyncio.sleep(delay)
+            await factory()
+
+        started = asyncio.get_running_loop().time() + delay
+        task = asyncio.create_task(run(), name=f"reconciler-{name}")
+        self._tasks[name] = task
+        task.add_done_callback(lambda finished: self._on_task_done(name, factory, policy, started, finished))
+
+    def _on_task_done(
+        self, name: str, factory: TaskFactory, policy: TaskPolicy, started: float, task: asyncio.Task[None]
+    ) -> None:
+        if self._stopping:
+            return  # stopping: every end is expected
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled():
+            how = "cancelled"
+        elif error is None:
+            how = "returned"
+        else:
+            how = "raised"
+        self.metrics.task_failures.labels(name).inc()
+        if policy is TaskPolicy.FATAL:
+            logger.critical(
+                "daemon.task_failed", task=name, ended=how, action="stop", exc_info=error if error else False
+            )
+            self.exit_code = 1
+            self.failed.set()
+            return
+        if asyncio.get_running_loop().time() - started >= TASK_HEALTHY_SECONDS:
+            self._task_failures[name] = 0
+        failures = self._task_failures.get(name, 0)
+        self._task_failures[name] = failures + 1
+        delay = TASK_RESTART_SECONDS[min(failures, len(TASK_RESTART_SECONDS) - 1)]
+        logger.error(
+            "daemon.task_failed",
+            task=name,
+            ended=how,
+            action="restart",
+            restart_in_seconds=delay,
+            exc_info=error if error else False,
+        )
+        if name == "readiness":
+            # Readiness is this task's answer: while it is down, /readyz must not keep its last one.
+            self._set_not_ready(f"the readiness probe failed and restarts in {delay:g}s")
+        self._spawn(name, factory, policy, delay=delay)
 
     # --- database -------------------------------------------------------------------------------
 
@@ -181,9 +264,9 @@ class Daemon:
                     return
                 await pool.close()
                 self._set_not_ready(f"schema not ready: {reason}")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+            except db.SURVIVABLE_ERRORS as error:
                 self.metrics.database_errors.inc()
-                self._set_not_ready(f"database unreachable: {type(error).__name__}: {error}")
+                self._set_not_ready(f"database unreachable: {db.describe_error(error)}")
             delay = DATABASE_RETRY_SECONDS[min(attempt, len(DATABASE_RETRY_SECONDS) - 1)]
             attempt += 1
             await asyncio.sleep(delay)
@@ -208,9 +291,9 @@ class Daemon:
                 current, reason = await asyncio.wait_for(
                     db.schema_is_current(connection), timeout=READINESS_PROBE_SECONDS
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+        except db.SURVIVABLE_ERRORS as error:
             self.metrics.database_errors.inc()
-            self._set_not_ready(f"database unreachable: {type(error).__name__}: {error}")
+            self._set_not_ready(f"database unreachable: {db.describe_error(error)}")
             return
         if current:
             self._set_ready()
@@ -245,21 +328,23 @@ class Daemon:
                     async with self._pool.acquire() as connection:
                         totals = await store.read_prebuild_totals(connection, preset_ids)
                     self.metrics.presets.update_totals(totals)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+                except db.SURVIVABLE_ERRORS as error:
                     self.metrics.database_errors.inc()
-                    logger.warning("metrics.totals_failed", error=f"{type(error).__name__}: {error}")
+                    logger.warning("metrics.totals_failed", error=db.describe_error(error))
                 await asyncio.sleep(TOTALS_REFRESH_SECONDS)
             else:
                 await asyncio.sleep(1.0)
 
     def _start_notifications(self) -> None:
-        """Deliver the outbox beside the passes. Stopped by cancellation in `stop()`: a message in flight
-        keeps its lease and is retried once the lease runs out, so nothing is lost."""
+        """Deliver the outbox beside the passes. `stop()` sets the stop event: the poll in flight finishes
+        within the shutdown grace, or is cancelled then (a message in flight keeps its lease and is retried
+        once the lease runs out, so nothing is lost)."""
         assert self._pool is not None
-        self.dispatcher = Dispatcher(self._pool, self.settings, self.metrics.notifications, clock=self.clock)
+        dispatcher = Dispatcher(self._pool, self.settings, self.metrics.notifications, clock=self.clock)
+        self.dispatcher = dispatcher
         enqueued = self.metrics.notifications.enqueued
         self.pass_listeners.append(lambda result: enqueued.inc(result.status_changes.notifications_enqueued))
-        self._spawn(self.dispatcher.run(asyncio.Event()), "notifications")
+        self._spawn("notifications", lambda: dispatcher.run(self._stop_requested), TaskPolicy.RESTART)
 
     # --- passes ---------------------------------------------------------------------------------
 
@@ -289,7 +374,8 @@ class Daemon:
         if name == "error" and not isinstance(event.exception, asyncio.CancelledError):
             logger.error("scheduler.job_failed", error=repr(event.exception))
         else:
-            logger.info("scheduler.event", event=name)
+            # Not `event=`: structlog's first argument is the event.
+            logger.info("scheduler.event", scheduler_event=name)
 
     async def _pass_job(self) -> None:
         if self._stopping or self._pool is None:
@@ -339,8 +425,9 @@ async def serve(settings: Settings, *, daemon: Daemon | None = None) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     starting = asyncio.create_task(daemon.start())
     stop_waiter = asyncio.create_task(stop.wait())
+    failure_waiter = asyncio.create_task(daemon.failed.wait())
     try:
-        await asyncio.wait({starting, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({starting, stop_waiter, failure_waiter}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done() and starting.exception() is not None:
             error = starting.exception()
             if isinstance(error, HttpBindError):
@@ -352,10 +439,11 @@ async def serve(settings: Settings, *, daemon: Daemon | None = None) -> int:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-        await stop.wait()
-        return 0
+        await asyncio.wait({stop_waiter, failure_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        return daemon.exit_code
     finally:
         stop_waiter.cancel()
+        failure_waiter.cancel()
         await daemon.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 
-from reconciler import store
+from reconciler import db, store
 from reconciler.config import NOTIFICATION_LEASE_MARGIN, Settings
 from reconciler.notify.email import EmailSender
 from reconciler.notify.message import DeliveryOutcome, DeliveryResult, OutgoingMessage, Sink, outgoing_message
@@ -45,7 +45,6 @@ from reconciler.notify.webhook import WebhookSender
 logger = structlog.get_logger(__name__)
 
 MAX_LAST_ERROR_LENGTH = 1000
-_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 def utc_now() -> datetime:
@@ -122,7 +121,7 @@ class Dispatcher:
                     if failing is not None:
                         logger.info("notification.poll_recovered")
                         failing = None
-                except _DATABASE_ERRORS as error:
+                except db.SURVIVABLE_ERRORS as error:
                     self._metrics.dispatch_errors.inc()
                     reason = f"{type(error).__name__}: {error}"
                     if reason != failing:
@@ -232,7 +231,7 @@ class Dispatcher:
                     sent_at=sent_at,
                     now=now,
                 )
-        except _DATABASE_ERRORS as error:
+        except db.SURVIVABLE_ERRORS as error:
             log.warning("notification.finish_failed", status=status, error=f"{type(error).__name__}: {error}")
             return
         if not kept:
@@ -298,7 +297,7 @@ class Dispatcher:
         task.add_done_callback(_retrieve_exception)
         try:
             await asyncio.shield(task)
-        except _DATABASE_ERRORS as error:
+        except db.SURVIVABLE_ERRORS as error:
             # Not fatal: the message's outcome is still written; at worst a retry repeats this sink.
             logger.warning(
                 "notification.record_failed",
