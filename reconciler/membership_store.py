@@ -1,0 +1,98 @@
+"""Typed access to the prebuilds user's memberships (`sql/queries/memberships.sql`)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+from reconciler import db
+
+# Fixed by the contract (CONTRACTS.md section 4); the statements name them literally.
+PREBUILDS_GROUP_NAME = "coderprebuiltworkspaces"
+PREBUILDS_GROUP_DISPLAY_NAME = "Prebuilt Workspaces"
+
+
+def _query(name: str) -> str:
+    return db.queries()[name]
+
+
+class MembershipKind(enum.StrEnum):
+    """The three rows the prebuilds user needs in an organization, in the order they are added."""
+
+    ORGANIZATION_MEMBER = "organization_member"
+    GROUP = "group"
+    GROUP_MEMBER = "group_member"
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizationMemberships:
+    """What the prebuilds user has in one organization that has prebuilds configured."""
+
+    organization_id: UUID
+    organization_name: str
+    is_member: bool
+    group_exists: bool
+    in_group: bool
+
+    @property
+    def missing(self) -> tuple[MembershipKind, ...]:
+        # Without the group there can be no group membership either: both are missing.
+        found = {
+            MembershipKind.ORGANIZATION_MEMBER: self.is_member,
+            MembershipKind.GROUP: self.group_exists,
+            MembershipKind.GROUP_MEMBER: self.in_group,
+        }
+        return tuple(kind for kind in MembershipKind if not found[kind])
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipsAdded:
+    """What one statement added in one organization."""
+
+    organization_id: UUID
+    organization_name: str
+    added: tuple[MembershipKind, ...]
+
+
+async def read_prebuilds_memberships(connection: db.Connection) -> list[OrganizationMemberships]:
+    """Every organization with prebuilds configured, by name, with the prebuilds user's memberships there."""
+    rows = await connection.fetch(_query("read_prebuilds_memberships"))
+    return [
+        OrganizationMemberships(
+            organization_id=row["organization_id"],
+            organization_name=row["organization_name"],
+            is_member=row["is_member"],
+            group_exists=row["group_exists"],
+            in_group=row["in_group"],
+        )
+        for row in rows
+    ]
+
+
+async def add_prebuilds_memberships(
+    connection: db.Connection, organization_ids: Sequence[UUID]
+) -> list[MembershipsAdded]:
+    """Add what is missing in these organizations, in one statement (all of it or nothing).
+
+    Organizations that no longer exist are ignored; rows that exist, or that a concurrent transaction
+    inserts first, are left as they are. Returns the organizations where something was added.
+    """
+    rows = await connection.fetch(_query("add_prebuilds_memberships"), list(organization_ids))
+    return [
+        MembershipsAdded(
+            organization_id=row["organization_id"],
+            organization_name=row["organization_name"],
+            added=tuple(
+                kind
+                for kind, column in (
+                    (MembershipKind.ORGANIZATION_MEMBER, "member_added"),
+                    (MembershipKind.GROUP, "group_added"),
+                    (MembershipKind.GROUP_MEMBER, "group_member_added"),
+                )
+                if row[column]
+            ),
+        )
+        for row in rows
+    ]
