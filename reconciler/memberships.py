@@ -27,9 +27,6 @@ from reconciler.membership_store import (
 
 logger = structlog.get_logger(__name__)
 
-# What the database (or the way to it) raises: survived here, as everywhere in a pass.
-_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError)
-
 
 @dataclass(frozen=True, slots=True)
 class MembershipFailure:
@@ -53,10 +50,6 @@ def missing_memberships(organizations: Sequence[OrganizationMemberships]) -> tup
     return tuple(organization for organization in organizations if organization.missing)
 
 
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
-
-
 def _may_be_one_organizations_rows(error: BaseException) -> bool:
     """Whether retrying organization by organization can isolate the cause.
 
@@ -75,20 +68,20 @@ async def ensure_prebuilds_memberships(connection: db.Connection) -> Memberships
     database trouble. Each statement runs in a transaction (or a savepoint) of its own."""
     try:
         missing = missing_memberships(await read_prebuilds_memberships(connection))
-    except _DATABASE_ERRORS as error:
-        return _failed(MembershipFailure(None, None, _describe(error)))
+    except db.SURVIVABLE_ERRORS as error:
+        return _failed(MembershipFailure(None, None, db.describe_error(error)))
     if not missing:
         return MembershipsOutcome()
     try:
         async with connection.transaction():
             added = await add_prebuilds_memberships(connection, [each.organization_id for each in missing])
-    except _DATABASE_ERRORS as error:
+    except db.SURVIVABLE_ERRORS as error:
         if not _may_be_one_organizations_rows(error):
-            return _failed(MembershipFailure(None, None, _describe(error)), missing=missing)
+            return _failed(MembershipFailure(None, None, db.describe_error(error)), missing=missing)
         logger.warning(
             "memberships.batch_failed",
             organizations=len(missing),
-            error=_describe(error),
+            error=db.describe_error(error),
             consequence="retrying organization by organization",
         )
         return await _one_organization_at_a_time(connection, missing)
@@ -105,9 +98,11 @@ async def _one_organization_at_a_time(
         try:
             async with connection.transaction():
                 added.extend(await add_prebuilds_memberships(connection, [organization.organization_id]))
-        except _DATABASE_ERRORS as error:
+        except db.SURVIVABLE_ERRORS as error:
             failures.append(
-                MembershipFailure(organization.organization_id, organization.organization_name, _describe(error))
+                MembershipFailure(
+                    organization.organization_id, organization.organization_name, db.describe_error(error)
+                )
             )
             if not _may_be_one_organizations_rows(error):
                 # The database itself is in trouble: the organizations not tried yet wait for the next pass.
