@@ -49,7 +49,7 @@ class OrganizationMemberships:
 
 @dataclass(frozen=True, slots=True)
 class MembershipsAdded:
-    """What one statement added in one organization."""
+    """What was added in one organization."""
 
     organization_id: UUID
     organization_name: str
@@ -71,28 +71,32 @@ async def read_prebuilds_memberships(connection: db.Connection) -> list[Organiza
     ]
 
 
+# The statement that adds each kind of row, in the order they must run (see sql/queries/memberships.sql).
+_ADD_STATEMENTS = (
+    (MembershipKind.ORGANIZATION_MEMBER, "add_prebuilds_organization_members"),
+    (MembershipKind.GROUP, "add_prebuilds_groups"),
+    (MembershipKind.GROUP_MEMBER, "add_prebuilds_group_members"),
+)
+
+
 async def add_prebuilds_memberships(
     connection: db.Connection, organization_ids: Sequence[UUID]
 ) -> list[MembershipsAdded]:
-    """Add what is missing in these organizations, in one statement (all of it or nothing).
+    """Add what is missing in these organizations: three statements (one per table, whatever the number
+    of organizations) in one transaction, or in a savepoint when the caller has a transaction open.
 
     Organizations that no longer exist are ignored; rows that exist, or that a concurrent transaction
-    inserts first, are left as they are. Returns the organizations where something was added.
+    inserts first, are left as they are. Returns the organizations where something was added, by name.
     """
-    rows = await connection.fetch(_query("add_prebuilds_memberships"), list(organization_ids))
+    identifiers = list(organization_ids)
+    names: dict[UUID, str] = {}
+    added: dict[UUID, list[MembershipKind]] = {}
+    async with connection.transaction():
+        for kind, statement in _ADD_STATEMENTS:
+            for row in await connection.fetch(_query(statement), identifiers):
+                names[row["organization_id"]] = row["organization_name"]
+                added.setdefault(row["organization_id"], []).append(kind)
     return [
-        MembershipsAdded(
-            organization_id=row["organization_id"],
-            organization_name=row["organization_name"],
-            added=tuple(
-                kind
-                for kind, column in (
-                    (MembershipKind.ORGANIZATION_MEMBER, "member_added"),
-                    (MembershipKind.GROUP, "group_added"),
-                    (MembershipKind.GROUP_MEMBER, "group_member_added"),
-                )
-                if row[column]
-            ),
-        )
-        for row in rows
+        MembershipsAdded(organization_id, names[organization_id], tuple(kinds))
+        for organization_id, kinds in sorted(added.items(), key=lambda item: (names[item[0]], item[0]))
     ]

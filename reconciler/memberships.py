@@ -1,11 +1,12 @@
 """The prebuilds user's memberships, added every pass before the snapshot (BEHAVIOR.md section 7).
 
-One read tells which organizations with prebuilds miss something; when one does, one statement adds
-what is missing in all of them. Coder fails the whole cycle when this goes wrong; here a failure is
-confined: when the statement for all organizations fails (one organization's row refused by a
-constraint, a trigger or a policy), the organizations are tried again one statement each, so that only
-the organization at fault is left out. Failures are logged and returned for the pass to count; the next
-pass tries again. Nothing here ever stops the pass.
+One read tells which organizations with prebuilds miss something; when one does, one transaction adds
+what is missing in all of them (a statement per table, whatever the number of organizations). Coder
+fails the whole cycle when this goes wrong; here a failure is confined: when the transaction for all
+organizations fails (one organization's row refused by a constraint, a trigger or a policy), the
+organizations are tried again one transaction each, so that only the organization at fault is left
+out. Failures are logged and returned for the pass to count; the next pass tries again. Nothing here
+ever stops the pass.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _may_be_one_organizations_rows(error: BaseException) -> bool:
 
 async def ensure_prebuilds_memberships(connection: db.Connection) -> MembershipsOutcome:
     """Add what the prebuilds user is missing in every organization with prebuilds; never raises for
-    database trouble. Each statement runs in a transaction (or a savepoint) of its own."""
+    database trouble."""
     try:
         missing = missing_memberships(await read_prebuilds_memberships(connection))
     except db.SURVIVABLE_ERRORS as error:
@@ -73,8 +74,7 @@ async def ensure_prebuilds_memberships(connection: db.Connection) -> Memberships
     if not missing:
         return MembershipsOutcome()
     try:
-        async with connection.transaction():
-            added = await add_prebuilds_memberships(connection, [each.organization_id for each in missing])
+        added = await add_prebuilds_memberships(connection, [each.organization_id for each in missing])
     except db.SURVIVABLE_ERRORS as error:
         if not _may_be_one_organizations_rows(error):
             return _failed(MembershipFailure(None, None, db.describe_error(error)), missing=missing)
@@ -96,8 +96,7 @@ async def _one_organization_at_a_time(
     failures: list[MembershipFailure] = []
     for position, organization in enumerate(missing):
         try:
-            async with connection.transaction():
-                added.extend(await add_prebuilds_memberships(connection, [organization.organization_id]))
+            added.extend(await add_prebuilds_memberships(connection, [organization.organization_id]))
         except db.SURVIVABLE_ERRORS as error:
             failures.append(
                 MembershipFailure(

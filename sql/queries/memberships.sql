@@ -47,77 +47,72 @@ left join group_members group_member
     and group_member.user_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
 order by o.name, o.id
 
--- name: add_prebuilds_memberships
--- $1: the organizations to complete. Adds, in each, what is missing of: the prebuilds user's
+-- The three statements below add, in the organizations $1, what is missing of: the prebuilds user's
 -- membership (no roles), the group `coderprebuiltworkspaces` ("Prebuilt Workspaces", quota allowance
--- 0), and the user's membership of that group. Never changes a row that exists (an administrator may
--- have given the user roles or the group another quota). One statement: all of it lands or none does.
+-- 0), and the user's membership of that group. They run in this order in one transaction, so that all
+-- of it lands or none does, and so that the third sees the groups the second added. They never change
+-- a row that exists (an administrator may have given the user roles, or the group another quota), and
+-- organizations that no longer exist are skipped. Each returns the organizations where it added a row.
 --
 -- Safe with a concurrent writer (another replica, the platform): a row that a concurrent transaction
--- inserts first is a conflict that `on conflict do nothing` skips, never a unique violation. If that
--- transaction created the group, this statement does not see the group and leaves the group
--- membership to it: the same statement there added both, atomically. Organizations are taken in id
--- order in every insert, so that two such statements wait on each other in one order, never in a cycle.
--- Returns one row per organization where something was added.
-with targets as (
-    select o.id as organization_id
+-- inserts first is a conflict that `on conflict do nothing` skips once that transaction commits (and
+-- inserts after all if it rolls back), never a unique violation. Every writer takes the three tables in
+-- this order, and the organizations in id order within each, so two of them wait on each other in one
+-- order, never in a cycle (a deadlock). Three statements rather than one with three data-modifying
+-- CTEs: the order in which a single statement runs its CTEs is the plan's, not the text's, and a row
+-- policy on group_members can then see the group it checks.
+
+-- name: add_prebuilds_organization_members
+with added as (
+    insert into organization_members (organization_id, user_id, roles)
+    select o.id, 'c42fdf75-3097-471c-8c33-fb52454d81c0', '{}'
     from organizations o
     where o.id = any($1::uuid[])
-),
-added_members as (
-    insert into organization_members (organization_id, user_id, roles)
-    select t.organization_id, 'c42fdf75-3097-471c-8c33-fb52454d81c0', '{}'
-    from targets t
-    where not exists (
-        select from organization_members m
-        where m.organization_id = t.organization_id and m.user_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
-    )
-    order by t.organization_id
+        and not exists (
+            select from organization_members m
+            where m.organization_id = o.id and m.user_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+        )
+    order by o.id
     on conflict (organization_id, user_id) do nothing
     returning organization_id
-),
-added_groups as (
+)
+select o.id as organization_id, o.name as organization_name
+from added
+join organizations o on o.id = added.organization_id
+
+-- name: add_prebuilds_groups
+with added as (
     insert into groups (organization_id, name, display_name, quota_allowance)
-    select t.organization_id, 'coderprebuiltworkspaces', 'Prebuilt Workspaces', 0
-    from targets t
-    where not exists (
-        select from groups g where g.organization_id = t.organization_id and g.name = 'coderprebuiltworkspaces'
-    )
-    order by t.organization_id
+    select o.id, 'coderprebuiltworkspaces', 'Prebuilt Workspaces', 0
+    from organizations o
+    where o.id = any($1::uuid[])
+        and not exists (
+            select from groups g where g.organization_id = o.id and g.name = 'coderprebuiltworkspaces'
+        )
+    order by o.id
     on conflict (organization_id, name) do nothing
-    returning id, organization_id
-),
-prebuilds_groups as (
-    select id, organization_id from added_groups
-    union all
-    select g.id, g.organization_id
-    from groups g
-    join targets t on t.organization_id = g.organization_id
-    where g.name = 'coderprebuiltworkspaces'
-),
-added_group_members as (
+    returning organization_id
+)
+select o.id as organization_id, o.name as organization_name
+from added
+join organizations o on o.id = added.organization_id
+
+-- name: add_prebuilds_group_members
+with added as (
     insert into group_members (group_id, user_id)
-    select pg.id, 'c42fdf75-3097-471c-8c33-fb52454d81c0'
-    from prebuilds_groups pg
-    where not exists (
-        select from group_members gm
-        where gm.group_id = pg.id and gm.user_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
-    )
-    order by pg.organization_id
+    select g.id, 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+    from groups g
+    where g.organization_id = any($1::uuid[])
+        and g.name = 'coderprebuiltworkspaces'
+        and not exists (
+            select from group_members m
+            where m.group_id = g.id and m.user_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+        )
+    order by g.organization_id
     on conflict (group_id, user_id) do nothing
     returning group_id
 )
-select
-    o.id as organization_id,
-    o.name as organization_name,
-    exists (select from added_members a where a.organization_id = o.id) as member_added,
-    exists (select from added_groups a where a.organization_id = o.id) as group_added,
-    exists (
-        select from added_group_members a join prebuilds_groups pg on pg.id = a.group_id
-        where pg.organization_id = o.id
-    ) as group_member_added
-from organizations o
-where o.id in (select organization_id from added_members)
-    or o.id in (select organization_id from added_groups)
-    or o.id in (select pg.organization_id from added_group_members a join prebuilds_groups pg on pg.id = a.group_id)
-order by o.name, o.id
+select o.id as organization_id, o.name as organization_name
+from added
+join groups g on g.id = added.group_id
+join organizations o on o.id = g.organization_id

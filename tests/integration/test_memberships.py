@@ -23,6 +23,12 @@ from reconciler.memberships import ensure_prebuilds_memberships
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
 from tests.factories import Factory, Organization
 
+MEMBERSHIP_STATEMENTS = {
+    "read_prebuilds_memberships",
+    "add_prebuilds_organization_members",
+    "add_prebuilds_groups",
+    "add_prebuilds_group_members",
+}
 ALL_THREE = (MembershipKind.ORGANIZATION_MEMBER, MembershipKind.GROUP, MembershipKind.GROUP_MEMBER)
 
 
@@ -163,7 +169,9 @@ async def test_a_target_expression_is_enough_once_the_column_exists(factory: Fac
 
 async def test_a_second_pass_adds_nothing_and_reads_once(factory: Factory) -> None:
     organizations = [await organization_with_prebuilds(factory) for _ in range(30)]
-    named = {sql: name for name, sql in db.queries().items() if name.endswith("prebuilds_memberships")}
+    named = {
+        sql: name for name, sql in db.queries().items() if "prebuilds_" in name and name.startswith(("read_", "add_"))
+    }
     statements: list[str] = []
     factory.connection.add_query_logger(lambda record: statements.append(named.get(record.query, "other")))
 
@@ -175,10 +183,12 @@ async def test_a_second_pass_adds_nothing_and_reads_once(factory: Factory) -> No
     assert (second.missing, second.added, second.failures) == ((), (), ())
     assert await row_counts(factory.connection) == counts
 
-    # Set-based: one read and one write for thirty organizations, then a read alone.
+    # Set-based: one read and a write per table for thirty organizations, then a read alone.
     assert [name for name in statements if name != "other"] == [
         "read_prebuilds_memberships",
-        "add_prebuilds_memberships",
+        "add_prebuilds_organization_members",
+        "add_prebuilds_groups",
+        "add_prebuilds_group_members",
         "read_prebuilds_memberships",
     ]
 
