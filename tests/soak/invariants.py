@@ -18,7 +18,7 @@ import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -89,15 +89,24 @@ class FleetChecker:
     checks: int = 0
     violations: list[str] = field(default_factory=list)
     peak_surplus: int = 0
+    # Per preset, what the checker saw and did, in order (wall-clock time, what): target changes and
+    # every sample that changed its count or ceiling. The soak prints it for a preset over its ceiling.
+    history: dict[UUID, list[tuple[datetime, str]]] = field(default_factory=dict)
+    last_seen: dict[UUID, tuple[int, int]] = field(default_factory=dict)
+    over_ceiling: list[UUID] = field(default_factory=list)
 
     def capped(self, target: int) -> int:
         return min(target, self.max_desired_instances)
 
-    def set_target(self, preset_id: UUID, target: int, live_now: int) -> None:
+    def set_target(self, preset_id: UUID, target: int, live_now: int, why: str = "target") -> None:
         """Record a new target; `live_now` is what was live when it took effect (same transaction)."""
         target = self.capped(target)
         self.targets[preset_id] = target
         self.ceilings[preset_id] = max(target, live_now)
+        self.note(preset_id, f"checker: {why}: target {target}, live {live_now}, ceiling {self.ceilings[preset_id]}")
+
+    def note(self, preset_id: UUID, what: str) -> None:
+        self.history.setdefault(preset_id, []).append((datetime.now(UTC), what))
 
     async def live(self, connection: db.Connection, preset_ids: Sequence[UUID] | None = None) -> dict[UUID, int]:
         rows = await connection.fetch(LIVE_PREBUILDS, list(preset_ids) if preset_ids is not None else None)
@@ -107,7 +116,9 @@ class FleetChecker:
         rows = await connection.fetch(LIVE_PREBUILDS, None)
         return {row["preset_id"]: row["running"] for row in rows}
 
-    async def change_target(self, connection: db.Connection, preset_id: UUID, change: str, *arguments: Any) -> None:
+    async def change_target(
+        self, connection: db.Connection, preset_id: UUID, change: str, *arguments: Any, why: str = "target"
+    ) -> None:
         """Run `change` (SQL changing the preset's target; `$1` is the preset) and record the new target.
 
         The preset's row is locked first, so the change serializes with creates (which lock it too): the
@@ -118,7 +129,8 @@ class FleetChecker:
             await connection.execute(change, preset_id, *arguments)
             live = (await self.live(connection, [preset_id])).get(preset_id, 0)
             target = await self.read_target(connection, preset_id)
-        self.set_target(preset_id, target, live)
+            committing = await connection.fetchval("select clock_timestamp()")
+        self.set_target(preset_id, target, live, f"{why} (committing at {committing:%H:%M:%S.%f})")
 
     async def read_target(self, connection: db.Connection, preset_id: UUID) -> int:
         """The target the test intends: desired, or the value of an always-on schedule; 0 when inactive."""
@@ -150,8 +162,13 @@ class FleetChecker:
                 self.violations.append(
                     f"preset {preset_id}: {count} live prebuilds, above its ceiling {ceiling} (target {target})"
                 )
+                if preset_id not in self.over_ceiling:
+                    self.over_ceiling.append(preset_id)
             self.peak_surplus = max(self.peak_surplus, count - target)
             self.ceilings[preset_id] = max(target, min(ceiling, count))
+            if self.last_seen.get(preset_id) != (count, self.ceilings[preset_id]):
+                self.last_seen[preset_id] = (count, self.ceilings[preset_id])
+                self.note(preset_id, f"checker: sample: live {count}, ceiling now {self.ceilings[preset_id]}")
 
     async def check_claims(self, connection: db.Connection) -> None:
         self.checks += 1

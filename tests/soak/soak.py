@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -46,6 +47,7 @@ with removed as (delete from template_version_preset_prebuild_schedules where pr
 insert into template_version_preset_prebuild_schedules (preset_id, cron_expression, desired_instances)
 values ($1, $2, $3)
 """
+PREBUILDS_USER = UUID("c42fdf75-3097-471c-8c33-fb52454d81c0")
 INVALIDATE = "update template_version_presets set last_invalidated_at = now() where id = $1"
 # A platform's claim: lock a running, ready prebuild, re-check it under the lock (a delete build may have
 # been committed meanwhile), then give it to the user.
@@ -124,6 +126,8 @@ class SoakSummary:
     convergence_allowed_seconds: float = 0.0
     pass_seconds_median: float = 0.0
     pass_seconds_max: float = 0.0
+    # The timeline of each preset (up to three) that went above its ceiling, for the reader of a failure.
+    timelines: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         injected = self.failed_builds + self.kills + self.terminations
@@ -145,6 +149,7 @@ class SoakSummary:
             f"  violations:        {len(self.violations)}",
         ]
         lines.extend(f"    - {violation}" for violation in self.violations[:20])
+        lines.extend(self.timelines)
         return "\n".join(lines)
 
 
@@ -205,7 +210,7 @@ class Soak:
                 self.broken_templates.add(template.id)
         for preset_ids in self.templates.values():
             for preset_id in preset_ids:
-                await self.checker.change_target(self.connection, preset_id, "select $1::uuid")
+                await self.checker.change_target(self.connection, preset_id, "select $1::uuid", why="seed")
 
     def replica_environment(self) -> dict[str, str]:
         return {
@@ -251,12 +256,17 @@ class Soak:
         finally:
             await self.provisioner.stop()
             await provisioner_pool.close()
+            events: list[tuple[str, dict[str, Any]]] = []
             for replica in self.replicas:
                 self.summary.lock_skips += int(await asyncio.to_thread(self._skips, replica))
                 self.windows.extend(pass_windows(str(replica.port), replica.events()))
+                events.extend((str(replica.port), event) for event in replica.events())
                 replica.stop()
             for replica in self.retired:
+                events.extend((str(replica.port), event) for event in replica.events())
                 replica.stop()
+            for preset_id in self.checker.over_ceiling[:3]:
+                self.summary.timelines.append(await self.preset_timeline(preset_id, events))
             await self.platform.close()
         self.summary.failed_builds = self.provisioner.stats.failed
         self.summary.passes = len(self.windows)
@@ -301,14 +311,19 @@ class Soak:
         template_id = self.chooser.choice(list(self.templates))
         preset_id = self.chooser.choice(self.templates[template_id]) if self.templates[template_id] else None
         if kind == "desired" and preset_id is not None:
-            await self.checker.change_target(self.connection, preset_id, SET_DESIRED, self.chooser.randint(0, 5))
+            await self.checker.change_target(
+                self.connection, preset_id, SET_DESIRED, self.chooser.randint(0, 5), why="desired"
+            )
         elif kind == "schedule" and preset_id is not None:
             cron = self.chooser.choice([ALWAYS, NEVER])
-            await self.checker.change_target(self.connection, preset_id, SET_SCHEDULE, cron, self.chooser.randint(0, 5))
+            await self.checker.change_target(
+                self.connection, preset_id, SET_SCHEDULE, cron, self.chooser.randint(0, 5), why=f"schedule {cron!r}"
+            )
         elif kind == "publish":
             await self.publish(template_id)
         elif kind == "invalidate" and preset_id is not None:
             await self.connection.execute(INVALIDATE, preset_id)
+            self.checker.note(preset_id, "platform: invalidated")
         elif kind == "claim":
             if not await self.claim():
                 return
@@ -342,9 +357,9 @@ class Soak:
             ]
             targets = {preset_id: await self.checker.read_target(connection, preset_id) for preset_id in new}
         for preset_id in old:
-            self.checker.set_target(preset_id, 0, live.get(preset_id, 0))
+            self.checker.set_target(preset_id, 0, live.get(preset_id, 0), f"publish: replaced by version {version_id}")
         for preset_id, target in targets.items():
-            self.checker.set_target(preset_id, target, 0)
+            self.checker.set_target(preset_id, target, 0, "publish: new preset")
         self.templates[template_id] = new
 
     async def claim(self) -> bool:
@@ -370,7 +385,9 @@ class Soak:
         )
         if not limited:
             return False
-        await store.reset_preset(self.connection, self.chooser.choice(limited)["id"], datetime.now(UTC))
+        preset_id = self.chooser.choice(limited)["id"]
+        await store.reset_preset(self.connection, preset_id, datetime.now(UTC))
+        self.checker.note(preset_id, "operator: reset")
         return True
 
     # --- faults ---------------------------------------------------------------------------------
@@ -512,6 +529,43 @@ class Soak:
         recent = ", ".join(f"{build['transition']}/{build['job_status']}: {build['count']}" for build in builds)
         status, active = (row["status"], row["active"]) if row else ("?", "?")
         return f"status {status}, active {active}, recent builds {recent or 'none'}"
+
+    async def preset_timeline(self, preset_id: UUID, events: list[tuple[str, dict[str, Any]]]) -> str:
+        """What happened to one preset, in time order: the checker's targets and samples, the replicas'
+        creates and deletes of it (with their pass), and every build of its workspaces."""
+        lines: list[tuple[datetime, str]] = list(self.checker.history.get(preset_id, []))
+        for replica, event in events:
+            if event.get("preset_id") != str(preset_id) or not str(event.get("event", "")).startswith("prebuilds."):
+                continue
+            details = ", ".join(
+                f"{key} {event[key]}" for key in ("outcome", "rows", "planned", "clamped", "reason") if key in event
+            )
+            lines.append(
+                (
+                    datetime.fromisoformat(str(event["timestamp"])),
+                    f"replica :{replica} pass {event.get('run_id')}: {event['event']} ({details})",
+                )
+            )
+        builds = await self.connection.fetch(
+            "select w.id as workspace_id, w.owner_id, b.build_number, b.transition::text, b.created_at, "
+            "j.started_at, j.completed_at, j.canceled_at, j.job_status::text "
+            "from workspace_builds b join provisioner_jobs j on j.id = b.job_id "
+            "join workspaces w on w.id = b.workspace_id "
+            "where w.id in (select workspace_id from workspace_builds where template_version_preset_id = $1)",
+            preset_id,
+        )
+        for build in builds:
+            name = f"workspace {str(build['workspace_id'])[:8]} build {build['build_number']} {build['transition']}"
+            # A daemon's build is stamped with its pass's `now`, which precedes the commit.
+            owner = "" if build["owner_id"] == PREBUILDS_USER else ", workspace since claimed"
+            lines.append((build["created_at"], f"database: {name} stamped (job now {build['job_status']}{owner})"))
+            for column in ("started_at", "completed_at", "canceled_at"):
+                if build[column] is not None:
+                    lines.append((build[column], f"database: {name} job {column.removesuffix('_at')}"))
+        lines.sort(key=lambda line: line[0])
+        rendered = [f"  timeline of preset {preset_id}:"]
+        rendered.extend(f"    {moment:%H:%M:%S.%f} {what}" for moment, what in lines)
+        return "\n".join(rendered)
 
     async def final_checks(self) -> None:
         connection = self.connection
