@@ -298,7 +298,14 @@ async def read_snapshot(
 
 
 async def lock_preset_for_create(connection: db.Connection, preset_id: UUID) -> CreateCheck | None:
-    row = await connection.fetchrow(_query("lock_preset_for_create"), preset_id)
+    """Lock the preset's row, then read what the create clamp needs; inside the create's transaction.
+
+    Two statements on purpose: a `FOR UPDATE` that had to wait sees what was committed meanwhile only in
+    the locked row itself, not in the schedules or the template it reads (issue 11.2).
+    """
+    if await connection.fetchval(_query("lock_preset_for_create"), preset_id) is None:
+        return None
+    row = await connection.fetchrow(_query("read_preset_for_create"), preset_id)
     if row is None:
         return None
     return CreateCheck(

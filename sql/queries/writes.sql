@@ -2,10 +2,18 @@
 -- atomic unit: either every row of it lands or none does.
 
 -- name: lock_preset_for_create
--- Serializes creators of one preset (replicas, a manual `reconcile --once`) and re-reads what a create
--- must still be true of: the preset has prebuilds, is active, and may create; and what its target is
--- made of now (desired count, schedules in snapshot order, time zone), since the platform may have
--- changed any of them after the pass's snapshot.
+-- Serializes creators of one preset (replicas, a manual `reconcile --once`) with each other and with a
+-- platform change that locks the preset's row. Only the lock: under READ COMMITTED, a `FOR UPDATE` that
+-- waited re-reads the locked row alone, and everything else the same statement read (schedules, the
+-- template's active version) would be from before the lock was granted. Returns the preset's id (no
+-- row: no such preset).
+select p.id from template_version_presets p where p.id = $1 for update
+
+-- name: read_preset_for_create
+-- Run right after `lock_preset_for_create`, in the same transaction, so that its snapshot includes every
+-- change committed before the lock was granted. What a create must still be true of: the preset has
+-- prebuilds, is active, and may create; and what its target is made of now (desired count, schedules in
+-- snapshot order, time zone), since the platform may have changed any of them after the pass's snapshot.
 select
     p.desired_instances,
     p.scheduling_timezone,
@@ -26,7 +34,6 @@ from template_version_presets p
 join template_versions tv on tv.id = p.template_version_id
 join templates t on t.id = tv.template_id
 where p.id = $1
-for update of p
 
 -- name: count_preset_prebuilds
 -- Fresh count for the create clamp: live prebuilds of the preset that are running or on their way
