@@ -37,21 +37,30 @@ where p.id = $1
 
 -- name: count_preset_prebuilds
 -- Fresh count for the create clamp: live prebuilds of the preset that are running or on their way
--- (latest build a start that has not failed or been canceled).
+-- (latest build a start that has not failed or been canceled), counted for their current preset as the
+-- plan counts them: the preset of the workspace's latest start naming one (a later stop and start may
+-- name none).
 select count(*)
 from workspaces w
 cross join lateral (
-    select b.transition, b.job_id, b.template_version_preset_id
+    select b.transition, b.job_id
     from workspace_builds b
     where b.workspace_id = w.id
     order by b.build_number desc
     limit 1
 ) latest
 join provisioner_jobs job on job.id = latest.job_id
+cross join lateral (
+    select b.template_version_preset_id
+    from workspace_builds b
+    where b.workspace_id = w.id and b.transition = 'start' and b.template_version_preset_id is not null
+    order by b.build_number desc
+    limit 1
+) current_preset
 where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
     and w.template_id = $2
     and latest.transition = 'start'
-    and latest.template_version_preset_id = $1
+    and current_preset.template_version_preset_id = $1
     and job.job_status in ('pending', 'running', 'succeeded')
 
 -- name: create_prebuilds

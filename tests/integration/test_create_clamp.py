@@ -115,3 +115,35 @@ async def test_a_target_lowered_while_the_create_waits_for_the_lock_clamps_it(
         "select count(*) from workspace_builds where template_version_preset_id = $1", preset.id
     )
     assert live == 0
+
+
+async def test_the_clamp_counts_a_prebuild_restarted_by_a_build_naming_no_preset(
+    factory: Factory, database_url: str
+) -> None:
+    """The clamp counts live prebuilds by their current preset, as the plan does (BEHAVIOR.md section 2).
+
+    A prebuild stopped and started again by a build that names no preset is still its preset's: counted
+    by the latest build's preset instead, it was missed, and the create went one above the target.
+    """
+    preset = await factory.preset(desired=2)
+    await factory.prebuild(preset)
+    restarted = await factory.prebuild(preset)
+    await factory.build(restarted, transition="stop")
+    settings = settings_for(database_url)
+    now = datetime.now(UTC)
+    plan = await read_plan(factory.connection, settings, now)
+    assert plan_of(plan, preset).actions == (CreateAction(count=1),)
+    # The platform starts it again before the pass writes.
+    await factory.build(restarted, transition="start", preset=False, status="pending")
+
+    async with open_pool(database_url) as pool:
+        summary = await executor.execute(pool, plan, now)
+
+    assert (summary.created, summary.creates_clamped) == (0, 1)
+    assert (
+        await factory.connection.fetchval(
+            "select count(*) from workspace_builds where template_version_preset_id = $1 and build_number = 1",
+            preset.id,
+        )
+        == 2
+    )
