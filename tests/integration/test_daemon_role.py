@@ -508,8 +508,8 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
 
     # Creates, under the preset's lock.
     async with as_role.transaction():
-        locked = await run("lock_preset_for_create", ids["preset"])
-        assert locked[0]["active"] is True
+        assert (await run("lock_preset_for_create", ids["preset"]))[0]["id"] == ids["preset"]
+        assert (await run("read_preset_for_create", ids["preset"]))[0]["active"] is True
         assert (await run("count_preset_prebuilds", ids["preset"], ids["template"]))[0][0] == 3
         created = await run(
             "create_prebuilds", ids["preset"], ids["version"], ids["template"], ids["organization"], ["a", "b"], now
