@@ -35,7 +35,8 @@ import asyncpg
 
 from bench import fleet
 from reconciler import db
-from reconciler.config import load_settings, redact_dsn
+from reconciler.config import load_settings
+from reconciler.dsn import redact_dsn
 from reconciler.embedded import EmbeddedPostgres
 from reconciler.logs import configure_logging
 from reconciler.metrics import Metrics

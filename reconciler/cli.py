@@ -19,7 +19,14 @@ import asyncpg
 import structlog
 
 from reconciler import db, store
-from reconciler.config import EXIT_CONFIG, ConfigError, Settings, database_url_for_display, load_settings
+from reconciler.config import (
+    EXIT_CONFIG,
+    ConfigError,
+    Settings,
+    database_url_for_display,
+    known_secrets,
+    load_settings,
+)
 from reconciler.logs import configure_logging
 
 EXIT_OK = 0
@@ -303,7 +310,7 @@ def _simulate_provisioner(settings: Settings, arguments: argparse.Namespace) -> 
 
 def _settings(require_database: bool = True) -> Settings:
     settings = load_settings(require_database=require_database)
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, secrets=known_secrets(settings))
     return settings
 
 

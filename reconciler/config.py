@@ -11,17 +11,21 @@ secret. `ConfigError.problems` has one line per problem, naming the variable as 
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, unquote_plus, urlsplit
 
+import yarl
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from reconciler.dsn import parse_dsn, redact_dsn
 from reconciler.durations import format_duration, parse_duration
 
 # EX_CONFIG from sysexits.h: systemd's RestartPreventExitStatus=78 keeps a misconfigured unit down.
@@ -103,44 +107,47 @@ def _split_url(text: str, expected: str) -> SplitResult:
     return parts
 
 
+# What a resolver accepts in a host name once yarl has encoded it (IDNA): ASCII letters, digits, '-', '_'.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
 def _http_url(value: SecretStr) -> SecretStr:
-    parts = _split_url(value.get_secret_value(), "https://host/path")
+    """A URL that aiohttp can send to: checked here as aiohttp will read it (yarl), so that a URL it would
+    fail on is refused at start-up, not at the first delivery, and with a message that never quotes it."""
+    text = value.get_secret_value()
+    parts = _split_url(text, "https://host/path")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
+    try:
+        url = yarl.URL(text)
+        host = url.raw_host or ""
+        port = url.port
+    except (ValueError, UnicodeError):
+        raise ValueError("not a valid URL (expected https://host/path)") from None
+    if not _is_ip_address(host):
+        # asyncio's resolver encodes the name with the `idna` codec, which refuses empty or long labels.
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            raise ValueError("the host name cannot be resolved as written (an empty or too long part?)") from None
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError("the host name has characters a host name cannot have")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("the port must be between 1 and 65535")
     return value
 
 
-_DSN_EXAMPLE = "postgresql://user:password@host:5432/dbname"
-
-
-def _host_port(spec: str) -> tuple[str, str]:
-    if spec.startswith("["):
-        host, _, rest = spec[1:].partition("]")
-        return host, rest.removeprefix(":")
-    host, _, port = spec.partition(":")
-    return host, port
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _postgres_dsn(value: SecretStr) -> SecretStr:
-    """A PostgreSQL URL that asyncpg can use; every message is about its shape, never its text."""
-    text = value.get_secret_value()
-    scheme = text.partition("://")[0]
-    if scheme not in ("postgres", "postgresql") or "://" not in text:
-        raise ValueError(f"must be a postgresql:// DSN, e.g. {_DSN_EXAMPLE}")
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        raise ValueError(f"not a valid URL (expected {_DSN_EXAMPLE})") from None
-    _, at, hosts = parts.netloc.rpartition("@")
-    if "@" in parts.path + parts.fragment or (not at and "@" in parts.query):
-        # A '/', '?' or '#' in a password ends the host part early: the rest would be read as a database name.
-        raise ValueError("a '/', '?', '#' or '@' in the user name or password must be percent-encoded (%2F, ...)")
-    for spec in hosts.split(","):
-        _, port = _host_port(spec)
-        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            raise ValueError(
-                "the port must be a number between 1 and 65535 (percent-encode a ':' in the user name or password)"
-            )
+    """A PostgreSQL URL that asyncpg reads as it was meant; every message is about its shape, never its text."""
+    parse_dsn(value.get_secret_value())
     return value
 
 
@@ -425,31 +432,61 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_database:
     return settings
 
 
-def redact_dsn(dsn: str) -> str:
-    """A DSN with its password replaced, for messages. Never fails; never returns the password.
-
-    Shows scheme, user, hosts (several, comma-separated, as libpq allows) and database; drops the query,
-    which may carry `password=`. A DSN whose shape could put part of a password elsewhere (an unencoded
-    '/' or '@' in it) is not shown at all.
-    """
-    unparseable = "(an unparseable DSN)"
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return unparseable
-    user_information, at, hosts = parts.netloc.rpartition("@")
-    for spec in hosts.split(","):
-        port = _host_port(spec)[1]
-        if port and not (port.isascii() and port.isdigit()):
-            return unparseable
-    if "@" in parts.path:
-        return unparseable
-    user, colon, _ = user_information.partition(":")
-    credentials = f"{user}{':***' if colon else ''}@" if at else ""
-    return f"{parts.scheme}://{credentials}{hosts}{parts.path}"
-
-
 def database_url_for_display(settings: Settings) -> str:
     if settings.database_url is None:
         return "(no database configured)"
     return redact_dsn(settings.database_url.get_secret_value())
+
+
+# Query parameters of a webhook URL whose values are credentials whatever they look like.
+_CREDENTIAL_WORDS = ("token", "key", "secret", "sig", "auth", "pass", "code", "credential")
+
+
+def _looks_like_token(text: str) -> bool:
+    """A path segment or query value that is probably a credential: long, or mixing in digits.
+
+    Words like `hooks` or `services` are not redacted (they would blank out every line saying "webhook").
+    """
+    return len(text) >= 16 or (len(text) >= 8 and any(character.isdigit() for character in text))
+
+
+def _url_secrets(url: str) -> set[str]:
+    """What a webhook URL may carry as a credential, as written and as aiohttp writes it (yarl)."""
+    found: set[str] = set()
+    spellings = {url}
+    with contextlib.suppress(ValueError, UnicodeError):
+        spellings.add(str(yarl.URL(url)))
+    for text in spellings:
+        parts = urlsplit(text)
+        found.add(text)
+        # Everything after the host: what `display_url` hides.
+        after_host = text.partition(parts.netloc)[2]
+        if after_host not in ("", "/"):
+            found.add(after_host)
+        if parts.password:
+            found |= {parts.password, unquote(parts.password)}
+        for segment in parts.path.split("/"):
+            if _looks_like_token(unquote(segment)):
+                found |= {segment, unquote(segment)}
+        for name, value in parse_qsl(parts.query):
+            if _looks_like_token(value) or any(word in name.lower() for word in _CREDENTIAL_WORDS):
+                found.add(value)
+        for pair in parts.query.split("&"):
+            raw_value = pair.partition("=")[2]
+            if raw_value and unquote_plus(raw_value) in found:
+                found.add(raw_value)
+    return found
+
+
+def known_secrets(settings: Settings) -> frozenset[str]:
+    """Every secret the settings hold, in the spellings a log line could show: what `logs` redacts."""
+    found: set[str] = set()
+    if settings.database_url is not None:
+        found |= parse_dsn(settings.database_url.get_secret_value()).secrets
+    if settings.smtp_password is not None:
+        found.add(settings.smtp_password.get_secret_value())
+    for webhook in settings.webhooks:
+        found |= _url_secrets(webhook.url.get_secret_value())
+        if webhook.secret is not None:
+            found.add(webhook.secret.get_secret_value())
+    return frozenset(secret for secret in found if secret)

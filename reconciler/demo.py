@@ -34,10 +34,10 @@ import structlog
 
 from reconciler import db, store
 from reconciler.actions import PresetPlan
-from reconciler.config import load_settings
+from reconciler.config import known_secrets, load_settings
 from reconciler.durations import format_duration
 from reconciler.embedded import EmbeddedPostgres, free_port
-from reconciler.logs import configure_logging
+from reconciler.logs import configure_logging, set_secrets
 from reconciler.notify.outbox import OutboxMessage, list_messages
 from reconciler.provisioner import JobResult, ProvisionerOptions, SimulatedProvisioner
 from reconciler.reconcile import PassOutcome, PassResult
@@ -565,6 +565,7 @@ async def _run(options: DemoOptions, dsn: str, view: DemoView) -> int:
         finally:
             await connection.close()
         settings = load_settings(demo_environment(options, dsn, os.environ))
+        set_secrets(known_secrets(settings))
         # No sd_notify even under systemd: the demo is not the service.
         daemon = Daemon(settings, notifier=SystemdNotifier({}))
         daemon.pass_listeners.append(view.on_pass)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -124,8 +125,10 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 def restore_logging() -> Iterator[None]:
     """For tests that configure logging (or run the CLI in-process, which does): put the session's back."""
     saved = structlog.get_config()
+    excepthook = sys.excepthook
     yield
     structlog.configure(**saved)
+    sys.excepthook = excepthook
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_reconciler", False):

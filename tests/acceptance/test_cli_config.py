@@ -222,14 +222,29 @@ def test_a_missing_database_url_exits_78_naming_it(command: tuple[str, ...]) -> 
         f"postgresql://admin:{SECRET}@127.0.0.1:99999/platform",
         f"postgresql://admin:{SECRET}@[127.0.0.1/platform",
         f"postgresql://admin:{SECRET}/x@127.0.0.1/platform",
+        # An unencoded '@' in the password: asyncpg splits at the first one (issue 12, point 2).
+        f"postgresql://u:p@ss{SECRET}:word{SECRET}@127.0.0.1:5432/d",
+        f"postgresql://u:p@{SECRET}@127.0.0.1/d",
+        f"postgresql://u:{SECRET}@/d?host=127.0.0.1&port=x",
     ],
 )
-def test_a_malformed_dsn_exits_78_not_a_traceback(dsn: str) -> None:
-    result = run("migrate", variables=environment(RECONCILER_DATABASE_URL=dsn))
+@pytest.mark.parametrize("command", ["migrate", "plan"])
+def test_a_malformed_dsn_exits_78_not_a_traceback(dsn: str, command: str) -> None:
+    result = run(command, variables=environment(RECONCILER_DATABASE_URL=dsn))
     assert result.returncode == 78, result
     assert "Traceback" not in result.stderr
     assert SECRET not in result.stderr
     assert [problem.partition(": ")[0] for problem in problem_lines(result.stderr)] == ["RECONCILER_DATABASE_URL"]
+
+
+def test_a_webhook_url_that_cannot_be_used_exits_78_at_start_up() -> None:
+    url = f"http://\u2488.example/hook?token={SECRET}"
+    variables = environment(RECONCILER_DATABASE_URL="postgresql://u@127.0.0.1:1/d", RECONCILER_WEBHOOK_0_URL=url)
+    result = run("run", variables=variables)
+    assert result.returncode == 78, result
+    assert "Traceback" not in result.stderr
+    assert SECRET not in result.stderr
+    assert [problem.partition(": ")[0] for problem in problem_lines(result.stderr)] == ["RECONCILER_WEBHOOK_0_URL"]
 
 
 def test_an_unreadable_database_url_file_exits_78_naming_the_file_variable(tmp_path: Path) -> None:

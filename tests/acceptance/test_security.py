@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import tempfile
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
+from reconciler import db
 from reconciler.config import load_settings
-from reconciler.embedded import free_port
+from reconciler.embedded import EmbeddedPostgres, free_port
+from reconciler.logs import spellings
 from tests.acceptance.daemon_process import DaemonProcess, cli_environment, http_get, run_cli
 from tests.factories import Factory, minutes
 from tests.integration.notification_helpers import HANG, WEBHOOK_PATH, WebhookReceiver, fail_prebuilds
@@ -173,3 +177,73 @@ async def test_sigterm_during_a_delivery_loses_no_message(
     assert all(row["status"] == "pending" and row["sent_at"] is None for row in rows), rows
     delivered = await connection.fetchval("select count(*) from notification_deliveries")
     assert delivered == 0
+
+
+# A password the server checks, with characters that must be percent-encoded in the DSN: so that both its
+# spelling in the DSN and its decoded spelling (what the driver sends, and holds in its frames) are sought.
+OUTAGE_PASSWORD = "0utage/Pa55:w0rd-s3cret"
+# Local connections of the superuser are trusted (to set up); the daemon's role must give its password.
+PASSWORD_HBA = """\
+host all postgres 127.0.0.1/32 trust
+host all all 127.0.0.1/32 scram-sha-256
+"""
+
+
+def passes(daemon: DaemonProcess, outcome: str) -> int:
+    return sum(event.get("event") == "reconcile.pass" and event.get("outcome") == outcome for event in daemon.events())
+
+
+async def test_no_secret_in_anything_the_daemon_writes_through_a_database_outage() -> None:
+    # Not in pytest's tmp_path: its root is set back to mode 0700 by any pytest session starting meanwhile,
+    # and the server (run as another user under root) could then no longer reach its directory.
+    with tempfile.TemporaryDirectory(prefix="reconciler-secret-outage-") as directory:
+        await outage_with_a_password(Path(directory))
+
+
+async def outage_with_a_password(directory: Path) -> None:
+    server = EmbeddedPostgres(directory / "data")
+    server.initialize()
+    (server.data_directory / "pg_hba.conf").write_text(PASSWORD_HBA)
+    await asyncio.to_thread(server.start)
+    daemon: DaemonProcess | None = None
+    try:
+        admin = await asyncpg.connect(server.dsn())
+        try:
+            await admin.execute(f"create role outage login password '{OUTAGE_PASSWORD}'")
+            await admin.execute("create database outage owner outage")
+        finally:
+            await admin.close()
+        dsn = f"postgresql://outage:{quote(OUTAGE_PASSWORD, safe='')}@127.0.0.1:{server.port}/outage"
+        connection = await db.connect(dsn)  # the password is checked: scram-sha-256
+        try:
+            await db.migrate(connection)
+        finally:
+            await connection.close()
+        async with WebhookReceiver([500] * 1000) as receiver:
+            daemon = DaemonProcess(dsn, extra_environment=secret_environment(receiver.url)).start()
+            await until(lambda: ready(daemon), "the daemon to be ready")
+            await asyncio.to_thread(server.stop, "immediate")
+            await until(lambda: not daemon.is_ready(), "/readyz to turn 503")
+            # The driver's pool logs its failed reconnections with a traceback whose frames held the DSN.
+            await until(
+                lambda: (
+                    "Failed to restore the pool connection floor" in daemon.output() and passes(daemon, "failed") >= 2
+                ),
+                "the pool's reconnection failures and failed passes to be logged",
+                seconds=60,
+            )
+            await asyncio.to_thread(server.start)
+            await until(lambda: ready(daemon), "the daemon to be ready again", seconds=60)
+            before = passes(daemon, "success")
+            await until(lambda: passes(daemon, "success") > before, "a pass after the outage")
+            daemon.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(daemon.wait, 30) == 0
+            written = daemon.output()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        await asyncio.to_thread(server.stop, "immediate")
+    assert "Traceback" in written or '"exception"' in written, "no traceback was logged: the test saw nothing"
+    for secret in (OUTAGE_PASSWORD, quote(OUTAGE_PASSWORD, safe=""), SMTP_PASSWORD, WEBHOOK_SECRET, TOKEN):
+        for spelling in spellings(secret):
+            assert spelling not in written, f"{secret!r} ({spelling!r}) appears in what the daemon wrote"

@@ -22,9 +22,11 @@ from reconciler.config import (
     ConfigError,
     Settings,
     database_url_for_display,
+    known_secrets,
     load_settings,
-    redact_dsn,
 )
+from reconciler.dsn import parse_dsn, redact_dsn
+from reconciler.logs import Redactor, spellings
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 NO_SECRET_DIRECTORIES = {"RECONCILER_SECRETS_DIRECTORIES": "/nonexistent/reconciler-test-secrets"}
@@ -342,6 +344,10 @@ BAD_VALUES = [
     ("RECONCILER_DATABASE_URL", "postgresql://db.example:port/platform"),
     ("RECONCILER_DATABASE_URL", "postgresql://db.example:70000/platform"),
     ("RECONCILER_DATABASE_URL", "postgresql://[db.example/platform"),
+    ("RECONCILER_DATABASE_URL", "postgresql://u:p@ss:word@127.0.0.1:5432/d"),
+    ("RECONCILER_DATABASE_URL", "postgresql://u:p@pw@127.0.0.1/d"),
+    ("RECONCILER_DATABASE_URL", "postgresql://u:pw@/d?host=127.0.0.1&port=x"),
+    ("RECONCILER_WEBHOOK_0_URL", "http://\u2488.example/hook"),
 ]
 
 
@@ -485,6 +491,56 @@ def test_one_webhook_spelled_two_ways_is_reported() -> None:
     assert "RECONCILER_WEBHOOK_01_URL" in problem
 
 
+# URLs that pass a URL parser but that can never be delivered to: host names no resolver takes, port 0.
+UNUSABLE_WEBHOOK_URLS = [
+    "http://\u2488.example/hook?token=TOKENXYZ0",  # NFKC makes it "1..example": an empty label
+    "http://a..example/hook",
+    "https://" + "a" * 64 + ".example/hook",  # a label longer than 63 characters
+    "http://h\x00ost.example/hook",
+    "http://h ost.example/hook",
+    "http://hooks.example:0/hook",
+]
+
+
+@pytest.mark.parametrize("url", UNUSABLE_WEBHOOK_URLS)
+def test_a_webhook_url_that_cannot_be_used_is_refused_at_start_up(url: str) -> None:
+    problem = only_problem({"RECONCILER_WEBHOOK_0_URL": url})
+    assert named(problem) == "RECONCILER_WEBHOOK_0_URL"
+    assert "TOKENXYZ0" not in problem
+    assert "example" not in problem
+
+
+async def test_webhook_urls_aiohttp_refuses() -> None:
+    """The first three are refused for the reason of the issue: aiohttp raises (not a ClientError, which
+    the webhook sender would report as a failed delivery) before any request, on every attempt."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        for url in UNUSABLE_WEBHOOK_URLS[:3]:
+            with pytest.raises(UnicodeError):
+                async with session.post(url, timeout=aiohttp.ClientTimeout(total=5)):
+                    pass
+
+
+def test_the_known_secrets_are_every_secret_the_settings_hold() -> None:
+    loaded = load(
+        {
+            "RECONCILER_DATABASE_URL": "postgresql://admin:pa%40ss-word@db.example/platform?sslpassword=ssl-key",
+            "RECONCILER_SMTP_USERNAME": "mailer",
+            "RECONCILER_SMTP_PASSWORD": "smtp-password",
+            "RECONCILER_WEBHOOK_0_URL": "https://user:url-pass@hooks.example/services/T0KEN123/x?sig=abc&page=2",
+            "RECONCILER_WEBHOOK_0_SECRET": "hook-secret",
+        }
+    )
+    secrets = known_secrets(loaded)
+    expected = {"pa%40ss-word", "pa@ss-word", "ssl-key", "smtp-password", "hook-secret", "url-pass", "T0KEN123", "abc"}
+    assert expected <= secrets
+    assert "https://user:url-pass@hooks.example/services/T0KEN123/x?sig=abc&page=2" in secrets
+    assert "/services/T0KEN123/x?sig=abc&page=2" in secrets
+    # Words and small values of a URL are not secrets: redacting them would blank out ordinary log text.
+    assert not {"services", "x", "2", "hooks.example", "admin", "mailer"} & secrets
+
+
 # --- secrets never printed ------------------------------------------------------------------------------
 
 SECRET = "Sup3rS3cretValue"
@@ -505,6 +561,12 @@ LEAKY = [
     {"RECONCILER_WEBHOOK_0_URL": f"https://user:{SECRET}\u2100@hooks.example/"},
     {"RECONCILER_WEBHOOK_0_URL": f"https://[hooks.example/?token={SECRET}"},
     {"RECONCILER_WEBHOOK_0_URL": f"{SECRET}"},
+    {"RECONCILER_DATABASE_URL": f"postgresql://u:p@ss{SECRET}:word{SECRET}@127.0.0.1:5432/d"},
+    {"RECONCILER_DATABASE_URL": f"postgresql://u:p@{SECRET}@127.0.0.1/d"},
+    {"RECONCILER_DATABASE_URL": f"postgresql://u:{SECRET}@/d?host=127.0.0.1&port=x{SECRET}"},
+    {"RECONCILER_DATABASE_URL": f"postgresql://u:pw@h/d?{SECRET}"},
+    {"RECONCILER_WEBHOOK_0_URL": f"http://\u2488.example/hook?token={SECRET}"},
+    {"RECONCILER_WEBHOOK_0_URL": f"https://{SECRET}..example/hook"},
 ]
 
 
@@ -561,7 +623,9 @@ durations = st.one_of(
     ),
 )
 numbers = st.one_of(junk, st.integers(min_value=-10, max_value=10**6).map(str))
-hosts = st.one_of(st.just("db.example"), st.just("[::1]"), st.just("h:5432"), st.just("h:port"), junk)
+hosts = st.one_of(
+    st.sampled_from(["db.example", "[::1]", "h:5432", "h:port", "\u2488.example", "a..b", "h@127.0.0.1"]), junk
+)
 
 
 @st.composite
@@ -649,8 +713,29 @@ def test_random_environments_give_settings_or_named_problems_without_secrets(
         assert loaded is not None
         shown = "\n".join([repr(loaded), str(loaded), database_url_for_display(loaded)]).lower()
         shown += "".join(webhook.display_url for webhook in loaded.webhooks).lower()
+        assert_every_held_secret_is_redacted(loaded)
     for secret in secrets:
         assert secret.lower() not in shown
+
+
+def assert_every_held_secret_is_redacted(loaded: Settings) -> None:
+    """A log line quoting a secret the daemon holds (as the driver or the sender use it) loses it."""
+    held = []
+    if loaded.database_url is not None:
+        held.append(parse_dsn(loaded.database_url.get_secret_value()).password)
+    if loaded.smtp_password is not None:
+        held.append(loaded.smtp_password.get_secret_value())
+    for webhook in loaded.webhooks:
+        held.append(webhook.url.get_secret_value())
+        if webhook.secret is not None:
+            held.append(webhook.secret.get_secret_value())
+    redact = Redactor(known_secrets(loaded))
+    for secret in held:
+        if secret is None or len(secret) < 4:
+            continue
+        line = redact(f"event {secret!r} {secret} {[secret]}")
+        for spelling in spellings(secret):
+            assert spelling not in line
 
 
 # --- secrets from files ---------------------------------------------------------------------------------
