@@ -95,12 +95,12 @@ grant usage on schema public to prebuilds_reconciler;
 -- ---------------------------------------------------------------------------------------------------
 -- Read only: the platform's templates, presets and people. The snapshot (snapshot_presets,
 -- snapshot_schedules, snapshot_prebuilds), the create's re-check (lock_preset_for_create), the
--- notification recipients (enqueue_notifications: site roles, organization roles) and the migration
--- check of `/readyz` and every command (reconciler_schema_migrations).
+-- notification recipients (enqueue_notifications: site roles; organization roles are in
+-- organization_members, below) and the migration check of `/readyz` and every command
+-- (reconciler_schema_migrations).
 grant select on
     organizations,
     users,
-    organization_members,
     templates,
     template_versions,
     template_version_preset_prebuild_schedules,
@@ -290,5 +290,50 @@ create policy as_granted on notification_deliveries as permissive for all to pub
 create policy prebuilds_reconciler_records_own_deliveries on notification_deliveries as restrictive for insert
     to prebuilds_reconciler
     with check (exists (select 1 from notification_messages m where m.id = notification_deliveries.message_id));
+
+-- ---------------------------------------------------------------------------------------------------
+-- organization_members, groups, group_members: the prebuilds user's memberships (BEHAVIOR.md section
+-- 7). read_prebuilds_memberships reads what the prebuilds user has in each organization with prebuilds
+-- (and enqueue_notifications reads organization roles); add_prebuilds_organization_members,
+-- add_prebuilds_groups and add_prebuilds_group_members add what is missing, with `on conflict do
+-- nothing`, which needs no privilege beyond INSERT. The role adds exactly these rows and nothing else
+-- in these tables: the prebuilds user's organization membership, without roles; a group named
+-- `coderprebuiltworkspaces`, displayed "Prebuilt Workspaces", with a quota allowance of 0; the
+-- prebuilds user's membership of such a group. Never another user's membership, another group, a role
+-- or a quota; never an update or a delete (no grant). The group policy's subquery is a primary-key
+-- lookup per inserted row, and it sees the group: add_prebuilds_groups is a statement of its own,
+-- before add_prebuilds_group_members in the same transaction.
+grant select on organization_members, groups, group_members to prebuilds_reconciler;
+grant insert (organization_id, user_id, roles) on organization_members to prebuilds_reconciler;
+alter table organization_members enable row level security;
+drop policy if exists as_granted on organization_members;
+create policy as_granted on organization_members as permissive for all to public using (true) with check (true);
+create policy prebuilds_reconciler_adds_prebuilds_membership on organization_members as restrictive for insert
+    to prebuilds_reconciler
+    with check (user_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and cardinality(roles) = 0);
+
+grant insert (organization_id, name, display_name, quota_allowance) on groups to prebuilds_reconciler;
+alter table groups enable row level security;
+drop policy if exists as_granted on groups;
+create policy as_granted on groups as permissive for all to public using (true) with check (true);
+create policy prebuilds_reconciler_adds_prebuilds_group on groups as restrictive for insert
+    to prebuilds_reconciler
+    with check (
+        name = 'coderprebuiltworkspaces' and display_name = 'Prebuilt Workspaces' and quota_allowance = 0
+    );
+
+grant insert (group_id, user_id) on group_members to prebuilds_reconciler;
+alter table group_members enable row level security;
+drop policy if exists as_granted on group_members;
+create policy as_granted on group_members as permissive for all to public using (true) with check (true);
+create policy prebuilds_reconciler_joins_prebuilds_group on group_members as restrictive for insert
+    to prebuilds_reconciler
+    with check (
+        user_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+        and exists (
+            select 1 from groups g
+            where g.id = group_members.group_id and g.name = 'coderprebuiltworkspaces'
+        )
+    );
 
 commit;

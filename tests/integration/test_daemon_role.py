@@ -36,10 +36,6 @@ RECOVERED_TEMPLATE = uuid.UUID("3612b174-7ca6-431d-8222-8b9dcc23a45b")
 # sql/queries files of the test tools (the simulated provisioner, the demo's seeding), which run as the
 # schema's owner; every other named statement is the daemon's and must run as its role.
 TOOL_QUERY_FILES = {"provisioner.sql"}
-# The daemon's statements that no command runs yet: the prebuilds user's memberships (issue 17) are not
-# wired into the pass. When they are, the file leaves this set, its statements join the test below, and
-# the role script gets the block for groups and memberships.
-NOT_YET_RUN_QUERY_FILES = {"memberships.sql"}
 # Tables whose every row is compared before and after an abuse.
 WATCHED_TABLES = (
     "workspaces",
@@ -52,6 +48,8 @@ WATCHED_TABLES = (
     "templates",
     "users",
     "organization_members",
+    "groups",
+    "group_members",
 )
 
 
@@ -74,7 +72,7 @@ async def as_role(role_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 def daemon_statement_names() -> set[str]:
     names: set[str] = set()
     for path in sorted((db.sql_directory() / "queries").glob("*.sql")):
-        if path.name not in TOOL_QUERY_FILES | NOT_YET_RUN_QUERY_FILES:
+        if path.name not in TOOL_QUERY_FILES:
             names |= set(db.parse_queries(path.read_text(encoding="utf-8"), path.name))
     return names
 
@@ -122,6 +120,26 @@ async def build_platform(factory: Factory) -> Platform:
         organization=other_organization, organization_roles=["organization-template-admin"]
     )
 
+    # The organization's groups: the prebuilds user's, as the daemon adds it, and one of the platform's.
+    prebuilds_group = await connection.fetchval(
+        "insert into groups (organization_id, name, display_name, quota_allowance) "
+        "values ($1, 'coderprebuiltworkspaces', 'Prebuilt Workspaces', 0) returning id",
+        organization.id,
+    )
+    await connection.execute(
+        "insert into organization_members (organization_id, user_id) values ($1, $2)",
+        organization.id,
+        PREBUILDS_SYSTEM_USER_ID,
+    )
+    await connection.execute(
+        "insert into group_members (group_id, user_id) values ($1, $2)", prebuilds_group, PREBUILDS_SYSTEM_USER_ID
+    )
+    platform_group = await connection.fetchval(
+        "insert into groups (organization_id, name, display_name, quota_allowance) "
+        "values ($1, 'developers', 'Developers', 50) returning id",
+        organization.id,
+    )
+
     await connection.execute(
         "insert into site_configs (key, value) values ('app_signing_key', 'SECRET-SIGNING-KEY'), "
         "('prebuilds_settings', '{\"reconciliation_paused\": false}')"
@@ -158,7 +176,10 @@ async def build_platform(factory: Factory) -> Platform:
             "user_pending_job": user_pending.job_id,
             "bare_workspace": bare_workspace.id,
             "admin": admin.id,
+            "other_organization": other_organization.id,
             "other_organization_admin": other_organization_admin.id,
+            "prebuilds_group": prebuilds_group,
+            "platform_group": platform_group,
             "platform_template": platform_template,
             "platform_message": platform_message,
         },
@@ -268,6 +289,9 @@ JOBS_INSERT_POLICY = "prebuilds_reconciler_creates_jobs"
 JOBS_UPDATE_POLICY = "prebuilds_reconciler_cancels_pending_jobs"
 SETTINGS_POLICY = "prebuilds_reconciler_own_keys"
 RECIPIENTS_POLICY = "prebuilds_reconciler_notifies_template_admins"
+MEMBERSHIP_POLICY = "prebuilds_reconciler_adds_prebuilds_membership"
+GROUP_POLICY = "prebuilds_reconciler_adds_prebuilds_group"
+GROUP_MEMBER_POLICY = "prebuilds_reconciler_joins_prebuilds_group"
 
 ABUSES: list[tuple[str, str, Refusal]] = [
     # The review's findings (issue 12, point 7).
@@ -458,6 +482,66 @@ ABUSES: list[tuple[str, str, Refusal]] = [
     ),
     ("fake the schema version", "update reconciler_schema_migrations set checksum = 'x'", denied(NOT_GRANTED)),
     ("read preset parameters", "select * from template_version_preset_parameters", denied(NOT_GRANTED)),
+    # The prebuilds user's memberships (issue 17): those rows, and nothing else in those tables.
+    (
+        "make a user a member of an organization",
+        "insert into organization_members (organization_id, user_id) values ('{other_organization}', '{user}')",
+        denied(MEMBERSHIP_POLICY),
+    ),
+    (
+        "make the prebuilds user an organization admin",
+        "insert into organization_members (organization_id, user_id, roles) "
+        "values ('{other_organization}', '{prebuilds}', '{{organization-admin}}')",
+        denied(MEMBERSHIP_POLICY),
+    ),
+    (
+        "give the prebuilds user a role where it is a member",
+        "update organization_members set roles = '{{organization-admin}}' where user_id = '{prebuilds}'",
+        denied(NOT_GRANTED),
+    ),
+    (
+        "remove a user from an organization",
+        "delete from organization_members where user_id = '{user}'",
+        denied(NOT_GRANTED),
+    ),
+    (
+        "create another group",
+        "insert into groups (organization_id, name) values ('{other_organization}', 'admins')",
+        denied(GROUP_POLICY),
+    ),
+    (
+        "create the prebuilds group with a quota",
+        "insert into groups (organization_id, name, display_name, quota_allowance) "
+        "values ('{other_organization}', 'coderprebuiltworkspaces', 'Prebuilt Workspaces', 1000)",
+        denied(GROUP_POLICY),
+    ),
+    (
+        "raise the prebuilds group's quota",
+        "update groups set quota_allowance = 1000 where id = '{prebuilds_group}'",
+        denied(NOT_GRANTED),
+    ),
+    (
+        "rename a group",
+        "update groups set name = 'coderprebuiltworkspaces' where id = '{platform_group}'",
+        denied(NOT_GRANTED),
+    ),
+    ("delete a group", "delete from groups where id = '{platform_group}'", denied(NOT_GRANTED)),
+    (
+        "add a user to the prebuilds group",
+        "insert into group_members (group_id, user_id) values ('{prebuilds_group}', '{user}')",
+        denied(GROUP_MEMBER_POLICY),
+    ),
+    (
+        "add the prebuilds user to the platform's group",
+        "insert into group_members (group_id, user_id) values ('{platform_group}', '{prebuilds}')",
+        denied(GROUP_MEMBER_POLICY),
+    ),
+    (
+        "add a user to the platform's group",
+        "insert into group_members (group_id, user_id) values ('{platform_group}', '{user}')",
+        denied(GROUP_MEMBER_POLICY),
+    ),
+    ("leave a group", "delete from group_members where user_id = '{prebuilds}'", denied(NOT_GRANTED)),
 ]
 
 
@@ -557,6 +641,23 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
         assert len(finished) == 1
     assert (await run("notification_backlog"))[0]["pending"] == 0
     assert await owner.fetchval("select count(*) from notification_deliveries") == 3
+
+    # The prebuilds user's memberships: in the hard-limited preset's organization, which has none yet.
+    memberships = {row["organization_id"]: row for row in await run("read_prebuilds_memberships")}
+    assert tuple(memberships[ids["organization"]])[2:] == (True, True, True)
+    limited_organization = await owner.fetchval(
+        "select t.organization_id from template_version_presets p "
+        "join template_versions tv on tv.id = p.template_version_id join templates t on t.id = tv.template_id "
+        "where p.id = $1",
+        ids["limited_preset"],
+    )
+    assert tuple(memberships[limited_organization])[2:] == (False, False, False)
+    async with as_role.transaction():
+        for statement in ("add_prebuilds_organization_members", "add_prebuilds_groups", "add_prebuilds_group_members"):
+            added = await run(statement, [ids["organization"], limited_organization])
+            assert [row["organization_id"] for row in added] == [limited_organization], statement
+    memberships = {row["organization_id"]: row for row in await run("read_prebuilds_memberships")}
+    assert tuple(memberships[limited_organization])[2:] == (True, True, True)
 
     missing = daemon_statement_names() - ran
     assert not missing, (
