@@ -183,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
         commands,
         "presets",
         "operator actions on presets",
-        "Operator actions on presets. See `reconciler presets reset --help`.",
+        "Operator actions on presets (reset) and checks (check-expression). See `reconciler presets ACTION --help`.",
     )
     preset_commands = presets.add_subparsers(dest="presets_command", metavar="ACTION", required=True)
     reset = _command(
@@ -195,6 +195,17 @@ def _parser() -> argparse.ArgumentParser:
         "until you delete them.",
     )
     reset.add_argument("preset_id", metavar="PRESET_ID", help="the preset's id (uuid)")
+    check = _command(
+        preset_commands,
+        "check-expression",
+        "validate a target expression (desired_instances_expression)",
+        "Check a target expression before publishing it: its syntax, its names and its type, as every pass "
+        "would. Exit 0 when it is valid, 1 when it is not (the message says what and where). Needs no "
+        "database. The language is Coder's (Expr) for what a target needs; see docs/DEMAND.md.",
+        _expression_help(),
+    )
+    check.add_argument("expression", metavar="EXPR", help="the expression, quoted for the shell")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
     notifications = _command(
         commands,
         "notifications",
@@ -223,6 +234,22 @@ def _parser() -> argparse.ArgumentParser:
     healthcheck.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
     _add_demo_commands(commands)
     return parser
+
+
+def _expression_help() -> str:
+    from reconciler.demand import VARIABLES
+    from reconciler.expression import FUNCTION_NAMES
+
+    width = max(len(variable.name) for variable in VARIABLES)
+    lines = [f"  {variable.name:<{width}}  {variable.description}" for variable in VARIABLES]
+    return (
+        "variables:\n"
+        + "\n".join(lines)
+        + "\n\nfunctions and operators:\n  "
+        + ", ".join(FUNCTION_NAMES)
+        + "\n  + - * / % ** ( ) == != < <= > >= && || ! cond ? a : b\n\n"
+        + "example:\n  reconciler presets check-expression 'max(scheduled_target, ceil(claim_rate_30m * 8))'"
+    )
 
 
 def _add_demo_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -439,6 +466,17 @@ async def _reset_preset(settings: Settings, preset_id_text: str) -> int:
     return await _with_connection(settings, work)
 
 
+def _check_expression(text: str, as_json: bool) -> int:
+    from reconciler import expression_check
+
+    report = expression_check.check(text)
+    if as_json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(report.as_text())
+    return EXIT_OK if report.valid else EXIT_FAILED
+
+
 def _actor() -> str:
     import getpass
     import os
@@ -476,6 +514,9 @@ def _dispatch(arguments: argparse.Namespace) -> int:
     if command == "demo":
         # The demo brings its own database and configures its logging itself.
         return _run_demo(arguments)
+    if command == "presets" and arguments.presets_command == "check-expression":
+        # Validating an expression needs no database (nor its settings).
+        return _check_expression(arguments.expression, arguments.json)
     settings = _settings()
     if command == "simulate-provisioner":
         return _simulate_provisioner(settings, arguments)

@@ -108,6 +108,7 @@ PURPOSES = {
     ("resume",): ["every replica"],
     ("presets",): ["reset"],
     ("presets", "reset"): ["normal", "PRESET_ID", "hard limit"],
+    ("presets", "check-expression"): ["EXPR", "Exit 0 when it is valid", "claim_rate_30m", "clamp"],
     ("notifications",): ["outbox", "list"],
     ("notifications", "list"): ["--limit", "--json", "status"],
     ("healthcheck",): ["alive", "exit 0", "--timeout"],
