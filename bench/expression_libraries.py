@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from reconciler.demand import VARIABLE_TYPES
-from reconciler.expression import CompiledExpression, ExpressionError, compile_expression
+from reconciler.expression import CompiledExpression, ExpressionError
+from reconciler.expression_compiler import compile_expression
 
 PRESETS = 10_000
 TIMED = "max(scheduled_target, ceil(claim_rate_30m * 8))"

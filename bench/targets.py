@@ -17,7 +17,8 @@ import statistics
 import time
 from datetime import UTC, datetime, timedelta
 
-from reconciler.demand import WINDOWS_MINUTES, DemandCounts, PoolCounts, compile_target_expression
+from reconciler.demand import WINDOWS_MINUTES, DemandCounts, PoolCounts
+from reconciler.expression_compiler import compile_target_expression, target_expression
 from reconciler.target import TargetSettings, resolve_target
 
 CODER_EXAMPLES = (
@@ -49,7 +50,7 @@ def _time(fleet: list[tuple[PoolCounts, DemandCounts]], expressions: list[str | 
             desired_instances=3,
             schedules=(),
             timezone="Europe/Berlin",
-            expression=expression,
+            expression=target_expression(expression),
             pool=pool,
             demand=demand,
             previous_hold=None,

@@ -238,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _expression_help() -> str:
     from reconciler.demand import VARIABLES
-    from reconciler.expression import FUNCTION_NAMES
+    from reconciler.expression_compiler import FUNCTION_NAMES
 
     width = max(len(variable.name) for variable in VARIABLES)
     lines = [f"  {variable.name:<{width}}  {variable.description}" for variable in VARIABLES]

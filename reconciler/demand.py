@@ -14,14 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from reconciler.expression import (
-    CompiledExpression,
-    ErrorKind,
-    ExpressionError,
-    Value,
-    ValueType,
-    compile_expression,
-)
+from reconciler.expression import CompiledExpression, ErrorKind, ExpressionError, Value, ValueType
 
 # The windows of Coder's claims_Xm / misses_Xm / claim_rate_Xm, in minutes.
 WINDOWS_MINUTES = (5, 10, 30, 60, 120)
@@ -179,17 +172,6 @@ def target_variables(
     """The variables `names` (default: all of VARIABLES) for one preset, `local_time` in its time zone."""
     inputs = _Inputs(scheduled_target, pool, demand, local_time)
     return {name: _GETTERS[name](inputs) for name in (_GETTERS if names is None else names)}
-
-
-@functools.lru_cache(maxsize=65536)
-def compile_target_expression(text: str) -> CompiledExpression | ExpressionError:
-    """Compiled once per distinct expression text (a fleet shares a few; every pass reuses them)."""
-    compiled = compile_expression(text, VARIABLE_TYPES)
-    if isinstance(compiled, CompiledExpression) and compiled.result_type is ValueType.BOOL:
-        return ExpressionError(
-            ErrorKind.TYPE, "the expression must evaluate to a number of prebuilds, not a boolean (true/false)"
-        )
-    return compiled
 
 
 def integral_target(value: Value) -> int | ExpressionError:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.demand import COLD_START, LAST_WEEK_VARIABLES, compile_target_expression
-from reconciler.expression import CompiledExpression, ExpressionError
+from reconciler.demand import COLD_START, LAST_WEEK_VARIABLES
+from reconciler.expression import ExpressionError, InvalidExpression
+from reconciler.expression_compiler import compile_target_expression
 
 # Names Coder's language does not have: an expression using them works here only.
 OUR_VARIABLES = frozenset({COLD_START, *LAST_WEEK_VARIABLES})
@@ -50,7 +51,6 @@ class CheckReport:
 
 def check(text: str) -> CheckReport:
     compiled = compile_target_expression(text)
-    if isinstance(compiled, ExpressionError):
-        return CheckReport(text.strip(), compiled)
-    assert isinstance(compiled, CompiledExpression)
+    if isinstance(compiled, InvalidExpression):
+        return CheckReport(compiled.text, compiled.error)
     return CheckReport(compiled.text, None, tuple(sorted(compiled.names)))

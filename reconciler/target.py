@@ -1,6 +1,8 @@
 """A preset's target: static, scheduled, or computed from demand by its expression (BEHAVIOR.md 2.1).
 
-Pure: (the preset's settings, its pool, its demand, what the last pass remembered, now) -> `Target`.
+Pure: (the preset's settings, its compiled expression, its pool, its demand, what the last pass
+remembered, now) -> `Target`. A blank expression is no expression: the caller passes None for it
+(`reconciler.expression_compiler.compile_target_expression` compiles the others, once per text).
 The planner plans creates up to `Target.desired` and deletes extraneous prebuilds above
 `Target.retained`, which the stabilization window keeps above `desired` for a while after a drop.
 """
@@ -13,16 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from reconciler import schedule
-from reconciler.demand import (
-    COLD_START,
-    DemandCounts,
-    PoolCounts,
-    clamp_target,
-    compile_target_expression,
-    evaluate_target,
-    target_variables,
-)
-from reconciler.expression import ErrorKind, ExpressionError, Value
+from reconciler.demand import COLD_START, DemandCounts, PoolCounts, clamp_target, evaluate_target, target_variables
+from reconciler.expression import CompiledExpression, ErrorKind, ExpressionError, InvalidExpression, Value
 from reconciler.snapshot import Schedule
 
 
@@ -127,7 +121,7 @@ def resolve_target(
     desired_instances: int,
     schedules: Sequence[Schedule],
     timezone: str,
-    expression: str | None,
+    expression: CompiledExpression | InvalidExpression | None,
     pool: PoolCounts,
     demand: DemandCounts,
     previous_hold: TargetHold | None,
@@ -139,9 +133,9 @@ def resolve_target(
         return Target(TargetSource.INACTIVE, desired=0, retained=0, scheduled_target=0)
     cap = settings.max_desired_instances
     source, baseline, problems = scheduled_target(desired_instances, schedules, timezone, cap, now)
-    text = expression.strip() if expression is not None else ""
-    if not text:
+    if expression is None:
         return Target(source, baseline, baseline, baseline, problems=tuple(problems))
+    text = expression.text
 
     def fallback(error: ExpressionError, inputs: tuple[tuple[str, Value], ...] = ()) -> Target:
         hold = stabilize(previous_hold, baseline, settings.stabilization_window, now)
@@ -157,9 +151,9 @@ def resolve_target(
             problems=tuple(problems),
         )
 
-    compiled = compile_target_expression(text)
-    if isinstance(compiled, ExpressionError):
-        return fallback(compiled)
+    if isinstance(expression, InvalidExpression):
+        return fallback(expression.error)
+    compiled = expression
     try:
         local_time = now.astimezone(schedule.zone(timezone.strip()))
     except schedule.ScheduleError as error:

@@ -14,8 +14,8 @@ from reconciler.expression import (
     ExpressionError,
     Value,
     ValueType,
-    compile_expression,
 )
+from reconciler.expression_compiler import compile_expression
 
 TABLE = {"a": ValueType.INT, "b": ValueType.INT, "rate": ValueType.FLOAT, "hour": ValueType.INT, "flag": ValueType.BOOL}
 VALUES: dict[str, Value] = {"a": 3, "b": 4, "rate": 0.5, "hour": 10, "flag": True}

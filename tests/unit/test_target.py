@@ -7,15 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from reconciler.demand import (
-    VARIABLE_TYPES,
-    WINDOWS_MINUTES,
-    DemandCounts,
-    PoolCounts,
-    compile_target_expression,
-    target_variables,
-)
-from reconciler.expression import CompiledExpression, ErrorKind, ExpressionError
+from reconciler.demand import VARIABLE_TYPES, WINDOWS_MINUTES, DemandCounts, PoolCounts, target_variables
+from reconciler.expression import CompiledExpression, ErrorKind, InvalidExpression
+from reconciler.expression_compiler import compile_target_expression, target_expression
 from reconciler.snapshot import Schedule
 from reconciler.target import Target, TargetHold, TargetSettings, TargetSource, resolve_target, stabilize
 
@@ -55,7 +49,7 @@ def resolve(
         desired_instances=desired_instances,
         schedules=schedules,
         timezone=timezone,
-        expression=expression,
+        expression=target_expression(expression),
         pool=pool or PoolCounts(),
         demand=counts or demand(),
         previous_hold=previous,
@@ -290,8 +284,8 @@ def test_a_fallback_is_stabilized_too() -> None:
     assert (broken.desired, broken.retained) == (3, 10)
 
 
-def test_errors_are_values_for_every_variable_table_entry() -> None:
+def test_every_variable_compiles_and_a_boolean_alone_is_refused() -> None:
     # Every variable compiles on its own; a boolean alone is refused as a target.
     for name, value_type in VARIABLE_TYPES.items():
         compiled = compile_target_expression(name)
-        assert isinstance(compiled, ExpressionError) == (value_type == "bool"), name
+        assert isinstance(compiled, InvalidExpression) == (value_type == "bool"), name
