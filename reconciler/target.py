@@ -90,6 +90,12 @@ class Target:
     problems: tuple[tuple[str, str], ...] = field(default=())
 
 
+def _a_schedule_applies(schedules: Sequence[Schedule], timezone: str, now: datetime) -> bool:
+    """Whether a schedule's range contains now (only asked once `schedule.target` found them usable)."""
+    local = now.astimezone(schedule.zone(timezone))
+    return any(schedule.parse_time_range(row.cron_expression).contains(local) for row in schedules)
+
+
 def scheduled_target(
     desired_instances: int,
     schedules: Sequence[Schedule],
@@ -104,7 +110,7 @@ def scheduled_target(
         scheduled = schedule.target(desired_instances, schedules, timezone, now)
         if scheduled.problem is not None:
             problems.append(("preset.schedule_ignored", scheduled.problem))
-        elif scheduled.schedule_index is not None:
+        elif _a_schedule_applies(schedules, timezone, now):
             source = TargetSource.SCHEDULE
         desired = scheduled.instances
     if desired > cap:
