@@ -75,6 +75,16 @@ from (select b.transition, b.job_id from workspace_builds b
       where b.workspace_id = $1 order by b.build_number desc limit 1) latest
 join provisioner_jobs job on job.id = latest.job_id
 """
+# How long the build jobs created in [$1, $2) waited for the provisioner: median and max, in seconds.
+QUEUE_WAIT = """
+select coalesce(percentile_cont(0.5) within group (order by wait), 0)::float8 as median,
+       coalesce(max(wait), 0)::float8 as max
+from (
+    select extract(epoch from coalesce(started_at, now()) - created_at) as wait from provisioner_jobs
+    where type = 'workspace_build' and created_at >= $1 and created_at < $2
+        and (worker_id is not null or job_status = 'pending')
+) waits
+"""
 # An upper bound of each preset's backoff (BEHAVIOR.md 3.1) from its failures in the lookback window:
 # the newest failure plus one interval per failure (only the newest N count in the rule; all do here).
 BACKOFF_BOUND = """
@@ -124,6 +134,10 @@ class SoakSummary:
     peak_surplus: int = 0
     convergence_seconds: float = 0.0
     convergence_allowed_seconds: float = 0.0
+    # How long build jobs waited for the provisioner (created to picked up), median and max, in the chaos
+    # and in the calm.
+    queue_wait_chaos: tuple[float, float] = (0.0, 0.0)
+    queue_wait_calm: tuple[float, float] = (0.0, 0.0)
     pass_seconds_median: float = 0.0
     pass_seconds_max: float = 0.0
     # The timeline of each preset (up to three) that went above its ceiling, for the reader of a failure.
@@ -145,6 +159,9 @@ class SoakSummary:
             f"  hard-limit episodes: {self.hard_limit_episodes}",
             f"  peak surplus over target (after a target drop): {self.peak_surplus}",
             f"  convergence:       {self.convergence_seconds:.1f} s (allowed {self.convergence_allowed_seconds:.1f} s)",
+            f"  provisioner queue: jobs waited median {self.queue_wait_chaos[0]:.1f} s, max "
+            f"{self.queue_wait_chaos[1]:.1f} s in the chaos; median {self.queue_wait_calm[0]:.1f} s, max "
+            f"{self.queue_wait_calm[1]:.1f} s in the calm",
             f"  invariant checks:  {self.invariant_checks}",
             f"  violations:        {len(self.violations)}",
         ]
@@ -164,6 +181,11 @@ class Soak:
         self.replicas: list[DaemonProcess] = []
         self.retired: list[DaemonProcess] = []
         self.windows: list[PassWindow] = []
+        # Moments of the run every preset's timeline shows (the calm's start, its deadline), and the
+        # presets that did not converge (their timelines are printed too).
+        self.milestones: list[tuple[datetime, str]] = []
+        self.not_converged: list[UUID] = []
+        self.chaos_started_at = self.calm_started_at = datetime.now(UTC)
         # Presets of each template's active version, and the templates whose builds always fail.
         self.templates: dict[UUID, list[UUID]] = {}
         self.broken_templates: set[UUID] = set()
@@ -265,7 +287,7 @@ class Soak:
             for replica in self.retired:
                 events.extend((str(replica.port), event) for event in replica.events())
                 replica.stop()
-            for preset_id in self.checker.over_ceiling[:3]:
+            for preset_id in [*self.checker.over_ceiling[:3], *self.not_converged[:3]]:
                 self.summary.timelines.append(await self.preset_timeline(preset_id, events))
             await self.platform.close()
         self.summary.failed_builds = self.provisioner.stats.failed
@@ -280,6 +302,7 @@ class Soak:
         return self.summary
 
     async def chaos(self) -> None:
+        self.chaos_started_at = datetime.now(UTC)
         started = time.monotonic()
         deadline = started + self.config.chaos_seconds
         next_event = started
@@ -465,6 +488,8 @@ class Soak:
         # The broken template is fixed, and the operator resets what is limited.
         await connection.execute("delete from template_version_preset_parameters where name = 'simulated_failure'")
         calm_started = time.monotonic()
+        self.calm_started_at = datetime.now(UTC)
+        self.milestones.append((self.calm_started_at, "soak: calm: no more failures, the operator resets"))
         for row in await connection.fetch("select id from template_version_presets where prebuild_status <> 'normal'"):
             await store.reset_preset(connection, row["id"], datetime.now(UTC))
         # Builds started during the chaos had their outcome drawn then: let them end before judging backoff.
@@ -487,6 +512,13 @@ class Soak:
         allowed = (time.monotonic() - calm_started) + backoff_seconds
         allowed += 3 * self.config.interval_seconds + self.config.max_build_seconds + 3.0
         self.summary.convergence_allowed_seconds = allowed
+        self.milestones.append(
+            (
+                datetime.now(UTC),
+                f"soak: second reset; backoff bound {backoff_seconds:.1f} s from now; "
+                f"convergence deadline in {allowed - (time.monotonic() - calm_started):.1f} s",
+            )
+        )
         converged: dict[UUID, float] = {}
         deadline = calm_started + allowed
         while time.monotonic() < deadline:
@@ -503,6 +535,8 @@ class Soak:
             for preset_id, target in self.checker.targets.items()
             if preset_id not in converged
         }
+        self.milestones.append((datetime.now(UTC), "soak: convergence judged"))
+        self.not_converged = sorted(late)
         for preset_id, (count, target) in sorted(late.items())[:10]:
             self.checker.violations.append(
                 f"preset {preset_id} did not converge within {allowed:.1f} s: {count} running, target {target}"
@@ -533,9 +567,9 @@ class Soak:
     async def preset_timeline(self, preset_id: UUID, events: list[tuple[str, dict[str, Any]]]) -> str:
         """What happened to one preset, in time order: the checker's targets and samples, the replicas'
         creates and deletes of it (with their pass), and every build of its workspaces."""
-        lines: list[tuple[datetime, str]] = list(self.checker.history.get(preset_id, []))
+        lines: list[tuple[datetime, str]] = [*self.checker.history.get(preset_id, []), *self.milestones]
         for replica, event in events:
-            if event.get("preset_id") != str(preset_id) or not str(event.get("event", "")).startswith("prebuilds."):
+            if event.get("preset_id") != str(preset_id):
                 continue
             details = ", ".join(
                 f"{key} {event[key]}" for key in ("outcome", "rows", "planned", "clamped", "reason") if key in event
@@ -563,12 +597,23 @@ class Soak:
                 if build[column] is not None:
                     lines.append((build[column], f"database: {name} job {column.removesuffix('_at')}"))
         lines.sort(key=lambda line: line[0])
-        rendered = [f"  timeline of preset {preset_id}:"]
+        ttl = await self.connection.fetchval(
+            "select invalidate_after_secs from template_version_presets where id = $1", preset_id
+        )
+        expiry = f"prebuilds expire after {ttl} s" if ttl else "prebuilds do not expire"
+        rendered = [f"  timeline of preset {preset_id} ({expiry}):"]
         rendered.extend(f"    {moment:%H:%M:%S.%f} {what}" for moment, what in lines)
         return "\n".join(rendered)
 
     async def final_checks(self) -> None:
         connection = self.connection
+        for period, (start, end) in {
+            "chaos": (self.chaos_started_at, self.calm_started_at),
+            "calm": (self.calm_started_at, datetime.now(UTC)),
+        }.items():
+            row = await connection.fetchrow(QUEUE_WAIT, start, end)
+            assert row is not None
+            setattr(self.summary, f"queue_wait_{period}", (row["median"], row["max"]))
         await self.checker.sample(connection)
         await self.checker.check_claims(connection)
         await self.checker.check_whole(connection)

@@ -36,7 +36,7 @@ async def test_a_preset_above_its_ceiling_gets_its_timeline(factory: Factory, da
     unrelated = {**create, "preset_id": "another"}
     timeline = (await soak.preset_timeline(preset.id, [("7001", create), ("7001", unrelated)])).splitlines()
 
-    assert timeline[0] == f"  timeline of preset {preset.id}:"
+    assert timeline[0] == f"  timeline of preset {preset.id} (prebuilds do not expire):"
     what = [line.split(" ", 5)[-1] for line in timeline[1:]]
     checker_lines = [line for line in what if line.startswith("checker:")]
     assert [line.split(" (committing at")[0] for line in checker_lines] == [
