@@ -340,6 +340,11 @@ async def _run_pass(
         return pass_result
 
     bad_rows: list[store.BadRowError] = []
+    # When this pass held the reconciliation lock, in wall-clock seconds: read after the lock was granted
+    # and before the transaction that holds it ends, so the interval lies within the real one. Logged,
+    # so that replicas' passes can be shown never to overlap (a pass's duration also covers waiting for
+    # a connection, and its event is written after the lock is released).
+    lock_held_from = lock_held_until = 0.0
     try:
         async with pool.acquire() as connection:
             # The lock lives as long as this transaction: it is released when the pass ends, and by the
@@ -351,6 +356,7 @@ async def _run_pass(
                 if not await store.try_reconciliation_lock(connection):
                     body_raised = False
                     return result(PassOutcome.SKIPPED_LOCK)
+                lock_held_from = time.time()
                 if await store.read_paused(connection):
                     body_raised = False
                     return result(PassOutcome.PAUSED)
@@ -363,6 +369,7 @@ async def _run_pass(
                 )
                 body_raised = False
             finally:
+                lock_held_until = time.time()
                 await _end_lock_transaction(transaction, body_raised)
     except _EXPECTED_FAILURES as error:
         # The database is gone or refused: expected in an outage, so no traceback, one line per pass.
@@ -377,6 +384,8 @@ async def _run_pass(
         "reconcile.pass",
         outcome=outcome.value,
         duration_seconds=round(pass_result.duration_seconds, 4),
+        lock_held_from=round(lock_held_from, 6),
+        lock_held_until=round(lock_held_until, 6),
         **summarize(plan),
         created=summary.created,
         deleted=summary.deleted,

@@ -184,7 +184,7 @@ async def test_three_replicas_reconcile_one_pass_at_a_time_and_take_over_from_a_
     assert changes >= 20
     # Every pass has its own run id, and no two replicas' passes overlap in time.
     assert len({window.run_id for window in windows}) == len(windows)
-    assert overlapping_passes(windows, tolerance=0.05) == []
+    assert overlapping_passes(windows) == []
     per_replica = {name: sum(1 for window in windows if window.replica == name) for name in replicas}
     assert all(count >= 3 for count in per_replica.values()), per_replica
     assert survivor_skips >= 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -132,3 +134,15 @@ async def live_prebuilds(connection: asyncpg.Connection) -> dict[UUID, int]:
         "where not w.deleted group by 1"
     )
     return {row["preset_id"]: row["count"] for row in rows}
+
+
+async def wait_until_blocked_by(watcher: asyncpg.Connection, blocker_pid: int, task: asyncio.Task[object]) -> None:
+    """Return once some backend waits for a lock that `blocker_pid` holds (e.g. `task`'s create, on the
+    preset's row that the test's "platform" locked). Fails if `task` ends first or nothing waits in 60 s."""
+    deadline = time.monotonic() + 60
+    while not await watcher.fetchval(
+        "select exists (select 1 from pg_stat_activity where $1 = any(pg_blocking_pids(pid)))", blocker_pid
+    ):
+        assert not task.done(), f"the task ended without waiting for the lock: {task.result()!r}"
+        assert time.monotonic() < deadline, "nothing waited for the lock within 60 s"
+        await asyncio.sleep(0.01)

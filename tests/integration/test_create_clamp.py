@@ -19,7 +19,6 @@ committed. So the lock and the reads it protects must be separate statements.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -29,7 +28,7 @@ import pytest
 from reconciler import executor, store
 from reconciler.actions import CreateAction
 from tests.factories import Factory, Preset
-from tests.integration.reconcile_support import open_pool, plan_of, read_plan, settings_for
+from tests.integration.reconcile_support import open_pool, plan_of, read_plan, settings_for, wait_until_blocked_by
 
 ALWAYS = "* * * * *"
 NEVER = "* * 31 2 *"
@@ -71,18 +70,6 @@ async def platform(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
-
-
-async def wait_until_blocked_by(watcher: asyncpg.Connection, blocker_pid: int, task: asyncio.Task[object]) -> None:
-    """Return once some backend waits for a lock that `blocker_pid` holds (the create, on the preset's row)."""
-    deadline = time.monotonic() + 60
-    while not await watcher.fetchval(
-        "select exists (select 1 from pg_stat_activity where $1 = any(pg_blocking_pids(pid)))", blocker_pid
-    ):
-        # The create never got to wait: it ran to the end (a bug this test is not about) or failed.
-        assert not task.done(), f"the create did not wait for the platform's lock: {task.result()!r}"
-        assert time.monotonic() < deadline, "the create did not reach the preset's lock within 60 s"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("change_name", list(CHANGES))

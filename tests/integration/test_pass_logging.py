@@ -1,14 +1,19 @@
-"""The log events of a pass: one run_id on everything it logs, and the hard-limit warning every pass."""
+"""The log events of a pass: one run_id on everything it logs, the hard-limit warning every pass, and when
+the pass held the reconciliation lock."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import timedelta
 
+import asyncpg
 import structlog
 from structlog.testing import capture_logs
 
+from reconciler import db
 from tests.factories import Factory, minutes
-from tests.integration.reconcile_support import open_pool, pass_at, settings_for
+from tests.integration.reconcile_support import open_pool, pass_at, settings_for, wait_until_blocked_by
 
 
 async def test_every_event_of_a_pass_carries_its_run_id(factory: Factory, database_url: str) -> None:
@@ -46,3 +51,41 @@ async def test_a_hard_limited_preset_is_warned_about_on_every_pass(factory: Fact
             warnings = [event for event in events if event["event"] == "preset.creates_skipped_hard_limited"]
             assert [event["preset_id"] for event in warnings] == [str(broken.id)]
             assert warnings[0]["log_level"] == "warning"
+
+
+# The reconciliation lock in this test's database (pg_locks shows every database of the server).
+RECONCILIATION_LOCKS = (
+    "select count(*) from pg_locks where locktype = 'advisory' and objid = $1 "
+    "and database = (select oid from pg_database where datname = current_database())"
+)
+
+
+async def test_a_pass_logs_when_it_held_the_reconciliation_lock(
+    factory: Factory, database_url: str, connection: asyncpg.Connection
+) -> None:
+    """`lock_held_from`/`lock_held_until` (the soak's proof that replicas' passes never overlap) cover a
+    moment the lock is seen held, and lie within the pass."""
+    preset = await factory.preset(desired=1)
+    settings = settings_for(database_url)
+    platform = await asyncpg.connect(database_url)
+    try:
+        async with open_pool(database_url) as pool:
+            with capture_logs() as events:
+                before = time.time()
+                # The platform holds the preset's row: the pass's create waits, with the lock held.
+                transaction = platform.transaction()
+                await transaction.start()
+                await platform.execute("select 1 from template_version_presets where id = $1 for update", preset.id)
+                running = asyncio.create_task(pass_at(pool, settings, factory.now))
+                await wait_until_blocked_by(connection, platform.get_server_pid(), running)
+                held = await connection.fetchval(RECONCILIATION_LOCKS + " and granted", db.RECONCILIATION_LOCK_KEY)
+                during = time.time()
+                await transaction.commit()
+                await running
+                after = time.time()
+            released = await connection.fetchval(RECONCILIATION_LOCKS, db.RECONCILIATION_LOCK_KEY)
+    finally:
+        await platform.close()
+    (summary,) = [event for event in events if event["event"] == "reconcile.pass"]
+    assert (held, released) == (1, 0)
+    assert before <= summary["lock_held_from"] <= during <= summary["lock_held_until"] <= after

@@ -657,7 +657,7 @@ class Soak:
         for run_id, count in run_ids.items():
             if count > 1:
                 self.checker.violations.append(f"run id {run_id} logged by {count} passes")
-        for first, second in overlapping_passes(self.windows, tolerance=0.05):
+        for first, second in overlapping_passes(self.windows):
             self.checker.violations.append(
                 f"passes {first.run_id} (replica :{first.replica}) and {second.run_id} (replica "
                 f":{second.replica}) overlap by {min(first.end, second.end) - second.start:.3f} s"
