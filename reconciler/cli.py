@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -23,6 +25,7 @@ from reconciler.config import (
     EXIT_CONFIG,
     ConfigError,
     Settings,
+    configuration_warnings,
     database_url_for_display,
     known_secrets,
     load_settings,
@@ -78,6 +81,52 @@ class _HelpFormatter(argparse.HelpFormatter):
             else:
                 paragraphs.append(super()._fill_text(paragraph, width, indent))
         return "\n\n".join(paragraphs)
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    # float() also reads "nan" and "inf", and "1e999" as infinity: none is a number of seconds or a rate.
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds, 0 or more."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds, more than 0."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    """argparse type: a share, from 0 to 1."""
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
+    return value
+
+
+def _positive_integer(text: str) -> int:
+    """argparse type: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
 
 
 def _command(
@@ -221,7 +270,7 @@ def _parser() -> argparse.ArgumentParser:
         "List the most recent notification messages, newest first: kind, recipient, status (pending, "
         "sent, failed, recorded) and delivery attempts.",
     )
-    listing.add_argument("--limit", type=int, default=50, help="how many messages to show (default 50)")
+    listing.add_argument("--limit", type=_positive_integer, default=50, help="how many messages to show (default 50)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     healthcheck = _command(
         commands,
@@ -231,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
         "reachable: exit 0 when it is, 1 when it is not or does not answer. Meant for container health "
         "checks; needs no database URL.",
     )
-    healthcheck.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    healthcheck.add_argument("--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for each answer")
     _add_demo_commands(commands)
     return parser
 
@@ -259,16 +308,20 @@ def _add_demo_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         description="Start an embedded PostgreSQL, seed a small platform (one preset always fails), run the "
         "daemon and a simulated provisioner, and show every preset's pool live. Ctrl-C stops everything.",
     )
-    demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop by itself after this many seconds")
-    demo.add_argument("--interval", type=float, default=5.0, metavar="SECONDS", help="seconds between passes")
     demo.add_argument(
-        "--failure-rate", type=float, default=0.1, metavar="RATE", help="share of healthy builds that fail (0-1)"
+        "--duration", type=_positive_seconds, metavar="SECONDS", help="stop by itself after this many seconds"
+    )
+    demo.add_argument(
+        "--interval", type=_positive_seconds, default=5.0, metavar="SECONDS", help="seconds between passes"
+    )
+    demo.add_argument(
+        "--failure-rate", type=_rate, default=0.1, metavar="RATE", help="share of healthy builds that fail (0-1)"
     )
     demo.add_argument("--presets", type=int, default=3, metavar="N", help="number of healthy presets (0-8)")
     demo.add_argument("--data-dir", metavar="DIR", help="keep the database and the logs here (default: temporary)")
     demo.add_argument(
         "--publish-after",
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="publish a new template version after this many seconds, to watch outdated prebuilds replaced",
     )
@@ -280,10 +333,12 @@ def _add_demo_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "rate) without provisioning anything. For trying the daemon against a staging database; never point "
         "it at production. Several may run at once.",
     )
-    simulate.add_argument("--failure-rate", type=float, default=0.1, metavar="RATE", help="share of builds that fail")
-    simulate.add_argument("--min-seconds", type=float, default=2.0, metavar="SECONDS", help="shortest build")
-    simulate.add_argument("--max-seconds", type=float, default=5.0, metavar="SECONDS", help="longest build")
-    simulate.add_argument("--duration", type=float, metavar="SECONDS", help="stop by itself after this many seconds")
+    simulate.add_argument("--failure-rate", type=_rate, default=0.1, metavar="RATE", help="share of builds that fail")
+    simulate.add_argument("--min-seconds", type=_seconds, default=2.0, metavar="SECONDS", help="shortest build")
+    simulate.add_argument("--max-seconds", type=_seconds, default=5.0, metavar="SECONDS", help="longest build")
+    simulate.add_argument(
+        "--duration", type=_positive_seconds, metavar="SECONDS", help="stop by itself after this many seconds"
+    )
 
 
 def _run_demo(arguments: argparse.Namespace) -> int:
@@ -338,6 +393,8 @@ def _simulate_provisioner(settings: Settings, arguments: argparse.Namespace) -> 
 def _settings(require_database: bool = True) -> Settings:
     settings = load_settings(require_database=require_database)
     configure_logging(settings.log_format, settings.log_level, secrets=known_secrets(settings))
+    for event, fields in configuration_warnings(os.environ, settings):
+        logger.warning(event, **fields)
     return settings
 
 
@@ -479,7 +536,6 @@ def _check_expression(text: str, as_json: bool) -> int:
 
 def _actor() -> str:
     import getpass
-    import os
 
     try:
         return os.environ.get("SUDO_USER") or getpass.getuser()

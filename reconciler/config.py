@@ -1,37 +1,59 @@
-"""One frozen settings model, read from the environment (CONTRACTS.md section 3).
+"""One frozen settings model, read from the environment by pydantic-settings (CONTRACTS.md section 3).
 
-The environment is read here, in one place, because three of its features do not fit a flat model: the
-Coder aliases of four settings, secrets that may come from files (`_FILE`, systemd credentials,
-`/run/secrets`), and indexed sinks (`RECONCILER_WEBHOOK_<N>_URL`). `read_environment` turns all of that
-into plain values; the pydantic-settings model validates them, with a bound on every number.
+Each setting is read from its variable, `RECONCILER_<NAME>` (its alias; Coder's name is a second alias of
+four settings), by the library's environment source, and a secret from a file named after it in the
+secrets directories by the library's secrets source. What the library cannot read has sources of its
+own, in `config_sources`: the `_FILE` variables and the indexed webhooks. Every number is bounded.
 
 A bad value never reaches the user as a pydantic error: those carry the input, and the input may be a
-secret. `ConfigError.problems` has one line per problem, naming the variable as the user spelled it.
+secret. `ConfigError.problems` has one line per problem, naming the variable (or the file) the value came
+from, as the user spelled it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, parse_qsl, unquote, unquote_plus, urlsplit
 
 import yarl
-from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    AliasGenerator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from reconciler.config_sources import (
+    PREFIX,
+    SECRET_DIRECTORIES_VARIABLE,
+    WEBHOOK_VARIABLE,
+    WEBHOOKS_KEY,
+    Environment,
+    IndexedWebhooks,
+    SecretDirectories,
+    SecretFileVariables,
+)
 from reconciler.dsn import parse_dsn, redact_dsn
 from reconciler.durations import format_duration, parse_duration
+from reconciler.logs import MINIMUM_SECRET_LENGTH
 
 # EX_CONFIG from sysexits.h: systemd's RestartPreventExitStatus=78 keeps a misconfigured unit down.
 EXIT_CONFIG = 78
 
-PREFIX = "RECONCILER_"
 CODER_PREFIX = "CODER_WORKSPACE_PREBUILDS_"
 
 # Coder's names for the four reconciliation settings; the RECONCILER_ name wins when both are set.
@@ -42,10 +64,20 @@ CODER_ALIASES: Mapping[str, str] = {
     "failure_hard_limit": CODER_PREFIX + "FAILURE_HARD_LIMIT",
 }
 
-# Where secrets may be read from when their variable is not set (after `<VARIABLE>_FILE`).
-DEFAULT_SECRET_DIRECTORIES = ("/run/secrets",)
+# Settings whose values are secrets: never printed, and readable from files (`<VARIABLE>_FILE`, or a file
+# named after the setting in a secrets directory).
+SECRET_FIELDS = frozenset({"database_url", "smtp_password"})
 
-_WEBHOOK_VARIABLE = re.compile(r"^RECONCILER_WEBHOOK_(\d+)_(URL|SECRET|TIMEOUT)(_FILE)?$")
+# Variables of ours that are not settings: read by the test suite and the benchmark, not by the daemon.
+TOOL_VARIABLES = frozenset(
+    {
+        "RECONCILER_TEST_DATABASE_URL",
+        "RECONCILER_SOAK_SECONDS",
+        "RECONCILER_SOAK_PRESETS",
+        "RECONCILER_SOAK_SEED",
+        "RECONCILER_CI_ISOLATED",
+    }
+)
 
 
 class ConfigError(Exception):
@@ -56,6 +88,14 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def variable_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def _with_coder_name(field: str) -> AliasChoices:
+    return AliasChoices(variable_name(field), CODER_ALIASES[field])
+
+
 def _duration(value: Any) -> Any:
     if isinstance(value, str):
         return parse_duration(value)
@@ -64,17 +104,19 @@ def _duration(value: Any) -> Any:
     return value
 
 
-def _bounded(low: timedelta, high: timedelta) -> AfterValidator:
+# A duration as people write it: `90s`, `1m30s`, `250ms` or plain seconds.
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+def between(low: timedelta, high: timedelta) -> AfterValidator:
+    """The bounds of a duration setting, said in the message as they would be written."""
+
     def check(value: timedelta) -> timedelta:
         if not low <= value <= high:
             raise ValueError(f"must be between {format_duration(low)} and {format_duration(high)}")
         return value
 
     return AfterValidator(check)
-
-
-def Duration(low: timedelta, high: timedelta) -> Any:  # noqa: N802 - reads as a type in annotations
-    return Annotated[timedelta, BeforeValidator(_duration), _bounded(low, high)]
 
 
 def _codes(value: Any) -> Any:
@@ -151,16 +193,51 @@ def _postgres_dsn(value: SecretStr) -> SecretStr:
     return value
 
 
-class WebhookSink(BaseSettings):
+def _not_empty(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value():
+        raise ValueError("must not be empty (unset it to send unsigned requests)")
+    return value
+
+
+# A host name as a resolver takes it: ASCII labels of letters, digits and '-' (not at either end).
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _is_host_name(text: str) -> bool:
+    labels = text.removesuffix(".").split(".")
+    # An all-numeric last label is an IPv4 address gone wrong (`999.1.1.1`), not a name.
+    return len(text) <= 253 and all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` (every address). Raises ValueError with a reason."""
+    host, separator, port_text = address.strip().rpartition(":")
+    if not separator or not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:2118 or [::1]:2118")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError("the port must be between 0 and 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not (_is_ip_address(host) and ":" in host):
+            raise ValueError("not an IPv6 address between the brackets")
+    elif ":" in host:
+        raise ValueError("write IPv6 addresses in brackets, e.g. [::1]:2118")
+    elif host and not (_is_ip_address(host) or _is_host_name(host)):
+        raise ValueError("the host must be an IP address or a host name, e.g. 127.0.0.1, [::1] or localhost")
+    return host or "0.0.0.0", port  # noqa: S104 - an empty host means every address, as in Go
+
+
+class WebhookSink(BaseModel):
     """One webhook: `RECONCILER_WEBHOOK_<N>_URL`, `_SECRET` (HMAC-SHA256 key) and `_TIMEOUT`."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     index: int
     # A URL may carry a token in its path or query: treated as a secret, never printed whole.
     url: Annotated[SecretStr, AfterValidator(_http_url)]
-    secret: SecretStr | None = None
-    timeout: Duration(SECOND, 5 * MINUTE) = timedelta(seconds=10)  # type: ignore[valid-type]
+    secret: Annotated[SecretStr, AfterValidator(_not_empty)] | None = None
+    timeout: Annotated[Duration, between(SECOND, 5 * MINUTE)] = 10 * SECOND
 
     @property
     def display_url(self) -> str:
@@ -171,23 +248,38 @@ class WebhookSink(BaseSettings):
 class Settings(BaseSettings):
     """Every setting of the daemon; frozen, each number bounded."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+        # A setting is read from its variable, spelled exactly: the alias is the variable's name.
+        alias_generator=AliasGenerator(validation_alias=variable_name),
+        case_sensitive=True,
+        # A value is text as written; no setting is JSON.
+        enable_decoding=False,
+    )
 
     database_url: Annotated[SecretStr, AfterValidator(_postgres_dsn)] | None = None
-    reconciliation_interval: Duration(SECOND, DAY) = MINUTE  # type: ignore[valid-type]
-    backoff_interval: Duration(SECOND, DAY) = MINUTE  # type: ignore[valid-type]
-    backoff_lookback: Duration(MINUTE, 30 * DAY) = HOUR  # type: ignore[valid-type]
-    failure_hard_limit: int = Field(default=3, ge=0, le=1000)
+    reconciliation_interval: Annotated[Duration, between(SECOND, DAY)] = Field(
+        MINUTE, validation_alias=_with_coder_name("reconciliation_interval")
+    )
+    backoff_interval: Annotated[Duration, between(SECOND, DAY)] = Field(
+        MINUTE, validation_alias=_with_coder_name("backoff_interval")
+    )
+    backoff_lookback: Annotated[Duration, between(MINUTE, 30 * DAY)] = Field(
+        HOUR, validation_alias=_with_coder_name("backoff_lookback")
+    )
+    failure_hard_limit: int = Field(3, ge=0, le=1000, validation_alias=_with_coder_name("failure_hard_limit"))
     http_address: str = "127.0.0.1:2118"
     log_format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_lower)] = "auto"
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = "info"
-    shutdown_grace: Duration(timedelta(0), HOUR) = 30 * SECOND  # type: ignore[valid-type]
+    shutdown_grace: Annotated[Duration, between(timedelta(0), HOUR)] = 30 * SECOND
     max_desired_instances: int = Field(default=100, ge=1, le=100_000)
     executor_concurrency: int = Field(default=8, ge=1, le=256)
     non_retryable_error_codes: ErrorCodes = frozenset({"REQUIRED_TEMPLATE_VARIABLES"})
     capacity_error_codes: ErrorCodes = frozenset({"INSUFFICIENT_QUOTA"})
-    statement_timeout: Duration(SECOND, HOUR) = 30 * SECOND  # type: ignore[valid-type]
-    connect_timeout: Duration(SECOND, 5 * MINUTE) = 10 * SECOND  # type: ignore[valid-type]
+    statement_timeout: Annotated[Duration, between(SECOND, HOUR)] = 30 * SECOND
+    connect_timeout: Annotated[Duration, between(SECOND, 5 * MINUTE)] = 10 * SECOND
     pool_max_size: int = Field(default=10, ge=2, le=500)
     webhooks: tuple[WebhookSink, ...] = ()
     smtp_host: str | None = None
@@ -196,14 +288,14 @@ class Settings(BaseSettings):
     smtp_security: Annotated[Literal["starttls", "tls", "none"], BeforeValidator(_lower)] = "starttls"
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
-    smtp_timeout: Duration(SECOND, 5 * MINUTE) = 30 * SECOND  # type: ignore[valid-type]
+    smtp_timeout: Annotated[Duration, between(SECOND, 5 * MINUTE)] = 30 * SECOND
     notification_max_attempts: int = Field(default=8, ge=1, le=100)
-    notification_poll_interval: Duration(timedelta(milliseconds=100), 10 * MINUTE) = 5 * SECOND  # type: ignore[valid-type]
+    notification_poll_interval: Annotated[Duration, between(timedelta(milliseconds=100), 10 * MINUTE)] = 5 * SECOND
     # A failed delivery is retried after base x 2^(attempt - 1), at most `retry_max`, less up to half as jitter.
-    notification_retry_base: Duration(SECOND, HOUR) = 30 * SECOND  # type: ignore[valid-type]
-    notification_retry_max: Duration(SECOND, DAY) = HOUR  # type: ignore[valid-type]
+    notification_retry_base: Annotated[Duration, between(SECOND, HOUR)] = 30 * SECOND
+    notification_retry_max: Annotated[Duration, between(SECOND, DAY)] = HOUR
     # How long a dispatcher owns the messages it leased: a crashed one's messages come back after this.
-    notification_lease: Duration(10 * SECOND, HOUR) = 2 * MINUTE  # type: ignore[valid-type]
+    notification_lease: Annotated[Duration, between(10 * SECOND, HOUR)] = 2 * MINUTE
     notification_batch_size: int = Field(default=20, ge=1, le=1000)
 
     @classmethod
@@ -215,33 +307,38 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # `read_environment` has already resolved aliases, files and indexed sinks into init values.
-        return (init_settings,)
+        # `Settings()` reads the process's environment as `load_settings()` does (no .env file).
+        return (init_settings, *settings_sources(os.environ))
 
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
+        # One line per problem, each starting with the variable it is about. The address is checked here
+        # rather than on its field, so that its problem is reported with these (pydantic skips this check
+        # when a field is invalid).
         problems = []
         try:
-            _split_address(self.http_address)
+            split_address(self.http_address)
         except ValueError as error:
-            problems.append(str(error))
+            problems.append(f"RECONCILER_HTTP_ADDRESS: {error}")
         if self.smtp_host is not None and not self.smtp_from:
-            problems.append("smtp_from: required when RECONCILER_SMTP_HOST is set")
+            problems.append("RECONCILER_SMTP_FROM: required when RECONCILER_SMTP_HOST is set")
         if self.smtp_password is not None and not self.smtp_username:
-            problems.append("smtp_username: required when RECONCILER_SMTP_PASSWORD is set")
+            problems.append("RECONCILER_SMTP_USERNAME: required when RECONCILER_SMTP_PASSWORD is set")
         if self.notification_retry_max < self.notification_retry_base:
-            problems.append("notification_retry_max: must not be shorter than RECONCILER_NOTIFICATION_RETRY_BASE")
+            problems.append(
+                "RECONCILER_NOTIFICATION_RETRY_MAX: must not be shorter than RECONCILER_NOTIFICATION_RETRY_BASE"
+            )
         if self.notification_lease < self.longest_sink_timeout + NOTIFICATION_LEASE_MARGIN:
             # A delivery still running when its lease runs out could be repeated by another replica.
             problems.append(
-                f"notification_lease: must exceed the longest sink timeout by at least "
+                f"RECONCILER_NOTIFICATION_LEASE: must exceed the longest sink timeout by at least "
                 f"{format_duration(NOTIFICATION_LEASE_MARGIN)} "
                 f"(at least {format_duration(self.longest_sink_timeout + NOTIFICATION_LEASE_MARGIN)})"
             )
         # The pass holds one connection for its lock; the executor and the outbox need their own.
         if self.pool_max_size < self.executor_concurrency + 2:
             problems.append(
-                f"pool_max_size: must be at least RECONCILER_EXECUTOR_CONCURRENCY + 2 "
+                f"RECONCILER_POOL_MAX_SIZE: must be at least RECONCILER_EXECUTOR_CONCURRENCY + 2 "
                 f"({self.executor_concurrency + 2}), or a pass could wait on itself for connections"
             )
         if problems:
@@ -250,11 +347,11 @@ class Settings(BaseSettings):
 
     @property
     def http_host(self) -> str:
-        return _split_address(self.http_address)[0]
+        return split_address(self.http_address)[0]
 
     @property
     def http_port(self) -> int:
-        return _split_address(self.http_address)[1]
+        return split_address(self.http_address)[1]
 
     @property
     def longest_sink_timeout(self) -> timedelta:
@@ -270,139 +367,27 @@ class Settings(BaseSettings):
         return {"starttls": 587, "tls": 465, "none": 25}[self.smtp_security]
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    """`host:port`, `[v6]:port` or `:port` (every address). Raises ValueError with a reason."""
-    host, separator, port_text = address.strip().rpartition(":")
-    if not separator or not port_text.isdigit():
-        raise ValueError("http_address: must be HOST:PORT, e.g. 127.0.0.1:2118 or [::1]:2118")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError("http_address: the port must be between 0 and 65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError("http_address: write IPv6 addresses in brackets, e.g. [::1]:2118")
-    return host or "0.0.0.0", port  # noqa: S104 - an empty host means every address, as in Go
+def settings_sources(
+    environ: Mapping[str, str],
+) -> tuple[Environment, SecretFileVariables, SecretDirectories, IndexedWebhooks]:
+    """The sources of the settings, highest priority first (see `config_sources`)."""
+    secrets = {variable_name(field): field for field in sorted(SECRET_FIELDS)}
+    return (
+        Environment(Settings, environ),
+        SecretFileVariables(Settings, environ, secrets),
+        SecretDirectories(Settings, environ, secrets),
+        IndexedWebhooks(Settings, environ),
+    )
 
 
-# Settings whose values are secrets: never printed, and readable from files.
-SECRET_FIELDS = frozenset({"database_url", "smtp_password"})
-
-
-def variable_name(field: str) -> str:
-    return PREFIX + field.upper()
-
-
-def _secret_from_files(
-    variable: str, file_name: str, environ: Mapping[str, str], problems: list[str]
-) -> tuple[str, str] | None:
-    """A secret's value from `<VARIABLE>_FILE` or a credential directory: (value, where it came from)."""
-    path_text = environ.get(variable + "_FILE")
-    if path_text:
-        try:
-            return Path(path_text).read_text(encoding="utf-8").rstrip("\r\n"), variable + "_FILE"
-        except OSError as error:
-            problems.append(f"{variable}_FILE: cannot read {path_text}: {error.strerror or error}")
-        except UnicodeDecodeError:
-            # The decoder's message would quote bytes of the secret.
-            problems.append(f"{variable}_FILE: cannot read {path_text}: not UTF-8 text")
-        return None
-    directories = [environ["CREDENTIALS_DIRECTORY"]] if environ.get("CREDENTIALS_DIRECTORY") else []
-    secret_directories = environ.get("RECONCILER_SECRETS_DIRECTORIES")
-    directories += secret_directories.split(os.pathsep) if secret_directories else list(DEFAULT_SECRET_DIRECTORIES)
-    for directory in directories:
-        candidate = Path(directory) / file_name
-        try:
-            if candidate.is_file():
-                return candidate.read_text(encoding="utf-8").rstrip("\r\n"), str(candidate)
-        except OSError:
-            continue
-        except UnicodeDecodeError:
-            problems.append(f"{candidate}: cannot read: not UTF-8 text")
-            return None
-    return None
-
-
-def read_environment(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """Resolve the environment into (values, field -> variable it came from, problems found so far)."""
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    problems: list[str] = []
-    for field in Settings.model_fields:
-        if field == "webhooks":
-            continue
-        variable = variable_name(field)
-        for candidate in (variable, CODER_ALIASES.get(field)):
-            if candidate is not None and candidate in environ:
-                values[field], sources[field] = environ[candidate], candidate
-                break
-        else:
-            if field in SECRET_FIELDS:
-                found = _secret_from_files(variable, field, environ, problems)
-                if found is not None:
-                    values[field], sources[field] = found
-    webhooks: dict[int, dict[str, Any]] = {}
-    secret_files: dict[int, str] = {}
-    for name in sorted(environ):
-        match = _WEBHOOK_VARIABLE.match(name)
-        if match is None:
-            continue
-        index, part, from_file = int(match.group(1)), match.group(2).lower(), match.group(3)
-        if from_file and part != "secret":
-            problems.append(f"{name}: only secrets can be read from files")
-            continue
-        # Sources are kept as spelled (`RECONCILER_WEBHOOK_01_URL`), so that messages name what was set.
-        key = _webhook_source_key(index, part + ("_file" if from_file else ""))
-        if key in sources:
-            problems.append(f"{name}: the same setting as {sources[key]} (webhook {index}); set only one of them")
-            continue
-        sources[key] = name
-        webhook = webhooks.setdefault(index, {"index": index})
-        if from_file:
-            secret_files[index] = name.removesuffix("_FILE")
-        else:
-            webhook[part] = environ[name]
-    for index, webhook in webhooks.items():
-        if "secret" not in webhook:
-            variable = secret_files.get(index, f"{PREFIX}WEBHOOK_{index}_SECRET")
-            found = _secret_from_files(variable, f"webhook_{index}_secret", environ, problems)
-            if found is not None:
-                webhook["secret"] = found[0]
-                sources[_webhook_source_key(index, "secret")] = found[1]
-    values["webhooks"] = [webhooks[index] for index in sorted(webhooks)]
-    return values, sources, problems
-
-
-def _webhook_source_key(index: int, part: str) -> str:
-    return f"webhooks.{index}.{part}"
-
-
-def _describe(error: Mapping[str, Any], sources: Mapping[str, str], values: Mapping[str, Any]) -> str:
-    location = [str(part) for part in error["loc"]]
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if location and location[0] == "webhooks" and len(location) >= 2:
-        webhook = values["webhooks"][int(location[1])]
-        index = webhook["index"]
-        part = location[2] if len(location) > 2 else "url"
-        variable = sources.get(_webhook_source_key(index, part), f"{PREFIX}WEBHOOK_{index}_{part.upper()}")
-        if error["type"] == "missing":
-            return f"{variable}: required for this webhook"
-        if part == "timeout" and isinstance(webhook.get(part), str):
-            return f"{variable}: {message} (got {_shown(webhook[part])})"
-        return f"{variable}: {message}"
-    if not location:
-        # A model-level check: its message already starts with the field it is about.
-        lines = []
-        for line in message.splitlines():
-            field, _, reason = line.partition(": ")
-            lines.append(f"{sources.get(field, variable_name(field))}: {reason}")
-        return "\n".join(lines)
-    field = location[0]
-    variable = sources.get(field, variable_name(field))
-    raw = values.get(field)
-    if field in SECRET_FIELDS or raw is None or not isinstance(raw, str):
-        return f"{variable}: {message}"
-    return f"{variable}: {message} (got {_shown(raw)})"
+def _aliases() -> dict[str, str]:
+    """Every variable a setting is read from -> the setting."""
+    aliases = {}
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        aliases.update({choice: field for choice in choices if isinstance(choice, str)})
+    return aliases
 
 
 def _shown(raw: str) -> str:
@@ -410,16 +395,48 @@ def _shown(raw: str) -> str:
     return repr(raw if len(raw) <= 60 else raw[:57] + "...")
 
 
+def _describe(
+    error: Mapping[str, Any], sources: tuple[Environment, SecretFileVariables, SecretDirectories, IndexedWebhooks]
+) -> list[str]:
+    """One validation error as lines `VARIABLE: reason`, naming where the value came from, never a secret."""
+    location = [str(part) for part in error["loc"]]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not location:
+        # The checks between settings already name their variables, one line each.
+        return message.splitlines()
+    webhooks = sources[-1]
+    if location[0] == WEBHOOKS_KEY and len(location) >= 2:
+        position, part = int(location[1]), location[2] if len(location) > 2 else "url"
+        variable = webhooks.variable(position, part)
+        if error["type"] == "missing":
+            return [f"{variable}: required for this webhook"]
+        raw = webhooks.raw(position, part)
+        if part == "timeout" and isinstance(raw, str):
+            return [f"{variable}: {message} (got {_shown(raw)})"]
+        return [f"{variable}: {message}"]
+    key = location[0]
+    # The source with the highest priority that gave this key is the one whose value was validated.
+    origin, raw = next(
+        ((source.origins[key], source.values[key]) for source in sources if key in source.origins), (key, None)
+    )
+    if _aliases().get(key) in SECRET_FIELDS or not isinstance(raw, str):
+        return [f"{origin}: {message}"]
+    return [f"{origin}: {message} (got {_shown(raw)})"]
+
+
 def load_settings(environ: Mapping[str, str] | None = None, *, require_database: bool = True) -> Settings:
     """The settings of this process; raises ConfigError listing every problem (never a secret)."""
     environ = os.environ if environ is None else environ
-    values, sources, problems = read_environment(environ)
+    sources = settings_sources(environ)
     settings: Settings | None = None
+    errors: list[Any] = []
     try:
-        settings = Settings(**values)
+        settings = Settings(_build_sources=(sources, {}))
     except ValidationError as error:
-        for detail in error.errors(include_input=False, include_url=False):
-            problems.extend(_describe(detail, sources, values).splitlines())
+        errors = error.errors(include_input=False, include_url=False)
+    problems = [problem for source in sources for problem in source.problems]
+    for detail in errors:
+        problems.extend(_describe(detail, sources))
     file_failed = any(problem.startswith(f"{PREFIX}DATABASE_URL_FILE: ") for problem in problems)
     if settings is not None and require_database and settings.database_url is None and not file_failed:
         problems.append(
@@ -430,6 +447,52 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_database:
         raise ConfigError(problems)
     assert settings is not None
     return settings
+
+
+def known_variables() -> frozenset[str]:
+    """Every RECONCILER_ variable the daemon reads (the webhooks' as templates: `RECONCILER_WEBHOOK_<N>_URL`)."""
+    settings = {alias for alias in _aliases() if alias.startswith(PREFIX) and alias != WEBHOOKS_KEY}
+    files = {variable_name(field) + "_FILE" for field in SECRET_FIELDS}
+    webhooks = {f"{PREFIX}WEBHOOK_<N>_{part}" for part in ("URL", "SECRET", "TIMEOUT", "SECRET_FILE")}
+    return frozenset(settings | files | webhooks | {SECRET_DIRECTORIES_VARIABLE})
+
+
+def _closest(name: str, known: frozenset[str]) -> str | None:
+    """The known variable `name` was probably meant to be, a webhook's with its number put back."""
+    number = re.search(r"_([0-9]+)_", name)
+    template = name.replace(number.group(0), "_<N>_", 1) if number else name
+    matches = difflib.get_close_matches(template, sorted(known), n=1, cutoff=0.75)
+    if not matches:
+        return None
+    return matches[0].replace("<N>", number.group(1)) if number else matches[0]
+
+
+def configuration_warnings(environ: Mapping[str, str], settings: Settings) -> list[tuple[str, dict[str, str]]]:
+    """What is wrong but does not stop the daemon, as (log event, fields); never a value."""
+    found: list[tuple[str, dict[str, str]]] = []
+    known = known_variables()
+    for name in sorted(environ):
+        if not name.startswith(PREFIX) or name in known or name in TOOL_VARIABLES or WEBHOOK_VARIABLE.fullmatch(name):
+            continue
+        closest = _closest(name, known)
+        found.append(("config.unknown_variable", {"variable": name, "closest": closest or "(none)"}))
+    short = []
+    if settings.database_url is not None:
+        short.append(("RECONCILER_DATABASE_URL", parse_dsn(settings.database_url.get_secret_value()).password))
+    if settings.smtp_password is not None:
+        short.append(("RECONCILER_SMTP_PASSWORD", settings.smtp_password.get_secret_value()))
+    for webhook in settings.webhooks:
+        if webhook.secret is not None:
+            short.append((f"{PREFIX}WEBHOOK_{webhook.index}_SECRET", webhook.secret.get_secret_value()))
+    for variable, secret in short:
+        if secret and len(secret) < MINIMUM_SECRET_LENGTH:
+            found.append(
+                (
+                    "config.secret_not_redacted",
+                    {"variable": variable, "reason": f"shorter than {MINIMUM_SECRET_LENGTH} characters"},
+                )
+            )
+    return found
 
 
 def database_url_for_display(settings: Settings) -> str:

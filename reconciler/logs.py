@@ -129,6 +129,12 @@ def _log_uncaught(kind: type[BaseException], error: BaseException, traceback: Tr
     logging.getLogger("reconciler").critical("process.crashed", exc_info=(kind, error, traceback))
 
 
+class _Handler(logging.StreamHandler[TextIO]):
+    """Ours, so that configuring again replaces it (and the tests' fixture can take it away)."""
+
+    _reconciler = True
+
+
 def configure_logging(
     log_format: str = "auto", log_level: str = "info", stream: TextIO | None = None, secrets: Iterable[str] = ()
 ) -> None:
@@ -160,13 +166,12 @@ def configure_logging(
             *_renderers(log_format, stream),
         ],
     )
-    handler = logging.StreamHandler(stream)
+    handler = _Handler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, "_reconciler", False):
             root.removeHandler(existing)
-    handler._reconciler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     for name, quiet_level in _QUIET_LIBRARIES.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -148,6 +149,17 @@ def test_every_command_has_its_expected_help_words() -> None:
         ("notifications", "list", "--limit", "many"),
         ("healthcheck", "--timeout", "soon"),
         ("migrate", "extra"),
+        # Numbers argparse's float() reads but that are no duration, rate or count (issue 12, point 6).
+        ("healthcheck", "--timeout", "-1"),
+        ("healthcheck", "--timeout", "nan"),
+        ("simulate-provisioner", "--duration", "nan"),
+        ("simulate-provisioner", "--failure-rate", "nan"),
+        ("simulate-provisioner", "--failure-rate", "1.5"),
+        ("simulate-provisioner", "--min-seconds", "inf"),
+        ("simulate-provisioner", "--max-seconds", "-2"),
+        ("demo", "--interval", "nan"),
+        ("demo", "--duration", "1e999"),
+        ("notifications", "list", "--limit", "-3"),
     ],
     ids=lambda arguments: " ".join(arguments) or "nothing",
 )
@@ -200,8 +212,9 @@ def test_bad_settings_exit_78_with_one_line_per_problem_and_no_secret(command: t
     )
 
 
-def test_healthcheck_also_refuses_bad_settings() -> None:
-    result = run("healthcheck", variables=environment(RECONCILER_HTTP_ADDRESS="nowhere"))
+@pytest.mark.parametrize("address", ["nowhere", "999.1.1.1:80", "\U0001f600:80"])
+def test_healthcheck_also_refuses_bad_settings(address: str) -> None:
+    result = run("healthcheck", variables=environment(RECONCILER_HTTP_ADDRESS=address))
     assert result.returncode == 78, result
     assert [problem.partition(": ")[0] for problem in problem_lines(result.stderr)] == ["RECONCILER_HTTP_ADDRESS"]
 
@@ -246,6 +259,23 @@ def test_a_webhook_url_that_cannot_be_used_exits_78_at_start_up() -> None:
     assert "Traceback" not in result.stderr
     assert SECRET not in result.stderr
     assert [problem.partition(": ")[0] for problem in problem_lines(result.stderr)] == ["RECONCILER_WEBHOOK_0_URL"]
+
+
+def test_an_unknown_variable_is_warned_about_at_start_naming_the_closest_known_one() -> None:
+    port = free_port()
+    variables = environment(
+        RECONCILER_DATABASE_URL=f"postgresql://u@127.0.0.1:{port}/d",
+        RECONCILER_LOG_FORMAT="json",
+        RECONCILER_RECONCILIATON_INTERVAL=f"10s-{SECRET}",
+    )
+    result = run("migrate", variables=variables)
+    assert result.returncode == 1, result  # nothing listens: the warning is the point, not the command
+    warnings = [json.loads(line) for line in result.stderr.splitlines() if "config.unknown_variable" in line]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0]["variable"] == "RECONCILER_RECONCILIATON_INTERVAL"
+    assert warnings[0]["closest"] == "RECONCILER_RECONCILIATION_INTERVAL"
+    assert warnings[0]["level"] == "warning"
+    assert SECRET not in result.stderr
 
 
 def test_an_unreadable_database_url_file_exits_78_naming_the_file_variable(tmp_path: Path) -> None:

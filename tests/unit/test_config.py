@@ -6,7 +6,9 @@ folder that does not exist, so that a machine's /run/secrets cannot leak into a 
 
 from __future__ import annotations
 
+import os
 import re
+import warnings as warnings_module
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -19,10 +21,13 @@ from pydantic import ValidationError
 
 from reconciler.config import (
     CODER_ALIASES,
+    TOOL_VARIABLES,
     ConfigError,
     Settings,
+    configuration_warnings,
     database_url_for_display,
     known_secrets,
+    known_variables,
     load_settings,
 )
 from reconciler.dsn import parse_dsn, redact_dsn
@@ -324,6 +329,12 @@ BAD_VALUES = [
     ("RECONCILER_HTTP_ADDRESS", "127.0.0.1:65536"),
     ("RECONCILER_HTTP_ADDRESS", "::1:2118"),
     ("RECONCILER_HTTP_ADDRESS", "127.0.0.1:99999999999999999999999"),
+    ("RECONCILER_HTTP_ADDRESS", "999.1.1.1:80"),
+    ("RECONCILER_HTTP_ADDRESS", "\U0001f600:80"),
+    ("RECONCILER_HTTP_ADDRESS", "127.0.0.1:\u0668\u0660"),
+    ("RECONCILER_HTTP_ADDRESS", "[db.example]:80"),
+    ("RECONCILER_HTTP_ADDRESS", "-bad-.example:80"),
+    ("RECONCILER_HTTP_ADDRESS", "a..b:80"),
     ("RECONCILER_LOG_FORMAT", "xml"),
     ("RECONCILER_LOG_LEVEL", "verbose"),
     ("RECONCILER_SHUTDOWN_GRACE", "later"),
@@ -409,6 +420,9 @@ def test_a_value_too_long_to_show_is_shortened() -> None:
         (":9000", "0.0.0.0", 9000),  # noqa: S104 - an empty host means every address
         ("[::1]:2118", "::1", 2118),
         ("h:0", "h", 0),
+        ("localhost:80", "localhost", 80),
+        ("reconciler-0.internal.example:9100", "reconciler-0.internal.example", 9100),
+        ("10.0.0.7:2118", "10.0.0.7", 2118),
     ],
 )
 def test_http_address_forms(address: str, host: str, port: int) -> None:
@@ -541,6 +555,22 @@ def test_the_known_secrets_are_every_secret_the_settings_hold() -> None:
     assert not {"services", "x", "2", "hooks.example", "admin", "mailer"} & secrets
 
 
+@pytest.mark.parametrize(
+    "variable", ["RECONCILER_WEBHOOK_\u0663_URL", "RECONCILER_WEBHOOK_x_URL", "RECONCILER_WEBHOOK_+1_URL"]
+)
+def test_a_webhook_number_is_written_with_the_digits_0_to_9(variable: str) -> None:
+    # `\d` and int() take the Arabic-Indic digit three for webhook 3.
+    problem = only_problem({variable: "https://hooks.example/"})
+    assert named(problem) == variable
+    assert "0-9" in problem
+
+
+def test_an_empty_webhook_secret_is_refused() -> None:
+    problem = only_problem({"RECONCILER_WEBHOOK_0_URL": "https://hooks.example/", "RECONCILER_WEBHOOK_0_SECRET": ""})
+    assert named(problem) == "RECONCILER_WEBHOOK_0_SECRET"
+    assert "empty" in problem
+
+
 # --- secrets never printed ------------------------------------------------------------------------------
 
 SECRET = "Sup3rS3cretValue"
@@ -655,6 +685,10 @@ def environments(draw: st.DrawFn) -> tuple[dict[str, str], list[str]]:
             environment[f"RECONCILER_WEBHOOK_{index}_SECRET"] = webhook_secret
         if draw(st.booleans()):
             environment[f"RECONCILER_WEBHOOK_{index}_TIMEOUT"] = draw(durations)
+    if draw(st.booleans()):
+        # A misspelt variable holding a secret: warned about by name, never by value.
+        misspelt = draw(st.sampled_from(["RECONCILER_DATABASE_URI", "RECONCILER_SMTP_PASWORD", "RECONCILER_X"]))
+        environment[misspelt] = draw(st.sampled_from(secrets))
     for variable in draw(st.lists(st.sampled_from(sorted(OTHER_VARIABLES)), max_size=6, unique=True)):
         kind = OTHER_VARIABLES[variable]
         environment[variable] = draw(durations if kind == "duration" else numbers if kind == "number" else junk)
@@ -713,6 +747,7 @@ def test_random_environments_give_settings_or_named_problems_without_secrets(
         assert loaded is not None
         shown = "\n".join([repr(loaded), str(loaded), database_url_for_display(loaded)]).lower()
         shown += "".join(webhook.display_url for webhook in loaded.webhooks).lower()
+        shown += repr(configuration_warnings(environment, loaded)).lower()
         assert_every_held_secret_is_redacted(loaded)
     for secret in secrets:
         assert secret.lower() not in shown
@@ -834,6 +869,89 @@ def test_an_unreadable_file_in_a_secrets_directory_is_skipped(tmp_path: Path) ->
     (tmp_path / "smtp_password").mkdir()
     loaded = load({"RECONCILER_SECRETS_DIRECTORIES": str(tmp_path)})
     assert loaded.smtp_password is None
+
+
+# --- warnings -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "closest"),
+    [
+        ("RECONCILER_RECONCILIATON_INTERVAL", "RECONCILER_RECONCILIATION_INTERVAL"),
+        ("RECONCILER_LOGLEVEL", "RECONCILER_LOG_LEVEL"),
+        ("RECONCILER_DATABASE_URL_FIL", "RECONCILER_DATABASE_URL_FILE"),
+        ("RECONCILER_WEBHOOK_2_URLS", "RECONCILER_WEBHOOK_2_URL"),
+        ("RECONCILER_WEBHOOK_1_SECRETFILE", "RECONCILER_WEBHOOK_1_SECRET_FILE"),
+        ("RECONCILER_WEBHOOKS", "RECONCILER_WEBHOOK_<N>_URL"),
+        ("RECONCILER_SMTP_PASWORD", "RECONCILER_SMTP_PASSWORD"),
+        ("RECONCILER_SOMETHING_ELSE_ENTIRELY", "(none)"),
+    ],
+)
+def test_an_unknown_variable_is_warned_about_naming_the_closest_known_one(variable: str, closest: str) -> None:
+    environment = {**BASE, variable: f"value-{SECRET}"}
+    warnings = configuration_warnings(environment, load(environment, base={}))
+    assert warnings == [("config.unknown_variable", {"variable": variable, "closest": closest})]
+
+
+def test_no_warning_for_the_variables_the_daemon_or_its_tools_read() -> None:
+    environment = {variable.replace("<N>", "3"): "" for variable in known_variables()}
+    environment.update(dict.fromkeys(TOOL_VARIABLES, "x"))
+    environment.update({"CODER_ANYTHING": "x", "RECONCILER_WEBHOOK_3_URL": "https://hooks.example/"})
+    # Settings that load: only the names matter here.
+    assert configuration_warnings(environment, load({})) == []
+    assert {"RECONCILER_DATABASE_URL", "RECONCILER_WEBHOOK_<N>_SECRET_FILE", "RECONCILER_SECRETS_DIRECTORIES"} <= (
+        known_variables()
+    )
+
+
+def test_a_secret_too_short_to_be_redacted_is_warned_about() -> None:
+    loaded = load(
+        {
+            "RECONCILER_DATABASE_URL": "postgresql://u:pw@db.example/platform",
+            "RECONCILER_SMTP_USERNAME": "mailer",
+            "RECONCILER_SMTP_PASSWORD": "long-enough",
+            "RECONCILER_WEBHOOK_1_URL": "https://hooks.example/",
+            "RECONCILER_WEBHOOK_1_SECRET": "abc",
+        }
+    )
+    warned = [fields["variable"] for event, fields in configuration_warnings({}, loaded)]
+    assert warned == ["RECONCILER_DATABASE_URL", "RECONCILER_WEBHOOK_1_SECRET"]
+    assert all(event == "config.secret_not_redacted" for event, _ in configuration_warnings({}, loaded))
+
+
+# --- the library's sources ------------------------------------------------------------------------------
+
+
+def test_settings_read_the_process_environment_as_load_settings_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    environment = {**BASE, "CODER_WORKSPACE_PREBUILDS_FAILURE_HARD_LIMIT": "7", "RECONCILER_LOG_LEVEL": "DEBUG"}
+    for name in list(os.environ):
+        if name.startswith(("RECONCILER_", "CODER_")) or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == load_settings() == load(environment)
+    assert (Settings().failure_hard_limit, Settings().log_level) == (7, "debug")
+
+
+def test_reading_writes_no_warning_of_the_library(tmp_path: Path) -> None:
+    """A secrets directory that does not exist, one that is a file, an entry that is a directory: skipped
+    silently, as before (the library would warn on stderr, or fail)."""
+    (tmp_path / "smtp_password").mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    directories = os.pathsep.join(["/nonexistent/secrets", str(a_file), str(tmp_path)])
+    with warnings_module.catch_warnings(record=True) as caught:
+        warnings_module.simplefilter("always")
+        loaded = load({"RECONCILER_SECRETS_DIRECTORIES": directories})
+    assert loaded.smtp_password is None
+    assert caught == []
+
+
+def test_a_binary_file_in_a_secrets_directory_is_a_problem_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "smtp_password").write_bytes(b"\xff\xfe" + SECRET.encode() + b"\xd0")
+    problem = only_problem({"RECONCILER_SECRETS_DIRECTORIES": str(tmp_path), "RECONCILER_SMTP_USERNAME": "mailer"})
+    assert named(problem) == str(tmp_path / "smtp_password")
+    assert SECRET not in problem
 
 
 # --- redact_dsn -----------------------------------------------------------------------------------------
