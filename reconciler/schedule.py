@@ -8,6 +8,7 @@ Sunday; 7 is refused (some crons accept it as Sunday too, which makes `0,7` ambi
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,10 +24,32 @@ class ScheduleError(ValueError):
 # (name, lowest, highest) of the five fields.
 _FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 6))
 
+# Every string here comes from another component's rows, so nothing in this module may raise anything but
+# ScheduleError for any text: one preset's schedule must never fail the pass of every other preset.
+#
+# Longer expressions are refused before any work: a sensible one, even listing every value of every field,
+# is under 200 characters, and parsed expressions are cached (so a huge one would stay in memory).
+MAX_EXPRESSION_LENGTH = 1000
+# Numbers: ASCII digits only (`str.isdigit()` also accepts `²` and `٣`, which `int()` refuses or reads
+# as digits no cron means), and short, because no field goes above 59 and `int()` has a length limit.
+_NUMBER = re.compile(r"[0-9]{1,9}")
+# A time zone name: the IANA database's names are ASCII letters, digits, `_`, `-` and `+`, in components
+# separated by `/`. Checked before any file is opened, so that no name reaches the file system as a
+# relative path (`..`), an absolute one, or thousands of characters long.
+_ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*")
+MAX_ZONE_NAME_LENGTH = 255
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """`text` quoted for a message, cut short: a hostile row may hold megabytes."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 def _number(text: str, field: str) -> int:
-    if not text.isdigit():
-        raise ScheduleError(f"{field}: not a number: {text!r}")
+    if _NUMBER.fullmatch(text) is None:
+        raise ScheduleError(f"{field}: not a number: {shown(text)}")
     return int(text)
 
 
@@ -36,6 +59,7 @@ def _parse_field(text: str, field: str, low: int, high: int) -> frozenset[int] |
         return None
     values: set[int] = set()
     for part in text.split(","):
+        # Once its numbers are read, a part holds only ASCII digits, `-`, `/` and `*`: safe to show as is.
         range_text, slash, step_text = part.partition("/")
         step = _number(step_text, field) if slash else 1
         if step < 1:
@@ -83,11 +107,13 @@ class TimeRange:
 @functools.lru_cache(maxsize=4096)
 def parse_time_range(expression: str) -> TimeRange:
     """Parse a five-field cron expression as a time range; raises ScheduleError with a reason."""
+    if len(expression) > MAX_EXPRESSION_LENGTH:
+        raise ScheduleError(f"expression too long ({len(expression)} characters, at most {MAX_EXPRESSION_LENGTH})")
     fields = expression.split()
     if len(fields) != 5:
         raise ScheduleError(f"expected 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}")
     if fields[0] != "*":
-        raise ScheduleError(f"the minute field must be '*' (a schedule is a range of hours), got {fields[0]!r}")
+        raise ScheduleError(f"the minute field must be '*' (a schedule is a range of hours), got {shown(fields[0])}")
     parsed = [_parse_field(text, name, low, high) for text, (name, low, high) in zip(fields, _FIELDS, strict=True)]
     return TimeRange(hours=parsed[1], days_of_month=parsed[2], months=parsed[3], days_of_week=parsed[4])
 
@@ -100,10 +126,14 @@ def within_range(expression: str, moment: datetime, timezone: str = "UTC") -> bo
 def zone(name: str) -> ZoneInfo:
     if not name:
         raise ScheduleError("no scheduling time zone set")
+    if len(name) > MAX_ZONE_NAME_LENGTH or _ZONE_NAME.fullmatch(name) is None:
+        raise ScheduleError(f"not a time zone name: {shown(name)}")
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as error:
-        raise ScheduleError(f"unknown time zone {name!r}") from error
+    except (ZoneInfoNotFoundError, ValueError, OSError) as error:
+        # ValueError: a file of the database that is not a zone (`zone.tab`); OSError: a directory of it
+        # (`Europe`: IsADirectoryError), or one the process may not read.
+        raise ScheduleError(f"unknown time zone {shown(name)}") from error
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +164,7 @@ def target(desired_instances: int, schedules: Sequence[Schedule], timezone: str,
     except ScheduleError as error:
         return Target(desired_instances, problem=str(error))
     if len(matching) > 1:
-        crons = ", ".join(repr(schedules[index].cron_expression) for index in matching)
+        crons = ", ".join(shown(schedules[index].cron_expression, limit=100) for index in matching)
         return Target(desired_instances, problem=f"overlapping schedules at this time: {crons}")
     if matching:
         return Target(schedules[matching[0]].desired_instances, schedule_index=matching[0])

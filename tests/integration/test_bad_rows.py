@@ -116,6 +116,56 @@ async def test_unusable_schedules_fall_back_to_desired_and_are_logged(
     assert summary_event(events)["problems"] == len(expected)
 
 
+async def test_zones_and_crons_that_broke_the_lookup_itself_fall_back_for_their_preset_only(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Issue 12.3: each of these once raised out of the schedule code and failed every pass, for everyone.
+
+    A directory of the time zone database (`IsADirectoryError`), a name too long for the file system
+    (`OSError`), `²` (which `str.isdigit()` accepts and `int()` refuses) and a number of 5,000 digits
+    (beyond `int()`'s limit); a number of 20 digits is refused too. `٣` (an Arabic-Indic three) was
+    silently read as 3: only ASCII digits count.
+    """
+    long_zone = "Europe/" + "x" * 300
+    directory_zone = await factory.preset(desired=1, timezone="Europe", schedules=[("* * * * *", 4)])
+    too_long_zone = await factory.preset(desired=2, timezone=long_zone, schedules=[("* * * * *", 4)])
+    superscript = await factory.preset(desired=1, timezone="UTC", schedules=[("* ² * * *", 4)])
+    arabic_indic = await factory.preset(desired=2, timezone="UTC", schedules=[("* * * * ٣", 4)])
+    huge_number = await factory.preset(desired=1, timezone="UTC", schedules=[("* " + "1" * 20 + " * * *", 4)])
+    huge_cron = await factory.preset(desired=2, timezone="UTC", schedules=[("* " + "1" * 5000 + " * * *", 4)])
+    healthy = await factory.preset(desired=1, timezone="Europe/Paris", schedules=[("* * * * *", 3)])
+
+    result, events = await successful_pass(pool, settings_for(database_url))
+
+    expected = {
+        directory_zone: (1, "unknown time zone 'Europe'"),
+        too_long_zone: (2, "not a time zone name"),
+        superscript: (1, "hour: not a number: '²'"),
+        arabic_indic: (2, "day of week: not a number: '٣'"),
+        huge_number: (1, "hour: not a number: '11111"),
+        huge_cron: (2, "expression too long (5008 characters"),
+    }
+    created = await pending_first_builds(factory.connection)
+    for preset, (target, reason) in expected.items():
+        assert plan_of(result, preset).state.desired == target, preset.name
+        assert created.get(preset.id) == target, preset.name
+        (event,) = events_for(events, "preset.schedule_ignored", preset)
+        assert reason in event["detail"], event
+        # A hostile string is shown cut short, never whole.
+        assert len(event["detail"]) < 200, event["detail"]
+    assert created[healthy.id] == 3
+    assert not events_for(events, "preset.schedule_ignored", healthy)
+
+    # `plan` and `status` read the same rows: they work, and show every preset.
+    for command in ("plan", "status"):
+        completed = run_cli(command, "--json", environment=cli_environment(database_url))
+        assert completed.returncode == 0, completed.stderr
+        assert "Traceback" not in completed.stderr
+        document = json.loads(completed.stdout)
+        listed = {entry["preset_id"] for entry in document["presets"]}
+        assert listed == {str(preset.id) for preset in [*expected, healthy]}
+
+
 # --- absurd targets -----------------------------------------------------------------------------
 
 
