@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
@@ -88,6 +88,9 @@ class PlanProblem:
     preset_id: UUID
     event: str
     detail: str
+    # For a preset the planner failed on: where (the formatted stack, without local variables). Not part
+    # of the problem's identity: the same failure on the next pass is the same problem.
+    traceback: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

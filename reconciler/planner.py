@@ -7,6 +7,7 @@ O(presets x rows): at tens of thousands of presets that difference is the whole 
 
 from __future__ import annotations
 
+import traceback
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -70,15 +71,52 @@ def _group(snapshot: Snapshot) -> _Grouped:
     return grouped
 
 
+# How far in the future `last_invalidated_at` may be and still count (BEHAVIOR.md section 2, "expired").
+# Another component stamps it with its own clock and this process compares it with its own, so a little
+# skew is normal and must not delay an operator's invalidation. Beyond it, the time is a bad row: it would
+# expire every new prebuild the moment it exists, for as long as the time lies ahead (for ever, with
+# `infinity`). Within it, an invalidation ahead of our clock re-creates what is built until that time
+# (Coder's behaviour), so the tolerance is also the longest such churn can last; beyond it, the
+# invalidation is only deferred, as it counts again once it is this close. Two minutes covers the skew of
+# any synchronized clock many times over and is twice the shared vectors' +60 s; a constant, not a
+# setting, because no value changes what an invalidation does, only how long a broken clock churns.
+INVALIDATION_CLOCK_SKEW = timedelta(minutes=2)
+INVALIDATION_IGNORED = "preset.invalidation_ignored"
+
+
+def usable_invalidation(preset: Preset, now: datetime) -> datetime | None:
+    """The preset's `last_invalidated_at`, unless it lies more than INVALIDATION_CLOCK_SKEW after `now`."""
+    invalidated = preset.last_invalidated_at
+    if invalidated is None or invalidated - now > INVALIDATION_CLOCK_SKEW:
+        return None
+    return invalidated
+
+
+def _invalidation_ignored(preset: Preset) -> PlanProblem:
+    # The detail names the stored time, never `now`: the same row gives the same problem every pass, so
+    # that it is logged once (reconciler.problem_log).
+    invalidated = preset.last_invalidated_at
+    assert invalidated is not None
+    shown = "infinity" if invalidated.replace(tzinfo=None) == datetime.max else invalidated.isoformat()
+    return PlanProblem(
+        preset.id,
+        INVALIDATION_IGNORED,
+        f"last_invalidated_at {shown} is more than {INVALIDATION_CLOCK_SKEW.total_seconds():.0f} s in the future:"
+        " ignored until it is not (it would expire every new prebuild)",
+    )
+
+
 def expiry_cutoff(preset: Preset, now: datetime) -> datetime | None:
     """Prebuilds created strictly before this instant are expired; None when nothing expires.
 
-    Created before the preset's invalidation, or strictly older than its time-to-live
-    (now - created_at > ttl, i.e. created_at < now - ttl): both are one comparison with the later bound.
+    Created before the preset's invalidation (when usable: not too far in the future), or strictly older
+    than its time-to-live (now - created_at > ttl, i.e. created_at < now - ttl): both are one comparison
+    with the later bound.
     """
     cutoffs = []
-    if preset.last_invalidated_at is not None:
-        cutoffs.append(preset.last_invalidated_at)
+    invalidated = usable_invalidation(preset, now)
+    if invalidated is not None:
+        cutoffs.append(invalidated)
     ttl = preset.invalidate_after_secs
     if ttl is not None and ttl > 0:
         cutoffs.append(now - timedelta(seconds=ttl))
@@ -109,6 +147,8 @@ def plan_preset(
 ) -> tuple[PresetPlan, list[PlanProblem]]:
     """One preset's state and actions (BEHAVIOR.md sections 2 and 3), with any data problem found."""
     problems: list[PlanProblem] = []
+    if preset.last_invalidated_at is not None and usable_invalidation(preset, now) is None:
+        problems.append(_invalidation_ignored(preset))
     active = preset.active
     running = inputs.running
     # One walk over the prebuilds: this runs for every preset of a fleet, every pass.
@@ -148,6 +188,10 @@ def plan_preset(
                 )
             )
             desired = config.max_desired_instances
+        elif desired < 0:
+            # The schema refuses it, but a component that relaxed the constraint may write it: no pool.
+            problems.append(PlanProblem(preset.id, "preset.desired_capped", f"target {desired} is below 0; using 0"))
+            desired = 0
     state = PresetState(
         desired=desired,
         actual=len(running),
@@ -215,7 +259,32 @@ def plan(snapshot: Snapshot, config: PlannerConfig, now: datetime) -> Plan:
             at_hard_limit=preset.id in snapshot.hard_limited_preset_ids,
             validation_failed=preset.id in snapshot.validation_failed_preset_ids,
         )
-        preset_plan, preset_problems = plan_preset(preset, inputs, config, now)
+        try:
+            preset_plan, preset_problems = plan_preset(preset, inputs, config, now)
+        except Exception as error:
+            # Rows come from other components: whatever one preset holds that this code did not foresee
+            # (a bug, by definition), only that preset is left out of the plan, and the pass goes on.
+            problems.append(_plan_failed(preset, error))
+            continue
         presets.append(preset_plan)
         problems.extend(preset_problems)
     return Plan(generated_at=now, presets=tuple(presets), problems=tuple(problems))
+
+
+PLAN_FAILED = "preset.plan_failed"
+
+
+def _plan_failed(preset: Preset, error: Exception) -> PlanProblem:
+    # The message may quote a hostile value at any length: cut short. The stack is kept as "file:line in
+    # function" lines: not the exception, whose frames would keep this pass's snapshot alive, and not the
+    # source lines, which would be read from files (the planner does no I/O).
+    message = str(error)
+    if len(message) > 200:
+        message = f"{message[:200]}... ({len(message)} characters)"
+    frames = traceback.walk_tb(error.__traceback__)
+    return PlanProblem(
+        preset.id,
+        PLAN_FAILED,
+        f"{type(error).__name__}: {message}; preset left out of this plan",
+        traceback="\n".join(f"{frame.f_code.co_filename}:{line} in {frame.f_code.co_name}" for frame, line in frames),
+    )

@@ -18,9 +18,11 @@ import structlog
 from asyncpg.transaction import Transaction
 
 from reconciler import db, executor, planner, store
-from reconciler.actions import CreateBlock, Plan
+from reconciler.actions import CreateBlock, Plan, PlanProblem
 from reconciler.config import Settings
 from reconciler.notify.outbox import NoticeKind, StatusNotice, enqueue_notices
+from reconciler.problem_log import ProblemLog
+from reconciler.problem_log import changes as problem_changes
 from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
 
 logger = structlog.get_logger(__name__)
@@ -205,17 +207,31 @@ def _log_preset(
     log(event, **fields)  # type: ignore[operator]
 
 
-def _log_plan_details(plan: Plan) -> None:
-    presets = {preset_plan.preset.id: preset_plan.preset for preset_plan in plan.presets}
-    for problem in plan.problems:
+def _log_plan_problems(plan: Plan, snapshot: Snapshot, problem_log: ProblemLog | None) -> None:
+    """Each problem once when it appears and once when it clears (every one, without a `problem_log`)."""
+    found = problem_log.update(plan.problems) if problem_log is not None else problem_changes((), plan.problems)
+    # From the snapshot: a preset the planner failed on is not in the plan.
+    presets = {preset.id: preset for preset in snapshot.presets}
+
+    def names(problem: PlanProblem) -> dict[str, object]:
         preset = presets.get(problem.preset_id)
-        logger.warning(
-            problem.event,
-            preset_id=str(problem.preset_id),
-            preset_name=preset.name if preset else None,
-            template_name=preset.template_name if preset else None,
-            detail=problem.detail,
-        )
+        return {
+            "preset_id": str(problem.preset_id),
+            "preset_name": preset.name if preset else None,
+            "template_name": preset.template_name if preset else None,
+        }
+
+    for problem in found.appeared:
+        if problem.event == planner.PLAN_FAILED:
+            # A bug met data nobody foresaw: an error, with where it happened.
+            logger.error(problem.event, **names(problem), detail=problem.detail, traceback=problem.traceback)
+        else:
+            logger.warning(problem.event, **names(problem), detail=problem.detail)
+    for problem in found.cleared:
+        logger.info("preset.problem_cleared", **names(problem), problem=problem.event, detail=problem.detail)
+
+
+def _log_plan_details(plan: Plan) -> None:
     for preset_plan in plan.presets:
         # Every pass, for every active preset at the limit, whether or not it wanted a create this time.
         if preset_plan.create_blocked is CreateBlock.HARD_LIMITED or (
@@ -247,6 +263,7 @@ def summarize(plan: Plan) -> dict[str, int]:
         "to_create": 0,
         "to_delete": 0,
         "to_cancel": 0,
+        "presets_unplanned": sum(problem.event == planner.PLAN_FAILED for problem in plan.problems),
     }
     for preset_plan in plan.presets:
         counts["presets_with_actions"] += bool(preset_plan.actions)
@@ -270,14 +287,17 @@ async def run_pass(
     *,
     run_id: str | None = None,
     observe_action: executor.ActionObserver | None = None,
+    problem_log: ProblemLog | None = None,
 ) -> PassResult:
     """Run one pass. Never raises for database trouble: a failed pass is an outcome, retried next time.
 
     Every event logged during the pass, by any module (the executor's included), carries its `run_id`.
+    With a `problem_log` (the daemon keeps one), the plan's problems are logged when they appear and when
+    they clear; without, every one is logged.
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     with structlog.contextvars.bound_contextvars(run_id=run_id), _cyclic_gc_paused():
-        return await _run_pass(pool, settings, now, run_id, observe_action)
+        return await _run_pass(pool, settings, now, run_id, observe_action, problem_log)
 
 
 @contextlib.contextmanager
@@ -304,6 +324,7 @@ async def _run_pass(
     now: datetime,
     run_id: str,
     observe_action: executor.ActionObserver | None,
+    problem_log: ProblemLog | None,
 ) -> PassResult:
     started = time.perf_counter()
     log = logger.bind(run_id=run_id)
@@ -363,6 +384,7 @@ async def _run_pass(
                 snapshot = await store.read_snapshot(connection, snapshot_parameters(settings, now), bad_rows=bad_rows)
                 snapshot, changes = await apply_status_transitions(pool, snapshot, now)
                 plan = planner.plan(snapshot, planner_config(settings), now)
+                _log_plan_problems(plan, snapshot, problem_log)
                 _log_plan_details(plan)
                 summary = await executor.execute(
                     pool, plan, now, concurrency=settings.executor_concurrency, observe=observe_action

@@ -36,6 +36,7 @@ from reconciler.config import Settings
 from reconciler.http import HealthState, HttpBindError, Readiness, bound_port, build_application, start_http
 from reconciler.metrics import Metrics
 from reconciler.notify.dispatcher import Dispatcher
+from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier
 
@@ -86,6 +87,8 @@ class Daemon:
         self.notifier = notifier or SystemdNotifier()
         self.clock = clock
         self.readiness = Readiness()
+        # The plan's data problems this process has logged: each is logged once, not on every pass.
+        self.problem_log = ProblemLog()
         self.last_pass: PassResult | None = None
         self.pass_listeners: list[PassListener] = []
         self._heartbeat = time.time()
@@ -390,7 +393,13 @@ class Daemon:
     async def run_pass_now(self) -> PassResult:
         """One pass with its metrics and listeners (the scheduler's job; tests call it directly)."""
         assert self._pool is not None
-        result = await run_pass(self._pool, self.settings, self.clock(), observe_action=self.metrics.observe_action)
+        result = await run_pass(
+            self._pool,
+            self.settings,
+            self.clock(),
+            observe_action=self.metrics.observe_action,
+            problem_log=self.problem_log,
+        )
         self.record_pass(result)
         return result
 

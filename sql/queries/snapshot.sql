@@ -24,7 +24,13 @@ select
     p.invalidate_after_secs,
     p.scheduling_timezone,
     p.prebuild_status::text as prebuild_status,
-    p.last_invalidated_at,
+    -- Times another component wrote may lie beyond what Python's datetime holds (years 1 to 9999), which
+    -- asyncpg cannot decode: the whole statement would fail, for every preset. Outside that range they
+    -- read as `infinity` or `-infinity`, which is what they mean to every rule. (So below, in
+    -- snapshot_prebuilds, for every time read.)
+    case when p.last_invalidated_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
+         when p.last_invalidated_at < '0001-01-01 00:00:00+00' then '-infinity'
+         else p.last_invalidated_at end as last_invalidated_at,
     t.active_version_id is not distinct from p.template_version_id as is_active_version,
     t.deleted as template_deleted,
     t.deprecated <> '' as template_deprecated,
@@ -203,7 +209,12 @@ select 'running' as kind, live.current_preset_id as preset_id, null::uuid as wor
        null::text as error, null::text as error_code,
        array_agg(live.workspace_id order by live.workspace_created_at, live.workspace_id) as workspace_ids,
        array_agg(readiness.ready order by live.workspace_created_at, live.workspace_id) as ready_flags,
-       array_agg(live.workspace_created_at order by live.workspace_created_at, live.workspace_id) as created_ats
+       array_agg(
+           case when live.workspace_created_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
+                when live.workspace_created_at < '0001-01-01 00:00:00+00' then '-infinity'
+                else live.workspace_created_at end
+           order by live.workspace_created_at, live.workspace_id
+       ) as created_ats
 from live
 cross join lateral (
     select coalesce((
@@ -234,10 +245,18 @@ where live.build_number = 1 and live.transition = 'start' and live.job_status = 
     and live.preset_id is not null
 group by live.preset_id
 union all
-select 'backoff', preset_id, null, null, null, last_build_at, num_failed, null, null, null, null, null, null
+select 'backoff', preset_id, null, null, null,
+       case when last_build_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
+            when last_build_at < '0001-01-01 00:00:00+00' then '-infinity'
+            else last_build_at end,
+       num_failed, null, null, null, null, null, null
 from backoff
 union all
-select 'failures', preset_id, null, null, hard_limited, last_failed_at, failure_streak,
+select 'failures', preset_id, null, null, hard_limited,
+       case when last_failed_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
+            when last_failed_at < '0001-01-01 00:00:00+00' then '-infinity'
+            else last_failed_at end,
+       failure_streak,
        case when validation_failed then 'validation_failed' end, last_error, last_error_code, failed_workspace_ids,
        null, null
 from failures

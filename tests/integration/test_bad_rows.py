@@ -20,9 +20,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from reconciler import planner
 from reconciler.actions import BackoffAction, DeleteAction, DeleteReason, PresetPlan
 from reconciler.config import Settings, load_settings
 from reconciler.metrics import Metrics
+from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
 from tests.acceptance.daemon_process import cli_environment, run_cli
 from tests.factories import Factory, Preset, minutes
@@ -431,6 +433,186 @@ async def test_timestamps_at_infinity_do_not_overflow(factory: Factory, pool: as
     assert planned.returncode == 0, planned.stderr
     (entry,) = [entry for entry in json.loads(planned.stdout)["presets"] if entry["preset_id"] == str(stuck.id)]
     assert entry["actions"][0]["until"].startswith("9999-12-31T23:59:59")
+
+
+async def test_timestamps_beyond_what_python_can_hold_skip_nothing_and_fail_nothing(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """PostgreSQL holds years up to 294276 and down to 4713 BC; Python's datetime, 1 to 9999.
+
+    asyncpg raised OverflowError decoding such a value, which failed the whole snapshot statement, so
+    every pass failed for every preset. They read as the end (or the beginning) of time instead, as
+    `infinity` does.
+    """
+    far_invalidation = await factory.preset(desired=1)
+    await factory.connection.execute(
+        "update template_version_presets set last_invalidated_at = '20000-01-01' where id = $1", far_invalidation.id
+    )
+    ancient_invalidation = await factory.preset(desired=1)
+    ancient_prebuild = await factory.prebuild(ancient_invalidation)
+    await factory.connection.execute(
+        "update template_version_presets set last_invalidated_at = '4713-01-01 BC' where id = $1",
+        ancient_invalidation.id,
+    )
+    # A prebuild created in year 20000, and one before year 1: ages no TTL can compute naively.
+    far_created = await factory.preset(desired=2, ttl_seconds=60)
+    future, past = await factory.prebuilds(far_created, 2)
+    await factory.connection.execute("update workspaces set created_at = '20000-01-01' where id = $1", future.id)
+    await factory.connection.execute("update workspaces set created_at = '0100-01-01 BC' where id = $1", past.id)
+    # A failed build in year 20000: backoff for ever, as at `infinity`.
+    far_failure = await factory.preset(desired=1)
+    failed = await factory.prebuild(far_failure, status="failed")
+    await factory.connection.execute(
+        "update workspace_builds set created_at = '20000-01-01' where id = $1", failed.builds[0].id
+    )
+    healthy = await factory.preset(desired=1)
+
+    result, events = await successful_pass(pool, settings_for(database_url))
+
+    assert not events_named(events, "snapshot.bad_row")
+    assert result.plan is not None
+    assert [problem.preset_id for problem in result.plan.problems] == [far_invalidation.id]
+    # Before year 1: every prebuild was created after it, nothing expires.
+    assert plan_of(result, ancient_invalidation).actions == ()
+    assert ancient_prebuild.id
+    (delete, _create) = plan_of(result, far_created).actions
+    assert isinstance(delete, DeleteAction)
+    assert delete.workspace_ids == (past.id,)
+    (backoff,) = plan_of(result, far_failure).actions
+    assert isinstance(backoff, BackoffAction)
+    assert backoff.until.year == 9999
+    assert await pending_first_builds(factory.connection) == {
+        far_invalidation.id: 1,
+        far_created.id: 1,
+        healthy.id: 1,
+    }
+    for command in ("plan", "status"):
+        completed = run_cli(command, "--json", environment=cli_environment(database_url))
+        assert completed.returncode == 0, completed.stderr
+
+
+# --- invalidation in the future --------------------------------------------------------------------
+
+
+async def complete_pending_jobs(connection: asyncpg.Connection, at: datetime) -> int:
+    """What a provisioner does: every pending job runs and succeeds at `at`, with a ready agent."""
+    rows = await connection.fetch(
+        "update provisioner_jobs set started_at = $1, completed_at = $1 "
+        "where started_at is null and canceled_at is null returning id",
+        at,
+    )
+    for row in rows:
+        await connection.execute(
+            "insert into workspace_agents (job_id, name, lifecycle_state) values ($1, 'main', 'ready')", row["id"]
+        )
+    return len(rows)
+
+
+async def test_an_invalidation_at_infinity_does_not_churn_over_several_passes(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Issue 12.5: obeyed, `infinity` expires every prebuild as soon as it exists (33 creates in 40 s)."""
+    forever = await factory.preset(desired=2)
+    await factory.connection.execute(
+        "update template_version_presets set last_invalidated_at = 'infinity' where id = $1", forever.id
+    )
+    healthy = await factory.preset(desired=1)
+    settings = settings_for(database_url)
+    problem_log = ProblemLog()
+    start = datetime.now(UTC)
+    events: LogEvents = []
+    created = deleted = 0
+    for minute in range(5):
+        now = start + minutes(minute)
+        with capture_logs() as pass_events:
+            result = await run_pass(pool, settings, now, problem_log=problem_log)
+        assert result.outcome is PassOutcome.SUCCESS, result.error
+        assert result.execution is not None
+        created += result.execution.created
+        deleted += result.execution.deleted
+        events.extend(pass_events)
+        # The ignored invalidation stays a problem of every plan...
+        assert result.plan is not None
+        assert [(problem.preset_id, problem.event) for problem in result.plan.problems] == [
+            (forever.id, "preset.invalidation_ignored")
+        ]
+        # ...and the builds succeed before the next pass, so that it sees them running.
+        await complete_pending_jobs(factory.connection, now)
+
+    assert (created, deleted) == (3, 0)
+    assert plan_of(result, forever).state.actual == 2
+    assert plan_of(result, forever).state.expired == 0
+    assert plan_of(result, healthy).state.actual == 1
+    # Logged once, not once per pass.
+    (event,) = events_for(events, "preset.invalidation_ignored", forever)
+    assert event["log_level"] == "warning"
+    assert "last_invalidated_at infinity is more than 120 s in the future" in event["detail"]
+    assert event["preset_name"] == forever.name
+    assert [summary["problems"] for summary in events_named(events, "reconcile.pass")] == [1] * 5
+
+    # Fixed by the operator: the problem clears (logged once), and an invalidation now is obeyed.
+    await factory.connection.execute(
+        "update template_version_presets set last_invalidated_at = $2 where id = $1", forever.id, start + minutes(5)
+    )
+    with capture_logs() as pass_events:
+        result = await run_pass(pool, settings, start + minutes(5), problem_log=problem_log)
+    assert result.execution is not None
+    assert result.execution.deleted == 2
+    (cleared,) = events_for(pass_events, "preset.problem_cleared", forever)
+    assert cleared["problem"] == "preset.invalidation_ignored"
+    assert cleared["log_level"] == "info"
+
+
+async def test_an_invalidation_a_minute_ahead_is_obeyed_as_coder_does(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Within the clock-skew tolerance (two minutes) the invalidation counts, as in vectors PS-024/025."""
+    now = datetime.now(UTC)
+    preset = await factory.preset(desired=1, last_invalidated_at=now + minutes(1))
+    built = await factory.prebuild(preset, created_at=now - minutes(0.5))
+
+    result, events = await successful_pass(pool, settings_for(database_url))
+
+    (delete, _create) = plan_of(result, preset).actions
+    assert isinstance(delete, DeleteAction)
+    assert (delete.reason, delete.workspace_ids) == (DeleteReason.EXPIRED, (built.id,))
+    assert not events_named(events, "preset.invalidation_ignored")
+
+
+# --- a preset the planner fails on ----------------------------------------------------------------
+
+
+async def test_a_preset_the_planner_fails_on_is_skipped_and_the_pass_goes_on(
+    factory: Factory, pool: asyncpg.Pool, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever escapes the rules (a bug meeting rows nobody foresaw) stays with its preset.
+
+    The planner's own code is made to raise for one preset: before the guard, that failed the pass.
+    """
+    before = await factory.preset(desired=1)
+    broken = await factory.preset(desired=1)
+    after = await factory.preset(desired=2)
+    plan_preset = planner.plan_preset
+
+    def failing_for_broken(preset: Any, *arguments: Any) -> Any:
+        if preset.id == broken.id:
+            raise KeyError("x" * 10_000)
+        return plan_preset(preset, *arguments)
+
+    monkeypatch.setattr(planner, "plan_preset", failing_for_broken)
+
+    result, events = await successful_pass(pool, settings_for(database_url))
+
+    assert await pending_first_builds(factory.connection) == {before.id: 1, after.id: 2}
+    assert result.plan is not None
+    assert broken.id not in {preset_plan.preset.id for preset_plan in result.plan.presets}
+    (event,) = events_for(events, "preset.plan_failed", broken)
+    assert event["log_level"] == "error"
+    assert event["preset_name"] == broken.name
+    assert event["detail"].startswith("KeyError: ")
+    assert len(event["detail"]) < 400
+    assert "in failing_for_broken" in event["traceback"]
+    assert summary_event(events)["presets_unplanned"] == 1
 
 
 # --- names --------------------------------------------------------------------------------------
