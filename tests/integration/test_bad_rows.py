@@ -8,6 +8,7 @@ the test shows the constraint rejecting it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import MutableMapping
@@ -26,6 +27,8 @@ from reconciler.config import Settings, load_settings
 from reconciler.metrics import Metrics
 from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
+from reconciler.sdnotify import SystemdNotifier
+from reconciler.service import Daemon
 from tests.acceptance.daemon_process import cli_environment, run_cli
 from tests.factories import Factory, Preset, minutes
 
@@ -561,6 +564,33 @@ async def test_an_invalidation_at_infinity_does_not_churn_over_several_passes(
     (cleared,) = events_for(pass_events, "preset.problem_cleared", forever)
     assert cleared["problem"] == "preset.invalidation_ignored"
     assert cleared["log_level"] == "info"
+
+
+async def test_the_daemon_logs_a_problem_once_over_its_passes(factory: Factory, database_url: str) -> None:
+    """The daemon keeps one ProblemLog across its passes: the warning comes once, not every minute."""
+    forever = await factory.preset(desired=1)
+    await factory.connection.execute(
+        "update template_version_presets set last_invalidated_at = 'infinity' where id = $1", forever.id
+    )
+    settings = settings_for(
+        database_url, RECONCILER_HTTP_ADDRESS="127.0.0.1:0", RECONCILER_RECONCILIATION_INTERVAL="1h"
+    )
+    # No NOTIFY_SOCKET: the daemon must not talk to a systemd that runs the test session.
+    daemon = Daemon(settings, registry=CollectorRegistry(), notifier=SystemdNotifier({}))
+    start_up_pass = asyncio.Event()
+    daemon.pass_listeners.append(lambda _result: start_up_pass.set())
+    with capture_logs() as events:
+        await daemon.start()
+        try:
+            await asyncio.wait_for(start_up_pass.wait(), timeout=60)
+            for _ in range(2):
+                result = await daemon.run_pass_now()
+                assert result.outcome is PassOutcome.SUCCESS, result.error
+        finally:
+            await daemon.stop()
+
+    assert len([event for event in events_named(events, "reconcile.pass") if event["outcome"] == "success"]) == 3
+    assert len(events_for(events, "preset.invalidation_ignored", forever)) == 1
 
 
 async def test_an_invalidation_a_minute_ahead_is_obeyed_as_coder_does(
