@@ -30,6 +30,7 @@ from reconciler.config import (
     known_secrets,
     load_settings,
 )
+from reconciler.durations import format_duration
 from reconciler.logs import configure_logging
 
 EXIT_OK = 0
@@ -184,8 +185,10 @@ def _parser() -> argparse.ArgumentParser:
         "create or upgrade the database schema (safe to run concurrently)",
         "Create or upgrade the database schema in RECONCILER_DATABASE_URL: applies the pending migrations "
         "in order, each in its own transaction, under an advisory lock, so several processes may run it at "
-        "once. Running it again is a no-op. A database whose schema is newer than this reconciler is "
-        "refused (exit 1): upgrade the reconciler instead.",
+        "once: one behind another says so and waits, up to RECONCILER_MIGRATION_LOCK_TIMEOUT (default 10m). "
+        "Each migration may take up to RECONCILER_MIGRATION_TIMEOUT (default 1h); the statement timeout of "
+        "passes does not apply. Running it again is a no-op. A database whose schema is newer than this "
+        "reconciler is refused (exit 1): upgrade the reconciler instead.",
         _EXIT_CODES_HELP,
     )
     reconcile = _command(
@@ -425,11 +428,31 @@ async def _require_schema(connection: asyncpg.Connection) -> None:
 
 
 async def _migrate(settings: Settings) -> int:
+    wait = format_duration(settings.migration_lock_timeout)
+
+    def waiting(holder: str) -> None:
+        print(
+            f"reconciler: waiting for another migration to finish ({holder}); "
+            f"up to {wait} (RECONCILER_MIGRATION_LOCK_TIMEOUT)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     async def work(connection: asyncpg.Connection) -> int:
         try:
-            applied = await db.migrate(connection)
+            applied = await db.migrate(
+                connection,
+                lock_wait=settings.migration_lock_timeout,
+                migration_timeout=settings.migration_timeout,
+                on_wait=waiting,
+            )
         except db.SchemaError as error:
             raise CommandError(str(error)) from None
+        except db.MigrationLockTimeoutError:
+            raise CommandError(
+                f"another migration is still running after {wait} (RECONCILER_MIGRATION_LOCK_TIMEOUT); "
+                "nothing was applied: run `reconciler migrate` again once it is done"
+            ) from None
         print(f"applied migrations {applied}" if applied else "schema is up to date")
         return EXIT_OK
 

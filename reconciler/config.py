@@ -297,6 +297,9 @@ class Settings(BaseSettings):
     # How long a dispatcher owns the messages it leased: a crashed one's messages come back after this.
     notification_lease: Annotated[Duration, between(10 * SECOND, HOUR)] = 2 * MINUTE
     notification_batch_size: int = Field(default=20, ge=1, le=1000)
+    # `migrate` behind another one waits this long for it; each migration may take `migration_timeout`.
+    migration_lock_timeout: Annotated[Duration, between(timedelta(0), DAY)] = 10 * MINUTE
+    migration_timeout: Annotated[Duration, between(SECOND, DAY)] = HOUR
 
     @classmethod
     def settings_customise_sources(

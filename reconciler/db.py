@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +38,11 @@ def describe_error(error: BaseException) -> str:
     """`Type: message`, the one-line form in which database errors are logged and reported."""
     return f"{type(error).__name__}: {error}"
 
+
+# A statement's client-side deadline is its server-side timeout plus this: the server's timeout normally
+# fires first and says why; the client's covers a server that stopped answering (a frozen network, a
+# stopped server), where the server's own timeout never reaches us.
+REPLY_MARGIN = timedelta(seconds=5)
 
 # Advisory lock keys, fixed so that every replica and every `reconciler migrate` agree.
 MIGRATIONS_LOCK_KEY = 7_236_001
@@ -155,24 +160,93 @@ def _check_not_newer(recorded: Mapping[int, str], known: list[Migration]) -> Non
         )
 
 
-async def migrate(connection: asyncpg.Connection) -> list[int]:
-    """Apply pending migrations in order, each in its own transaction; return the versions applied.
+class MigrationLockTimeoutError(Exception):
+    """Another migration held the migration lock for longer than we were willing to wait."""
+
+
+# Who holds the migration lock (a bigint advisory key: its high half is `classid`, its low half `objid`).
+_MIGRATION_LOCK_HOLDER = """
+select a.pid, coalesce(a.application_name, '') as application_name, a.backend_start
+from pg_locks l left join pg_stat_activity a on a.pid = l.pid
+where l.locktype = 'advisory' and l.granted and l.classid = 0 and l.objid = $1 and l.objsubid = 1
+limit 1
+"""
+
+
+async def _describe_migration_lock_holder(connection: asyncpg.Connection) -> str:
+    row = await connection.fetchrow(_MIGRATION_LOCK_HOLDER, MIGRATIONS_LOCK_KEY)
+    if row is None or row["pid"] is None:
+        return "its holder is not visible to this role"
+    application = f", application {row['application_name']!r}" if row["application_name"] else ""
+    since = f", connected since {row['backend_start']:%Y-%m-%d %H:%M:%S %Z}" if row["backend_start"] else ""
+    return f"held by server process {row['pid']}{application}{since}"
+
+
+def _milliseconds(duration: timedelta) -> str:
+    return str(max(int(duration.total_seconds() * 1000), 1))
+
+
+async def _take_migration_lock(
+    connection: asyncpg.Connection, wait: timedelta, on_wait: Callable[[str], None] | None
+) -> None:
+    """Take the migration lock, waiting at most `wait` for another migration to finish.
+
+    The wait is one statement on the server, bounded there by `lock_timeout` and here by a client deadline
+    a little longer; the connection's statement timeout (meant for passes) is lifted for it.
+    """
+    if await connection.fetchval("select pg_try_advisory_lock($1)", MIGRATIONS_LOCK_KEY):
+        return
+    if on_wait is not None:
+        on_wait(await _describe_migration_lock_holder(connection))
+    if wait <= timedelta(0):
+        raise MigrationLockTimeoutError("another migration is running")
+    await connection.execute("select set_config('lock_timeout', $1, false)", _milliseconds(wait))
+    await connection.execute("select set_config('statement_timeout', '0', false)")
+    try:
+        await connection.execute(
+            "select pg_advisory_lock($1)", MIGRATIONS_LOCK_KEY, timeout=(wait + REPLY_MARGIN).total_seconds()
+        )
+    except asyncpg.LockNotAvailableError:
+        raise MigrationLockTimeoutError("another migration is still running") from None
+    finally:
+        # Back to the connection's own settings.
+        await connection.execute("reset lock_timeout; reset statement_timeout")
+
+
+async def migrate(
+    connection: asyncpg.Connection,
+    *,
+    lock_wait: timedelta = timedelta(minutes=10),
+    migration_timeout: timedelta = timedelta(hours=1),
+    on_wait: Callable[[str], None] | None = None,
+    up_to: int | None = None,
+) -> list[int]:
+    """Apply pending migrations in order (up to version `up_to`, default all), each in its own
+    transaction; return the versions applied.
 
     Runs under a session advisory lock held on this one connection (not a pool), so that several
-    processes migrating at once queue up and each migration is applied exactly once.
+    processes migrating at once queue up and each migration is applied exactly once. Behind another
+    migration it calls `on_wait` (with who holds the lock) and waits at most `lock_wait`
+    (MigrationLockTimeoutError after that). Each migration may take up to `migration_timeout`, whatever
+    the connection's statement and lock timeouts (those are meant for passes).
     """
-    known = migrations()
-    await connection.execute("select pg_advisory_lock($1)", MIGRATIONS_LOCK_KEY)
+    known = [migration for migration in migrations() if up_to is None or migration.version <= up_to]
+    await _take_migration_lock(connection, lock_wait, on_wait)
     try:
         await connection.execute(_CREATE_VERSION_TABLE)
         recorded = await applied_versions(connection)
-        _check_recorded(recorded, known)
+        _check_recorded(recorded, migrations())
         applied: list[int] = []
+        client_deadline = (migration_timeout + REPLY_MARGIN).total_seconds()
         for migration in known:
             if migration.version in recorded:
                 continue
             async with connection.transaction():
-                await connection.execute(migration.sql)
+                await connection.execute(
+                    "select set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)",
+                    _milliseconds(migration_timeout),
+                )
+                await connection.execute(migration.sql, timeout=client_deadline)
                 await connection.execute(
                     "insert into reconciler_schema_migrations (version, name, checksum) values ($1, $2, $3)",
                     migration.version,

@@ -1,7 +1,10 @@
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -228,12 +231,13 @@ def test_query_files_parse_into_named_statements() -> None:
 # --- `reconciler migrate`, the real command ---------------------------------------------------------------
 
 
-def migrate_command(database_url: str) -> subprocess.Popen[str]:
+def migrate_command(database_url: str, **settings: str) -> subprocess.Popen[str]:
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("RECONCILER_", "CODER_"))}
     environment |= {
         "RECONCILER_DATABASE_URL": database_url,
         "RECONCILER_LOG_FORMAT": "json",
         "RECONCILER_SECRETS_DIRECTORIES": "/nonexistent/reconciler-test-secrets",
+        **settings,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "reconciler", "migrate"],
@@ -286,3 +290,105 @@ async def test_migrate_refuses_a_newer_database_with_exit_1_and_one_line(empty_d
     assert len(lines) == 1, stderr
     assert f"schema version {newer}, newer than this reconciler" in lines[0]
     assert "upgrade the reconciler" in lines[0]
+
+
+# --- `migrate` behind another one -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def migration_in_progress(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """Hold the migration lock, as a `reconciler migrate` running elsewhere does, until the block ends."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("select pg_advisory_lock($1)", db.MIGRATIONS_LOCK_KEY)
+        yield holder
+    finally:
+        await holder.close()
+
+
+async def waiting_for_the_lock(connection: asyncpg.Connection, count: int, within: float = 60) -> None:
+    """Until `count` sessions wait on the migration lock (each prints its notice before it waits)."""
+    async with asyncio.timeout(within):
+        # Polling is the point: the condition is about other processes' sessions.
+        while (  # noqa: ASYNC110
+            await connection.fetchval(
+                "select count(*) from pg_locks where locktype = 'advisory' and not granted and objid = $1",
+                db.MIGRATIONS_LOCK_KEY,
+            )
+            < count
+        ):
+            await asyncio.sleep(0.1)
+
+
+async def test_migrate_behind_another_says_so_and_waits_past_the_lock_and_statement_timeouts(
+    empty_database_url: str,
+) -> None:
+    # Held for 11 s: longer than the 10 s lock timeout of the daemon's connections, and than the
+    # statement timeout set here, both of which used to cut the wait.
+    async with migration_in_progress(empty_database_url) as holder:
+        processes = [migrate_command(empty_database_url, RECONCILER_STATEMENT_TIMEOUT="2s") for _ in range(2)]
+        await waiting_for_the_lock(holder, 2)
+        await asyncio.sleep(11)
+        assert [process.poll() for process in processes] == [None, None]
+    results = await asyncio.gather(*(asyncio.to_thread(finish, process) for process in processes))
+    assert [code for code, _, _ in results] == [0, 0], results
+    everything = [migration.version for migration in db.migrations()]
+    assert sorted(stdout.strip() for _, stdout, _ in results) == [
+        f"applied migrations {everything}",
+        "schema is up to date",
+    ]
+    for _, _, stderr in results:
+        notices = [line for line in stderr.splitlines() if line.startswith("reconciler:")]
+        assert len(notices) == 1, stderr
+        assert "waiting for another migration to finish" in notices[0]
+        assert "RECONCILER_MIGRATION_LOCK_TIMEOUT" in notices[0]
+        assert "Traceback" not in stderr
+
+
+async def test_migrate_gives_up_after_the_lock_timeout_with_one_line(empty_database_url: str) -> None:
+    async with migration_in_progress(empty_database_url):
+        started = time.monotonic()
+        code, stdout, stderr = await asyncio.to_thread(
+            finish, migrate_command(empty_database_url, RECONCILER_MIGRATION_LOCK_TIMEOUT="2s")
+        )
+        elapsed = time.monotonic() - started
+    assert code == 1
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("reconciler:")]
+    assert len(lines) == 2, stderr
+    assert "waiting for another migration to finish" in lines[0]
+    assert "still running after 2s" in lines[1]
+    assert "RECONCILER_MIGRATION_LOCK_TIMEOUT" in lines[1]
+    assert elapsed >= 2
+    connection = await asyncpg.connect(empty_database_url)
+    try:
+        assert await db.applied_versions(connection) == {}
+    finally:
+        await connection.close()
+
+
+async def test_a_migration_is_not_cut_by_the_statement_timeout_of_passes(empty_database_url: str) -> None:
+    connection = await db.connect(empty_database_url)
+    try:
+        assert await db.migrate(connection, up_to=1) == [1]
+    finally:
+        await connection.close()
+    # Migration 2 alters notification_messages; a long reader of that table (4 s) makes it wait, longer
+    # than the statement timeout of 1 s meant for passes.
+    reader = await asyncpg.connect(empty_database_url)
+    try:
+        async with reader.transaction():
+            await reader.execute("lock table notification_messages in access share mode")
+            process = migrate_command(empty_database_url, RECONCILER_STATEMENT_TIMEOUT="1s")
+            async with asyncio.timeout(60):
+                while not await reader.fetchval(  # noqa: ASYNC110 - the waiter is another process
+                    "select count(*) from pg_locks where relation = 'notification_messages'::regclass and not granted"
+                ):
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(4)
+    finally:
+        await reader.close()
+    code, stdout, stderr = await asyncio.to_thread(finish, process)
+    assert code == 0, stderr
+    assert stdout.strip() == f"applied migrations {[migration.version for migration in db.migrations()][1:]}"

@@ -108,6 +108,9 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("RECONCILER_NOTIFICATION_RETRY_MAX", "2h", "notification_retry_max", timedelta(hours=2)),
     ("RECONCILER_NOTIFICATION_LEASE", "5m", "notification_lease", timedelta(minutes=5)),
     ("RECONCILER_NOTIFICATION_BATCH_SIZE", "50", "notification_batch_size", 50),
+    ("RECONCILER_MIGRATION_LOCK_TIMEOUT", "30m", "migration_lock_timeout", timedelta(minutes=30)),
+    ("RECONCILER_MIGRATION_LOCK_TIMEOUT", "0", "migration_lock_timeout", timedelta(0)),
+    ("RECONCILER_MIGRATION_TIMEOUT", "3h", "migration_timeout", timedelta(hours=3)),
 ]
 
 # What a variable needs beside it to be valid on its own.
@@ -153,6 +156,8 @@ def test_the_defaults_are_the_documented_ones() -> None:
     assert (loaded.smtp_host, loaded.smtp_from, loaded.smtp_username, loaded.smtp_password) == (None,) * 4
     assert (loaded.smtp_security, loaded.smtp_effective_port) == ("starttls", 587)
     assert loaded.notification_max_attempts == 8
+    assert loaded.migration_lock_timeout == timedelta(minutes=10)
+    assert loaded.migration_timeout == timedelta(hours=1)
 
 
 def _documented_variables(text: str) -> set[str]:
@@ -268,6 +273,8 @@ BOUNDS: list[tuple[str, str, str, str, str, dict[str, str]]] = [
     ("RECONCILER_NOTIFICATION_RETRY_MAX", "1s", "0.5s", "1d", "1d1s", {"RECONCILER_NOTIFICATION_RETRY_BASE": "1s"}),
     ("RECONCILER_NOTIFICATION_LEASE", "10s", "9s", "1h", "1h1s", {}),
     ("RECONCILER_NOTIFICATION_BATCH_SIZE", "1", "0", "1000", "1001", {}),
+    ("RECONCILER_MIGRATION_LOCK_TIMEOUT", "0s", "-1s", "1d", "1d1s", {}),
+    ("RECONCILER_MIGRATION_TIMEOUT", "1s", "0s", "1d", "1d1s", {}),
     (
         "RECONCILER_WEBHOOK_0_TIMEOUT",
         "1s",
