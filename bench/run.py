@@ -115,6 +115,19 @@ async def _statement_totals(connection: asyncpg.Connection) -> dict[str, float]:
     return {key: float(value) for key, value in row.items()}
 
 
+async def _reset_statement_counts(connection: asyncpg.Connection) -> bool:
+    """Reset pg_stat_statements; False when the server does not preload it (the other figures still count)."""
+    try:
+        await connection.execute("select pg_stat_statements_reset()")
+    except asyncpg.ObjectNotInPrerequisiteStateError:
+        print(
+            "benchmark: pg_stat_statements is not in shared_preload_libraries: no database time or statement counts",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
 async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str, Any]:
     parameters = fleet.FleetParameters(
         presets=arguments.presets,
@@ -145,15 +158,15 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
         # Warm-up passes: the first pass of a process pays for plan caching and cold buffers.
         for _ in range(2):
             _require_success(await run_pass(pool, settings, generated.now))
-        await observer.execute("select pg_stat_statements_reset()")
+        counting = await _reset_statement_counts(observer)
         durations: list[float] = []
         last: PassResult | None = None
         for _ in range(arguments.passes):
             started = time.perf_counter()
             last = _require_success(await run_pass(pool, settings, generated.now))
             durations.append(time.perf_counter() - started)
-        totals = await _statement_totals(observer)
-        top = [dict(row) for row in await observer.fetch(_TOP_STATEMENTS)]
+        totals = await _statement_totals(observer) if counting else None
+        top = [dict(row) for row in await observer.fetch(_TOP_STATEMENTS)] if counting else []
         assert last is not None
         assert last.plan is not None
         assert last.execution is not None
@@ -177,7 +190,7 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
         await observer.close()
         await pool.close()
 
-    database_ms = (totals["exec_ms"] + totals["plan_ms"]) / arguments.passes
+    database_ms = (totals["exec_ms"] + totals["plan_ms"]) / arguments.passes if totals else None
     median = statistics.median(durations)
     return {
         "fleet": generated.as_json(),
@@ -186,10 +199,11 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
             "median_ms": _milliseconds(median),
             "p95_ms": _milliseconds(_percentile(durations, 0.95)),
             "min_ms": _milliseconds(min(durations)),
-            "database_ms_per_pass": round(database_ms, 1),
+            # None when the server does not preload pg_stat_statements: nothing counts the statements.
+            "database_ms_per_pass": round(database_ms, 1) if database_ms is not None else None,
             "pass_to_database_ratio": round(median * 1000 / database_ms, 2) if database_ms else None,
-            "statements_per_pass": round(totals["calls"] / arguments.passes, 2),
-            "distinct_statements": int(totals["statements"]),
+            "statements_per_pass": round(totals["calls"] / arguments.passes, 2) if totals else None,
+            "distinct_statements": int(totals["statements"]) if totals else None,
             "rows_written": wrote,
             "presets_planned": len(last.plan.presets),
             "top_statements": top,
