@@ -31,9 +31,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from reconciler import planner
-from reconciler.actions import CreateAction, DeleteAction, DeleteReason
 from reconciler.demand import WINDOWS_MINUTES, DemandCounts, PoolCounts
 from reconciler.expression_compiler import target_expression
+from reconciler.plan import CreateAction, DeleteAction, DeleteReason
 from reconciler.snapshot import InProgress, PrebuildStatus, Preset, RunningPrebuild, Transition
 from reconciler.target import Target, TargetHold, TargetSettings, resolve_target
 

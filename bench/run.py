@@ -36,8 +36,8 @@ import asyncpg
 from bench import fleet
 from reconciler import db
 from reconciler.config import load_settings
+from reconciler.demo.embedded_postgres import EmbeddedPostgres
 from reconciler.dsn import redact_dsn
-from reconciler.embedded import EmbeddedPostgres
 from reconciler.logs import configure_logging
 from reconciler.metrics import Metrics
 from reconciler.reconcile import PassOutcome, PassResult, run_pass

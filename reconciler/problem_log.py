@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from reconciler.actions import PlanProblem
+from reconciler.plan import PlanProblem
 
 
 @dataclass(frozen=True, slots=True)

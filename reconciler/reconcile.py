@@ -18,9 +18,9 @@ import structlog
 from asyncpg.transaction import Transaction
 
 from reconciler import db, executor, planner, store
-from reconciler.actions import CreateBlock, Plan, PlanProblem
 from reconciler.config import Settings
 from reconciler.notify.outbox import NoticeKind, StatusNotice, enqueue_notices
+from reconciler.plan import CreateBlock, Plan, PlanProblem
 from reconciler.problem_log import ProblemLog
 from reconciler.problem_log import changes as problem_changes
 from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot

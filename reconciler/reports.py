@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from reconciler.actions import (
+from reconciler.plan import (
     Action,
     BackoffAction,
     CancelPendingAction,

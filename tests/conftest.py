@@ -22,7 +22,7 @@ import pytest
 import structlog
 
 from reconciler import db
-from reconciler.embedded import EmbeddedPostgres
+from reconciler.demo.embedded_postgres import EmbeddedPostgres
 from tests.factories import Factory
 
 TEST_DATABASE_ENV = "RECONCILER_TEST_DATABASE_URL"

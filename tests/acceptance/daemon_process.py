@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from reconciler.embedded import free_port
+from reconciler.demo.embedded_postgres import free_port
 
 
 def cli_environment(database_url: str | None, **overrides: str) -> dict[str, str]:

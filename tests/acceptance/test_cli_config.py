@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli import _parser
-from reconciler.embedded import free_port
+from reconciler.demo.embedded_postgres import free_port
 
 SECRET = "Tr0ub4dor-and-3"
 NO_SECRET_DIRECTORIES = "/nonexistent/reconciler-test-secrets"

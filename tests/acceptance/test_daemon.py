@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from reconciler import db
-from reconciler.embedded import EmbeddedPostgres
+from reconciler.demo.embedded_postgres import EmbeddedPostgres
 from tests.acceptance.daemon_process import DaemonProcess, cli_environment, run_cli, wait_for
 from tests.factories import Factory, minutes
 

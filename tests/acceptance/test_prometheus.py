@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.embedded import free_port
+from reconciler.demo.embedded_postgres import free_port
 from tests.acceptance.daemon_process import DaemonProcess, http_get, wait_for
 from tests.factories import Factory, minutes
 

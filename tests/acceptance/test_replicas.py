@@ -15,7 +15,7 @@ from uuid import UUID
 import asyncpg
 
 from reconciler import db
-from reconciler.provisioner import ProvisionerOptions, SimulatedProvisioner
+from reconciler.demo.simulated_provisioner import ProvisionerOptions, SimulatedProvisioner
 from tests.acceptance.daemon_process import DaemonProcess, wait_for
 from tests.factories import Factory
 from tests.soak.invariants import (

@@ -18,7 +18,7 @@ import asyncpg
 
 from reconciler import db
 from reconciler.config import load_settings
-from reconciler.embedded import EmbeddedPostgres, free_port
+from reconciler.demo.embedded_postgres import EmbeddedPostgres, free_port
 from reconciler.logs import spellings
 from tests.acceptance.daemon_process import DaemonProcess, cli_environment, http_get, run_cli
 from tests.factories import Factory, minutes

@@ -12,8 +12,8 @@ from uuid import UUID
 import asyncpg
 
 from reconciler import db, planner, store
-from reconciler.actions import Plan, PresetPlan
 from reconciler.config import Settings, load_settings
+from reconciler.plan import Plan, PresetPlan
 from reconciler.reconcile import PassOutcome, PassResult, planner_config, run_pass, snapshot_parameters
 from reconciler.snapshot import Snapshot
 from tests.factories import Preset, Workspace

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from reconciler import planner
-from reconciler.actions import BackoffAction, DeleteAction, DeleteReason, PresetPlan
 from reconciler.config import Settings, load_settings
 from reconciler.metrics import Metrics
+from reconciler.plan import BackoffAction, DeleteAction, DeleteReason, PresetPlan
 from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier

@@ -25,8 +25,9 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from reconciler import executor, store
-from reconciler.actions import CreateAction
+from reconciler import executor
+from reconciler.demo.platform import publish_template_version
+from reconciler.plan import CreateAction
 from tests.factories import Factory, Preset
 from tests.integration.reconcile_support import open_pool, plan_of, read_plan, settings_for, wait_until_blocked_by
 
@@ -48,7 +49,7 @@ async def replace_schedule(connection: asyncpg.Connection, preset: Preset) -> No
 
 async def publish_version(connection: asyncpg.Connection, preset: Preset) -> None:
     # The preset's version is no longer active: its target is 0.
-    assert await store.publish_template_version(connection, preset.template.id, "v2", datetime.now(UTC))
+    assert await publish_template_version(connection, preset.template.id, "v2", datetime.now(UTC))
 
 
 async def lower_desired(connection: asyncpg.Connection, preset: Preset) -> None:

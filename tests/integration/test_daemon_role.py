@@ -35,7 +35,7 @@ VALIDATION_FAILED_TEMPLATE = uuid.UUID("9ab56367-21d6-438e-9e48-0cf94beca3d8")
 RECOVERED_TEMPLATE = uuid.UUID("3612b174-7ca6-431d-8222-8b9dcc23a45b")
 # sql/queries files of the test tools (the simulated provisioner, the demo's seeding), which run as the
 # schema's owner; every other named statement is the daemon's and must run as its role.
-TOOL_QUERY_FILES = {"provisioner.sql"}
+TOOL_QUERY_FILES = {"platform.sql"}
 # Tables whose every row is compared before and after an abuse.
 WATCHED_TABLES = (
     "workspaces",

@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from reconciler import db, executor, planner, store
-from reconciler.actions import CreateAction
 from reconciler.config import Settings, load_settings
 from reconciler.executor import ActionOutcome
 from reconciler.metrics import Metrics
+from reconciler.plan import CreateAction
 from reconciler.reconcile import PassOutcome, PassResult, planner_config, run_pass, snapshot_parameters
 from tests.factories import Factory, Preset
 from tests.integration.reconcile_support import live_prebuilds

@@ -15,7 +15,7 @@ from datetime import datetime
 
 import asyncpg
 
-from reconciler.actions import CreateBlock
+from reconciler.plan import CreateBlock
 from tests.factories import Factory, Preset, Version, minutes
 from tests.integration.reconcile_support import pass_at, plan_of, read_plan, settings_for
 

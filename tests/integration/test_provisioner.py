@@ -11,7 +11,8 @@ import asyncpg
 import pytest
 
 from reconciler import store
-from reconciler.provisioner import ProvisionerOptions, SimulatedProvisioner, decide_outcome
+from reconciler.demo import platform
+from reconciler.demo.simulated_provisioner import ProvisionerOptions, SimulatedProvisioner, decide_outcome
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
 from tests.factories import Factory
 
@@ -46,8 +47,8 @@ async def test_always_failing_preset_fails_with_a_message_and_its_code(
     factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     broken = await factory.preset(desired=1)
-    await store.add_preset_parameter(connection, broken.id, "simulated_failure", "always")
-    await store.add_preset_parameter(connection, broken.id, "simulated_error_code", "REQUIRED_TEMPLATE_VARIABLES")
+    await platform.add_preset_parameter(connection, broken.id, "simulated_failure", "always")
+    await platform.add_preset_parameter(connection, broken.id, "simulated_error_code", "REQUIRED_TEMPLATE_VARIABLES")
     await factory.created_prebuilds(broken, 1)
 
     [result] = await SimulatedProvisioner(pool, INSTANT).run_once()
@@ -102,11 +103,11 @@ async def test_two_provisioners_never_take_the_same_job(
     first = SimulatedProvisioner(pool, INSTANT)
     second = SimulatedProvisioner(pool, INSTANT)
 
-    async def take(provisioner: SimulatedProvisioner) -> list[store.AcquiredJob]:
-        taken: list[store.AcquiredJob] = []
+    async def take(provisioner: SimulatedProvisioner) -> list[platform.AcquiredJob]:
+        taken: list[platform.AcquiredJob] = []
         async with pool.acquire() as own:
             for _ in range(10):
-                taken += await store.acquire_provisioner_jobs(own, provisioner.worker_id, datetime.now(UTC), 3)
+                taken += await platform.acquire_provisioner_jobs(own, provisioner.worker_id, datetime.now(UTC), 3)
         return taken
 
     first_jobs, second_jobs = await asyncio.gather(take(first), take(second))
@@ -134,7 +135,7 @@ async def test_a_job_locked_by_another_is_skipped_not_waited_for(
         locked = await holder.fetchval("select id from provisioner_jobs order by created_at, id limit 1 for update")
         async with pool.acquire() as own:
             taken = await asyncio.wait_for(
-                store.acquire_provisioner_jobs(own, uuid.uuid4(), datetime.now(UTC), 10), timeout=5
+                platform.acquire_provisioner_jobs(own, uuid.uuid4(), datetime.now(UTC), 10), timeout=5
             )
         await transaction.rollback()
     finally:
@@ -193,13 +194,13 @@ async def test_canceled_jobs_end_canceled(factory: Factory, connection: asyncpg.
     await factory.created_prebuilds(preset, 2)
     provisioner = SimulatedProvisioner(pool, INSTANT)
     async with pool.acquire() as own:
-        [taken] = await store.acquire_provisioner_jobs(own, provisioner.worker_id, datetime.now(UTC), 1)
+        [taken] = await platform.acquire_provisioner_jobs(own, provisioner.worker_id, datetime.now(UTC), 1)
     # The platform cancels both: the one nobody took and the one our worker is running.
     await connection.execute("update provisioner_jobs set canceled_at = now()")
 
     async with pool.acquire() as own:
-        [untaken] = await store.complete_canceling_jobs(own, datetime.now(UTC))
-        completed = await store.complete_provisioner_job(
+        [untaken] = await platform.complete_canceling_jobs(own, datetime.now(UTC))
+        completed = await platform.complete_provisioner_job(
             own, job_id=taken.job_id, worker_id=provisioner.worker_id, now=datetime.now(UTC), error="x", error_code=None
         )
 
@@ -217,8 +218,8 @@ async def test_another_workers_job_is_not_completed(
     preset = await factory.preset(desired=1)
     await factory.created_prebuilds(preset, 1)
     async with pool.acquire() as own:
-        [taken] = await store.acquire_provisioner_jobs(own, uuid.uuid4(), datetime.now(UTC), 1)
-        completed = await store.complete_provisioner_job(
+        [taken] = await platform.acquire_provisioner_jobs(own, uuid.uuid4(), datetime.now(UTC), 1)
+        completed = await platform.complete_provisioner_job(
             own, job_id=taken.job_id, worker_id=uuid.uuid4(), now=datetime.now(UTC), error=None, error_code=None
         )
     assert completed is None
@@ -227,12 +228,12 @@ async def test_another_workers_job_is_not_completed(
 
 async def test_seeding_and_publishing_a_version_copies_presets(connection: asyncpg.Connection) -> None:
     now = datetime.now(UTC)
-    organization = await store.create_organization(connection, "acme", now)
-    admin = await store.create_user(connection, "alice", "alice@example.test", ["template-admin"], now)
-    await store.add_organization_member(connection, organization, admin, ["organization-template-admin"], now)
-    template = await store.create_template(connection, organization, "go-backend", now)
-    version = await store.create_template_version(connection, template, "v1", now)
-    preset = await store.create_preset(
+    organization = await platform.create_organization(connection, "acme", now)
+    admin = await platform.create_user(connection, "alice", "alice@example.test", ["template-admin"], now)
+    await platform.add_organization_member(connection, organization, admin, ["organization-template-admin"], now)
+    template = await platform.create_template(connection, organization, "go-backend", now)
+    version = await platform.create_template_version(connection, template, "v1", now)
+    preset = await platform.create_preset(
         connection,
         template_version_id=version,
         name="standard",
@@ -241,11 +242,11 @@ async def test_seeding_and_publishing_a_version_copies_presets(connection: async
         scheduling_timezone="Europe/Berlin",
         now=now,
     )
-    await store.add_preset_parameter(connection, preset, "region", "eu-west")
-    await store.add_preset_schedule(connection, preset, "* 8-17 * * 1-5", 4)
+    await platform.add_preset_parameter(connection, preset, "region", "eu-west")
+    await platform.add_preset_schedule(connection, preset, "* 8-17 * * 1-5", 4)
     assert await connection.fetchval("select active_version_id from templates where id = $1", template) == version
 
-    published = await store.publish_template_version(connection, template, "v2", now)
+    published = await platform.publish_template_version(connection, template, "v2", now)
 
     assert published is not None
     assert published != version
@@ -271,15 +272,15 @@ async def test_seeding_and_publishing_a_version_copies_presets(connection: async
 
 async def test_publishing_a_template_without_version_does_nothing(connection: asyncpg.Connection) -> None:
     now = datetime.now(UTC)
-    organization = await store.create_organization(connection, "acme", now)
-    template = await store.create_template(connection, organization, "empty", now)
-    assert await store.publish_template_version(connection, template, "v2", now) is None
+    organization = await platform.create_organization(connection, "acme", now)
+    template = await platform.create_template(connection, organization, "empty", now)
+    assert await platform.publish_template_version(connection, template, "v2", now) is None
     assert await connection.fetchval("select count(*) from template_versions") == 0
 
 
 def test_outcomes_follow_parameters_and_rate() -> None:
-    def job(transition: str = "start", failure: str = "") -> store.AcquiredJob:
-        return store.AcquiredJob(
+    def job(transition: str = "start", failure: str = "") -> platform.AcquiredJob:
+        return platform.AcquiredJob(
             job_id=uuid.uuid4(),
             build_id=uuid.uuid4(),
             workspace_id=uuid.uuid4(),
@@ -325,7 +326,7 @@ async def test_prebuild_owner_is_untouched(
 
 
 async def test_demo_seed_is_reused_and_abandoned_jobs_requeued(connection: asyncpg.Connection) -> None:
-    from reconciler.demo import BROKEN_PRESET, HEALTHY_PRESETS, DemoOptions, seed_platform
+    from reconciler.demo.scenario import BROKEN_PRESET, HEALTHY_PRESETS, DemoOptions, seed_platform
 
     options = DemoOptions(presets=2)
     first = await seed_platform(connection, options, datetime.now(UTC))
@@ -360,7 +361,7 @@ async def test_demo_seed_is_reused_and_abandoned_jobs_requeued(connection: async
         count=1,
         now=datetime.now(UTC),
     )
-    await store.acquire_provisioner_jobs(connection, uuid.uuid4(), datetime.now(UTC), 10)
+    await platform.acquire_provisioner_jobs(connection, uuid.uuid4(), datetime.now(UTC), 10)
     assert await Factory(connection).job_statuses() == {"running": 1}
 
     second = await seed_platform(connection, options, datetime.now(UTC))

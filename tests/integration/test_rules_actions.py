@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from reconciler import executor
-from reconciler.actions import BackoffAction, CancelPendingAction, CreateAction, DeleteAction, DeleteReason
+from reconciler.plan import BackoffAction, CancelPendingAction, CreateAction, DeleteAction, DeleteReason
 from reconciler.reconcile import PassOutcome, run_pass
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
 from tests.factories import Factory, minutes, seconds

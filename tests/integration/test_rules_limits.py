@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from reconciler import db
-from reconciler.actions import CreateAction, CreateBlock, DeleteAction, DeleteReason
+from reconciler.plan import CreateAction, CreateBlock, DeleteAction, DeleteReason
 from reconciler.reconcile import PassOutcome, run_pass
 from reconciler.snapshot import PrebuildStatus
 from tests.factories import Factory, Preset, minutes, seconds

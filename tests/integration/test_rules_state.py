@@ -9,8 +9,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from reconciler.actions import CreateAction, DeleteAction, DeleteReason, PresetState
 from reconciler.config import Settings
+from reconciler.plan import CreateAction, DeleteAction, DeleteReason, PresetState
 from reconciler.snapshot import Snapshot
 from tests.factories import Factory, Preset, Workspace, minutes, seconds
 from tests.integration.reconcile_support import ids, plan_of, read_plan, read_snapshot, settings_for

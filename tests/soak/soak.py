@@ -27,7 +27,8 @@ from uuid import UUID
 import asyncpg
 
 from reconciler import db, store
-from reconciler.provisioner import ProvisionerOptions, SimulatedProvisioner
+from reconciler.demo import platform
+from reconciler.demo.simulated_provisioner import ProvisionerOptions, SimulatedProvisioner
 from tests.acceptance.daemon_process import DaemonProcess
 from tests.factories import Factory
 from tests.soak.invariants import (
@@ -367,7 +368,7 @@ class Soak:
             await connection.execute(
                 "select 1 from template_version_presets where id = any($1::uuid[]) order by id for update", old
             )
-            version_id = await store.publish_template_version(
+            version_id = await platform.publish_template_version(
                 connection, template_id, f"v-{uuid.uuid4().hex[:8]}", datetime.now(UTC)
             )
             assert version_id is not None

@@ -21,8 +21,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.actions import Plan, PresetPlan, PresetState
 from reconciler.metrics import Metrics
+from reconciler.plan import Plan, PresetPlan, PresetState
 from reconciler.snapshot import PrebuildStatus
 from reconciler.store import PrebuildTotals
 from tests.unit.test_metrics import make_preset

@@ -3,8 +3,8 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from reconciler.actions import Plan, PresetPlan, PresetState
 from reconciler.metrics import Metrics
+from reconciler.plan import Plan, PresetPlan, PresetState
 from reconciler.snapshot import PrebuildStatus, Preset
 from reconciler.store import PrebuildTotals
 

@@ -7,8 +7,8 @@ import dataclasses
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.actions import PresetPlan, PresetState
 from reconciler.metrics import Metrics, PresetCollector
+from reconciler.plan import PresetPlan, PresetState
 from reconciler.snapshot import PrebuildStatus
 from reconciler.store import PrebuildTotals
 from tests.unit.test_metrics import make_plan, make_preset

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler import planner
-from reconciler.actions import CreateAction, DeleteAction, DeleteReason, PlanProblem
+from reconciler.plan import CreateAction, DeleteAction, DeleteReason, PlanProblem
 from reconciler.problem_log import ProblemLog, changes
 from reconciler.snapshot import PrebuildStatus, Preset, RunningPrebuild, Schedule, Snapshot
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler import planner
-from reconciler.actions import BackoffAction, CancelPendingAction, CreateAction, DeleteAction, DeleteReason, Plan
+from reconciler.plan import BackoffAction, CancelPendingAction, CreateAction, DeleteAction, DeleteReason, Plan
 from reconciler.snapshot import (
     Backoff,
     InProgress,

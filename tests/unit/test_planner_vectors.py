@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from reconciler import planner, schedule
-from reconciler.actions import (
+from reconciler.plan import (
     Action,
     BackoffAction,
     CancelPendingAction,

@@ -29,8 +29,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 
-from reconciler import db, store
+from reconciler import db
 from reconciler.config import Settings
+from reconciler.demo import platform
 
 logger = structlog.get_logger(__name__)
 
@@ -79,7 +80,7 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
-    job: store.AcquiredJob
+    job: platform.AcquiredJob
     succeeded: bool
     canceled: bool
     error: str | None
@@ -94,7 +95,7 @@ class ProvisionerStats:
     released: int = 0
 
 
-def decide_outcome(job: store.AcquiredJob, options: ProvisionerOptions, chooser: random.Random) -> Outcome:
+def decide_outcome(job: platform.AcquiredJob, options: ProvisionerOptions, chooser: random.Random) -> Outcome:
     """The outcome and duration of one job (pure, given the random source)."""
     duration = chooser.uniform(options.min_seconds, options.max_seconds)
     if job.transition != "start":
@@ -143,7 +144,7 @@ class SimulatedProvisioner:
         self._loop_task = None
         try:
             async with self.pool.acquire(timeout=5) as connection:
-                released = await store.release_provisioner_jobs(connection, self.worker_id, self.clock())
+                released = await platform.release_provisioner_jobs(connection, self.worker_id, self.clock())
         except db.SURVIVABLE_ERRORS as error:
             # The database may be going away with us (the demo); the jobs stay "running" then.
             logger.warning("provisioner.release_failed", error=f"{type(error).__name__}: {error}")
@@ -155,8 +156,8 @@ class SimulatedProvisioner:
     async def run_once(self) -> list[JobResult]:
         """Take what is pending and run it to completion (tests; no concurrency limit, no waiting loop)."""
         async with self.pool.acquire() as connection:
-            await store.complete_canceling_jobs(connection, self.clock())
-            jobs = await store.acquire_provisioner_jobs(connection, self.worker_id, self.clock(), 1000)
+            await platform.complete_canceling_jobs(connection, self.clock())
+            jobs = await platform.acquire_provisioner_jobs(connection, self.worker_id, self.clock(), 1000)
         self.stats.acquired += len(jobs)
         results = await asyncio.gather(*(self._run_job(job) for job in jobs))
         return [result for result in results if result is not None]
@@ -167,8 +168,8 @@ class SimulatedProvisioner:
             if free > 0:
                 try:
                     async with self.pool.acquire() as connection:
-                        await store.complete_canceling_jobs(connection, self.clock())
-                        jobs = await store.acquire_provisioner_jobs(connection, self.worker_id, self.clock(), free)
+                        await platform.complete_canceling_jobs(connection, self.clock())
+                        jobs = await platform.acquire_provisioner_jobs(connection, self.worker_id, self.clock(), free)
                 except db.SURVIVABLE_ERRORS as error:
                     logger.warning("provisioner.poll_failed", error=f"{type(error).__name__}: {error}")
                     jobs = []
@@ -180,12 +181,12 @@ class SimulatedProvisioner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.options.poll_seconds)
 
-    async def _run_job(self, job: store.AcquiredJob) -> JobResult | None:
+    async def _run_job(self, job: platform.AcquiredJob) -> JobResult | None:
         outcome = decide_outcome(job, self.options, self.chooser)
         await asyncio.sleep(outcome.duration_seconds)
         try:
             async with self.pool.acquire() as connection:
-                completed = await store.complete_provisioner_job(
+                completed = await platform.complete_provisioner_job(
                     connection,
                     job_id=job.job_id,
                     worker_id=self.worker_id,

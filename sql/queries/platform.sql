@@ -1,4 +1,5 @@
--- The simulated provisioner (`reconciler simulate-provisioner`, and the demo's), and the writes with which
+-- The platform's side, played by the demo and the tests (reconciler/demo/platform.py): the simulated
+-- provisioner (`reconciler simulate-provisioner`, and the demo's), and the writes with which
 -- the demo plays the platform's API server (seeding templates, publishing a version). None of this is
 -- used by the daemon: it stands in for the components outside it, for demonstrations and tests.
 

@@ -1,0 +1,251 @@
+"""What the demo shows: a table per preset drawn from the daemon's own last pass, and the latest events.
+
+The table comes from the pass's plan, so what you see is exactly what the reconciler decided.
+On a terminal the table is redrawn in place; otherwise (a pipe, a file, a test) every change is printed
+as one plain `key=value` line, easy to read back.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TextIO
+from uuid import UUID
+
+from reconciler.demo.simulated_provisioner import JobResult
+from reconciler.notify.outbox import OutboxMessage
+from reconciler.plan import PresetPlan
+from reconciler.reconcile import PassOutcome, PassResult
+from reconciler.reports import table
+from reconciler.snapshot import PrebuildStatus
+
+
+@dataclass(frozen=True, slots=True)
+class PresetRow:
+    name: str
+    version: str
+    active: bool
+    desired: int
+    running: int
+    eligible: int
+    starting: int
+    deleting: int
+    status: str
+    backoff_until: datetime | None
+
+    def plain(self) -> str:
+        backoff = f"{self.backoff_until:%H:%M:%S}" if self.backoff_until else "-"
+        return (
+            f"preset={self.name} version={self.version} active={'yes' if self.active else 'no'} "
+            f"desired={self.desired} running={self.running} eligible={self.eligible} starting={self.starting} "
+            f"deleting={self.deleting} status={self.status} backoff_until={backoff}"
+        )
+
+
+def preset_status(preset_plan: PresetPlan, now: datetime) -> str:
+    """One word for the table: the preset's marked status first, then what it is doing."""
+    preset = preset_plan.preset
+    state = preset_plan.state
+    if preset.prebuild_status is not PrebuildStatus.NORMAL:
+        return preset.prebuild_status.value
+    if not preset.active:
+        return "outdated"
+    if preset_plan.backoff_until is not None and preset_plan.backoff_until >= now:
+        return "backoff"
+    if state.eligible >= state.desired:
+        return "ready"
+    return "filling"
+
+
+def preset_rows(plan_presets: tuple[PresetPlan, ...], now: datetime) -> list[PresetRow]:
+    rows = []
+    for preset_plan in plan_presets:
+        preset, state = preset_plan.preset, preset_plan.state
+        # Outdated presets are shown while they still have prebuilds, to watch them being replaced.
+        if not preset.active and state.actual + state.starting + state.deleting == 0:
+            continue
+        rows.append(
+            PresetRow(
+                name=f"{preset.template_name}/{preset.name}",
+                version=preset.template_version_name,
+                active=preset.active,
+                desired=state.desired,
+                running=state.actual,
+                eligible=state.eligible,
+                starting=state.starting,
+                deleting=state.deleting,
+                status=preset_status(preset_plan, now),
+                backoff_until=preset_plan.backoff_until,
+            )
+        )
+    rows.sort(key=lambda row: (row.name, not row.active, row.version))
+    return rows
+
+
+def pool_bar(row: PresetRow, width: int = 10) -> str:
+    """Eligible (#) and starting (+) prebuilds against the target, e.g. `[##+-] 2/4`."""
+    target = max(row.desired, 1)
+    eligible = min(row.eligible, target)
+    starting = min(row.starting, target - eligible)
+    cells = width * eligible // target, width * starting // target
+    bar = "#" * cells[0] + "+" * cells[1]
+    return f"[{bar.ljust(width, '-')}] {row.eligible}/{row.desired}"
+
+
+def describe_message(message: OutboxMessage) -> str:
+    payload = message.payload
+    recipient = f"{message.recipient} <{message.recipient_email}>" if message.recipient else "(no recipient)"
+    detail = f'template "{payload.get("template")}" version "{payload.get("template_version")}" '
+    detail += f'preset "{payload.get("preset")}"'
+    if payload.get("last_error"):
+        detail += f" after {payload.get('failure_count')} failures; last error: {payload.get('last_error')}"
+    return f"NOTIFICATION {message.notification_template!r} to {recipient}: {detail} [{message.status}]"
+
+
+@dataclass
+class DemoView:
+    """What the demo prints; fed by the daemon's pass listener, the provisioner and the outbox."""
+
+    output: TextIO
+    interactive: bool
+    started: float = field(default_factory=time.monotonic)
+    header: list[str] = field(default_factory=list)
+    last_pass: PassResult | None = None
+    passes: int = 0
+    passes_failed: int = 0
+    jobs_succeeded: int = 0
+    jobs_failed: int = 0
+    events: list[str] = field(default_factory=list)
+    _printed_rows: dict[tuple[str, str], str] = field(default_factory=dict)
+    _seen_messages: set[UUID] = field(default_factory=set)
+    _pass_shown: int = 0
+
+    def elapsed(self) -> str:
+        return f"{time.monotonic() - self.started:6.1f}s"
+
+    def on_pass(self, result: PassResult) -> None:
+        self.passes += 1
+        if result.outcome is PassOutcome.FAILED:
+            self.passes_failed += 1
+            self.event(f"PASS FAILED: {result.error}")
+        if result.plan is not None:
+            self.last_pass = result
+
+    def on_job(self, result: JobResult) -> None:
+        if result.canceled:
+            return
+        if result.succeeded:
+            self.jobs_succeeded += 1
+        else:
+            self.jobs_failed += 1
+            job = result.job
+            self.event(
+                f"BUILD FAILED {job.template_name}/{job.preset_name or '-'} {job.workspace_name}: {result.error}"
+            )
+
+    def on_messages(self, messages: list[OutboxMessage]) -> None:
+        for message in sorted(messages, key=lambda message: (message.created_at, str(message.id))):
+            if message.id not in self._seen_messages:
+                self._seen_messages.add(message.id)
+                self.event(describe_message(message))
+
+    def event(self, text: str) -> None:
+        line = f"{self.elapsed()}  {text}"
+        self.events.append(line)
+        del self.events[:-8]
+        if not self.interactive:
+            self._print(line)
+
+    def _print(self, line: str) -> None:
+        self.output.write(line + "\n")
+        self.output.flush()
+
+    def rows(self) -> list[PresetRow]:
+        if self.last_pass is None or self.last_pass.plan is None:
+            return []
+        return preset_rows(self.last_pass.plan.presets, datetime.now(UTC))
+
+    def refresh(self) -> None:
+        if self.interactive:
+            self._redraw()
+        elif self.passes != self._pass_shown:
+            self._pass_shown = self.passes
+            for row in self.rows():
+                key = (row.name, row.version)
+                text = row.plain()
+                if self._printed_rows.get(key) != text:
+                    self._printed_rows[key] = text
+                    self._print(f"{self.elapsed()}  pass={self.passes} {text}")
+
+    def table_text(self) -> str:
+        now = datetime.now(UTC)
+        rows = [
+            (
+                row.name,
+                row.version + ("" if row.active else " (old)"),
+                row.desired,
+                row.running,
+                row.eligible,
+                row.starting,
+                row.deleting,
+                row.status,
+                f"{row.backoff_until:%H:%M:%S} (in {max(0, int((row.backoff_until - now).total_seconds()))}s)"
+                if row.backoff_until and row.backoff_until >= now
+                else "-",
+                pool_bar(row),
+            )
+            for row in self.rows()
+        ]
+        headers = (
+            "PRESET",
+            "VERSION",
+            "DESIRED",
+            "RUNNING",
+            "ELIGIBLE",
+            "STARTING",
+            "DELETING",
+            "STATUS",
+            "BACKOFF UNTIL",
+            "POOL",
+        )
+        return table(headers, rows) if rows else "(waiting for the first pass)"
+
+    def _redraw(self) -> None:
+        width = shutil.get_terminal_size((120, 40)).columns
+        lines = [
+            *self.header,
+            "",
+            f"elapsed {self.elapsed().strip()}   passes {self.passes} ({self.passes_failed} failed)   "
+            f"builds: {self.jobs_succeeded} succeeded, {self.jobs_failed} failed",
+            "",
+            *self.table_text().splitlines(),
+            "",
+            "recent events:",
+            *(self.events or ["  (none yet)"]),
+            "",
+            "Ctrl-C to stop.",
+        ]
+        # Home, draw, clear what is left of the previous frame: no flicker from a full clear.
+        frame = "\x1b[H" + "\n".join(line[:width] + "\x1b[K" for line in lines) + "\n\x1b[J"
+        self.output.write(frame)
+        self.output.flush()
+
+    def begin(self) -> None:
+        if self.interactive:
+            self.output.write("\x1b[?25l\x1b[2J")
+        else:
+            for line in self.header:
+                self._print(line)
+
+    def finish(self, reason: str) -> None:
+        if self.interactive:
+            self._redraw()
+            self.output.write("\x1b[?25h")
+        self._print(f"{self.elapsed()}  stopping ({reason})")
+
+    def summary(self) -> None:
+        self._print("final state:")
+        for line in self.table_text().splitlines():
+            self._print("  " + line)
