@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from reconciler import db, store
+from reconciler import db
 from reconciler.config import (
     EXIT_CONFIG,
     ConfigError,
@@ -32,6 +32,7 @@ from reconciler.config import (
 )
 from reconciler.durations import format_duration
 from reconciler.logs import configure_logging
+from reconciler.store import reads, writes
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -504,8 +505,8 @@ async def _plan_or_status(settings: Settings, as_json: bool, status: bool) -> in
         await _require_schema(connection)
         now = datetime.now(UTC)
         async with connection.transaction(isolation="repeatable_read", readonly=True):
-            paused = await store.read_paused(connection)
-            snapshot = await store.read_snapshot(connection, snapshot_parameters(settings, now))
+            paused = await reads.read_paused(connection)
+            snapshot = await reads.read_snapshot(connection, snapshot_parameters(settings, now))
         plan = planner.plan(snapshot, planner_config(settings), now)
         if as_json:
             document = reports.status_json(plan, paused=paused) if status else reports.plan_json(plan, paused=paused)
@@ -520,7 +521,7 @@ async def _plan_or_status(settings: Settings, as_json: bool, status: bool) -> in
 async def _set_paused(settings: Settings, paused: bool) -> int:
     async def work(connection: asyncpg.Connection) -> int:
         await _require_schema(connection)
-        await store.write_paused(connection, paused)
+        await writes.write_paused(connection, paused)
         logger.info("reconcile.paused_set" if paused else "reconcile.resumed")
         print("reconciliation paused" if paused else "reconciliation resumed")
         return EXIT_OK

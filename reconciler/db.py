@@ -81,13 +81,26 @@ def parse_queries(text: str, source: str) -> dict[str, str]:
 
 
 @functools.cache
+def queries_in(file_name: str) -> Mapping[str, str]:
+    """The named statements of one file of `sql/queries/`, loaded once, when a module first needs it.
+
+    Each data-access module loads its own file only: the daemon never reads the demo's `platform.sql`.
+    """
+    path = sql_directory() / "queries" / file_name
+    return parse_queries(path.read_text(encoding="utf-8"), path.name)
+
+
+def _query_files() -> list[str]:
+    return sorted(path.name for path in (sql_directory() / "queries").glob("*.sql"))
+
+
 def queries() -> Mapping[str, str]:
-    """Every named statement of `sql/queries/*.sql`, loaded once."""
+    """Every named statement of every file of `sql/queries/` (for checks: names are unique across files)."""
     loaded: dict[str, str] = {}
-    for path in sorted((sql_directory() / "queries").glob("*.sql")):
-        for name, body in parse_queries(path.read_text(encoding="utf-8"), path.name).items():
+    for file_name in _query_files():
+        for name, body in queries_in(file_name).items():
             if name in loaded:
-                raise ValueError(f"{path.name}: query {name} is defined twice")
+                raise ValueError(f"{file_name}: query {name} is defined twice")
             loaded[name] = body
     return loaded
 

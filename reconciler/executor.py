@@ -1,4 +1,4 @@
-"""Turns a plan's actions into writes, preset by preset, through `store.py`.
+"""Turns a plan's actions into writes, preset by preset, through `store/writes.py`.
 
 Presets are independent: they run concurrently up to a bound (so a pass cannot exhaust the pool), and an
 error on one preset is logged and counted while the others go on. Each action is one transaction.
@@ -17,7 +17,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from reconciler import db, schedule, store
+from reconciler import db, schedule
 from reconciler.plan import (
     BackoffAction,
     CancelPendingAction,
@@ -27,6 +27,7 @@ from reconciler.plan import (
     PresetPlan,
 )
 from reconciler.snapshot import PrebuildStatus
+from reconciler.store import writes
 
 logger = structlog.get_logger(__name__)
 
@@ -61,7 +62,7 @@ async def _create(
     """Create up to `action.count` prebuilds atomically; returns (created, clamped away)."""
     preset = preset_plan.preset
     async with connection.transaction():
-        check = await store.lock_preset_for_create(connection, preset.id)
+        check = await writes.lock_preset_for_create(connection, preset.id)
         if (
             check is None
             or check.desired_instances is None
@@ -74,11 +75,11 @@ async def _create(
         # replaced after the snapshot, clamp the creates decided from the snapshot.
         fresh = schedule.target(check.desired_instances, check.schedules, check.scheduling_timezone, now)
         target = min(preset_plan.state.desired, fresh.instances)
-        existing = await store.count_preset_prebuilds(connection, preset.id, check.template_id)
+        existing = await writes.count_preset_prebuilds(connection, preset.id, check.template_id)
         count = max(min(action.count, target - existing), 0)
         if count == 0:
             return 0, action.count
-        created = await store.create_prebuilds(
+        created = await writes.create_prebuilds(
             connection,
             preset_id=preset.id,
             template_version_id=preset.template_version_id,
@@ -92,13 +93,13 @@ async def _create(
 
 async def _delete(connection: db.Connection, action: DeleteAction, now: datetime) -> int:
     async with connection.transaction():
-        deleted = await store.delete_prebuilds(connection, action.workspace_ids, now)
+        deleted = await writes.delete_prebuilds(connection, action.workspace_ids, now)
     return len(deleted)
 
 
 async def _cancel(connection: db.Connection, preset_plan: PresetPlan, now: datetime) -> int:
     async with connection.transaction():
-        canceled = await store.cancel_pending_prebuilds(connection, preset_plan.preset.id, now)
+        canceled = await writes.cancel_pending_prebuilds(connection, preset_plan.preset.id, now)
     return len(canceled)
 
 

@@ -19,7 +19,7 @@ import asyncpg
 import structlog
 
 from reconciler import db
-from reconciler.membership_store import (
+from reconciler.store.memberships import (
     MembershipsAdded,
     OrganizationMemberships,
     add_prebuilds_memberships,

@@ -28,8 +28,7 @@ from prometheus_client.registry import Collector
 
 from reconciler.notify.metrics import NotificationMetrics
 from reconciler.plan import Plan
-from reconciler.snapshot import PrebuildStatus
-from reconciler.store import PrebuildTotals
+from reconciler.snapshot import PrebuildStatus, PrebuildTotals
 
 # `_created` series double the size of a scrape at tens of thousands of presets and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -17,13 +17,14 @@ import asyncpg
 import structlog
 from asyncpg.transaction import Transaction
 
-from reconciler import db, executor, planner, store
+from reconciler import db, executor, planner
 from reconciler.config import Settings
 from reconciler.notify.outbox import NoticeKind, StatusNotice, enqueue_notices
 from reconciler.plan import CreateBlock, Plan, PlanProblem
 from reconciler.problem_log import ProblemLog
 from reconciler.problem_log import changes as problem_changes
 from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
+from reconciler.store import reads, writes
 
 logger = structlog.get_logger(__name__)
 
@@ -85,8 +86,8 @@ def planner_config(settings: Settings) -> planner.PlannerConfig:
     )
 
 
-def snapshot_parameters(settings: Settings, now: datetime) -> store.SnapshotParameters:
-    return store.SnapshotParameters(
+def snapshot_parameters(settings: Settings, now: datetime) -> reads.SnapshotParameters:
+    return reads.SnapshotParameters(
         lookback_start=now - settings.backoff_lookback,
         failure_hard_limit=settings.failure_hard_limit,
         non_retryable_error_codes=settings.non_retryable_error_codes,
@@ -141,7 +142,7 @@ async def apply_status_transitions(
     new_status: dict[UUID, PrebuildStatus] = {}
     notices: list[StatusNotice] = []
 
-    def notice(kind: NoticeKind, change: store.StatusChange) -> StatusNotice:
+    def notice(kind: NoticeKind, change: writes.MarkedPreset) -> StatusNotice:
         return StatusNotice(
             kind=kind,
             preset=presets[change.preset_id],
@@ -156,11 +157,11 @@ async def apply_status_transitions(
             (PrebuildStatus.HARD_LIMITED, transitions.hard_limited, NoticeKind.HARD_LIMITED),
         ):
             if group:
-                for change in await store.mark_presets_status(connection, [p.id for p in group], status, now):
+                for change in await writes.mark_presets_status(connection, [p.id for p in group], status, now):
                     new_status[change.preset_id] = status
                     notices.append(notice(kind, change))
         if transitions.recovered:
-            for change in await store.mark_presets_recovered(connection, [p.id for p in transitions.recovered], now):
+            for change in await writes.mark_presets_recovered(connection, [p.id for p in transitions.recovered], now):
                 new_status[change.preset_id] = PrebuildStatus.NORMAL
                 notices.append(notice(NoticeKind.RECOVERED, change))
         enqueued = await enqueue_notices(connection, notices) if notices else 0
@@ -360,7 +361,7 @@ async def _run_pass(
             )
         return pass_result
 
-    bad_rows: list[store.BadRowError] = []
+    bad_rows: list[reads.BadRowError] = []
     # When this pass held the reconciliation lock, in wall-clock seconds: read after the lock was granted
     # and before the transaction that holds it ends, so the interval lies within the real one. Logged,
     # so that replicas' passes can be shown never to overlap (a pass's duration also covers waiting for
@@ -374,14 +375,14 @@ async def _run_pass(
             await transaction.start()
             body_raised = True
             try:
-                if not await store.try_reconciliation_lock(connection):
+                if not await reads.try_reconciliation_lock(connection):
                     body_raised = False
                     return result(PassOutcome.SKIPPED_LOCK)
                 lock_held_from = time.time()
-                if await store.read_paused(connection):
+                if await reads.read_paused(connection):
                     body_raised = False
                     return result(PassOutcome.PAUSED)
-                snapshot = await store.read_snapshot(connection, snapshot_parameters(settings, now), bad_rows=bad_rows)
+                snapshot = await reads.read_snapshot(connection, snapshot_parameters(settings, now), bad_rows=bad_rows)
                 snapshot, changes = await apply_status_transitions(pool, snapshot, now)
                 plan = planner.plan(snapshot, planner_config(settings), now)
                 _log_plan_problems(plan, snapshot, problem_log)

@@ -31,7 +31,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
-from reconciler import db, store
+from reconciler import db
 from reconciler.config import Settings
 from reconciler.http import HealthState, HttpBindError, Readiness, bound_port, build_application, start_http
 from reconciler.metrics import Metrics
@@ -39,6 +39,7 @@ from reconciler.notify.dispatcher import Dispatcher
 from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier
+from reconciler.store import reads
 
 logger = structlog.get_logger(__name__)
 
@@ -329,7 +330,7 @@ class Daemon:
             if self._pool is not None and preset_ids:
                 try:
                     async with self._pool.acquire() as connection:
-                        totals = await store.read_prebuild_totals(connection, preset_ids)
+                        totals = await reads.read_prebuild_totals(connection, preset_ids)
                     self.metrics.presets.update_totals(totals)
                 except db.SURVIVABLE_ERRORS as error:
                     self.metrics.database_errors.inc()

@@ -1,6 +1,6 @@
 """What one pass reads: a consistent picture of every preset that has prebuilds.
 
-These types are filled by `store.py` from one REPEATABLE READ transaction and consumed by the pure
+These types are filled by `store/reads.py` from one REPEATABLE READ transaction and consumed by the pure
 planner. They carry only what the rules of BEHAVIOR.md need; every timestamp is timezone-aware UTC.
 """
 
@@ -135,3 +135,12 @@ class Snapshot:
     # Presets whose latest failed prebuild carries a non-retryable error code.
     validation_failed_preset_ids: frozenset[UUID] = field(default_factory=frozenset)
     failures: tuple[PresetFailures, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PrebuildTotals:
+    """A preset's lifetime counts of prebuilds, for the created/failed/claimed counters (read beside passes)."""
+
+    created: int
+    failed: int
+    claimed: int

@@ -385,9 +385,9 @@ class Factory:
 
     async def created_prebuilds(self, preset: Preset, count: int) -> list[uuid.UUID]:
         """Exactly what the daemon's create writes (through the store): workspaces with a pending first build."""
-        from reconciler import store
+        from reconciler.store import writes
 
-        return await store.create_prebuilds(
+        return await writes.create_prebuilds(
             self.connection,
             preset_id=preset.id,
             template_version_id=preset.version.id,

@@ -17,7 +17,7 @@ from reconciler import db
 
 
 def _query(name: str) -> str:
-    return db.queries()[name]
+    return db.queries_in("platform.sql")[name]
 
 
 def _returned_id(value: Any) -> UUID:

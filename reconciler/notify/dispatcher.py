@@ -35,12 +35,13 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 
-from reconciler import db, store
+from reconciler import db
 from reconciler.config import NOTIFICATION_LEASE_MARGIN, Settings
 from reconciler.notify.email import EmailSender
 from reconciler.notify.message import DeliveryOutcome, DeliveryResult, OutgoingMessage, Sink, outgoing_message
 from reconciler.notify.metrics import SINK_KINDS, NotificationMetrics
 from reconciler.notify.webhook import WebhookSender
+from reconciler.store import notifications
 
 logger = structlog.get_logger(__name__)
 
@@ -144,11 +145,11 @@ class Dispatcher:
 
     async def dispatch_once(self, now: datetime) -> int:
         """Lease and deliver one batch of due messages as of `now`; return how many were leased."""
-        leased: list[store.LeasedNotification] = []
+        leased: list[notifications.LeasedNotification] = []
         if self._sinks:
             lease_token = uuid.uuid4()
             async with self._pool.acquire() as connection:
-                leased = await store.lease_notifications(
+                leased = await notifications.lease_notifications(
                     connection,
                     now=now,
                     leased_until=now + self._lease,
@@ -176,14 +177,14 @@ class Dispatcher:
 
     async def _refresh_backlog(self, now: datetime) -> None:
         async with self._pool.acquire() as connection:
-            backlog = await store.read_notification_backlog(connection)
+            backlog = await notifications.read_notification_backlog(connection)
         self._metrics.pending.set(backlog.pending)
         oldest = backlog.oldest_created_at
         self._metrics.oldest_pending_age.set(max((now - oldest).total_seconds(), 0.0) if oldest else 0.0)
         self._metrics.last_poll.set(time.time())
 
     async def _process(
-        self, leased: store.LeasedNotification, lease_token: uuid.UUID, now: datetime, deadline: float
+        self, leased: notifications.LeasedNotification, lease_token: uuid.UUID, now: datetime, deadline: float
     ) -> None:
         message = outgoing_message(leased)
         log = logger.bind(message_id=str(message.id), kind=message.kind, attempt=message.attempt)
@@ -221,7 +222,7 @@ class Dispatcher:
 
         try:
             async with self._pool.acquire() as connection:
-                kept = await store.finish_notification_attempt(
+                kept = await notifications.finish_notification_attempt(
                     connection,
                     message_id=message.id,
                     lease_token=lease_token,
@@ -289,7 +290,7 @@ class Dispatcher:
     async def _record_delivery(self, message: OutgoingMessage, sink: Sink, now: datetime) -> None:
         async def write() -> None:
             async with self._pool.acquire() as connection:
-                await store.record_notification_delivery(connection, message.id, sink.name, now)
+                await notifications.record_notification_delivery(connection, message.id, sink.name, now)
 
         # Shielded: once a sink has the message, a shutdown arriving now must not lose that fact (the
         # write finishes in the background; the pool's close waits for it).

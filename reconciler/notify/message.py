@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from reconciler.store import LeasedNotification
+from reconciler.store.notifications import LeasedNotification
 
 # How a payload value that is null reads in a title or body.
 NULL_TEXT = "none"

@@ -15,8 +15,9 @@ from uuid import UUID
 
 import structlog
 
-from reconciler import db, store
+from reconciler import db
 from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures
+from reconciler.store import notifications, writes
 
 logger = structlog.get_logger(__name__)
 
@@ -78,7 +79,7 @@ class StatusNotice:
 
 async def enqueue_notices(connection: db.Connection, notices: list[StatusNotice]) -> int:
     """Write the outbox rows of `notices` (inside the caller's transaction); returns rows written."""
-    rows = await store.enqueue_notifications(
+    rows = await notifications.enqueue_notifications(
         connection,
         template_ids=[notice.kind.template_id for notice in notices],
         preset_ids=[notice.preset.id for notice in notices],
@@ -105,7 +106,7 @@ async def reset_preset(
     connection: db.Connection, preset_id: UUID, *, actor: str, now: datetime
 ) -> PrebuildStatus | None:
     """An operator's reset to `normal`; None when there is no such preset."""
-    previous = await store.reset_preset(connection, preset_id, now)
+    previous = await writes.reset_preset(connection, preset_id, now)
     if previous is not None:
         logger.info("preset.reset", preset_id=str(preset_id), previous_status=previous.value, actor=actor)
     return previous
@@ -181,5 +182,5 @@ async def list_messages(connection: db.Connection, *, limit: int = 50) -> list[O
             recipient_email=row.email,
             notification_template=row.template_name,
         )
-        for row in await store.list_notifications(connection, limit)
+        for row in await notifications.list_notifications(connection, limit)
     ]

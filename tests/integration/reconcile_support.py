@@ -11,11 +11,12 @@ from uuid import UUID
 
 import asyncpg
 
-from reconciler import db, planner, store
+from reconciler import db, planner
 from reconciler.config import Settings, load_settings
 from reconciler.plan import Plan, PresetPlan
 from reconciler.reconcile import PassOutcome, PassResult, planner_config, run_pass, snapshot_parameters
 from reconciler.snapshot import Snapshot
+from reconciler.store import reads
 from tests.factories import Preset, Workspace
 
 
@@ -38,7 +39,7 @@ async def open_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 async def read_snapshot(connection: asyncpg.Connection, settings: Settings, now: datetime) -> Snapshot:
     """The snapshot a pass at `now` would read, in the same kind of transaction; writes nothing."""
     async with connection.transaction(isolation="repeatable_read", readonly=True):
-        return await store.read_snapshot(connection, snapshot_parameters(settings, now))
+        return await reads.read_snapshot(connection, snapshot_parameters(settings, now))
 
 
 async def read_plan(connection: asyncpg.Connection, settings: Settings, now: datetime) -> Plan:

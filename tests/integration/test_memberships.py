@@ -14,13 +14,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from reconciler import db
-from reconciler.membership_store import (
+from reconciler.memberships import ensure_prebuilds_memberships
+from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
+from reconciler.store.memberships import (
     MembershipKind,
     add_prebuilds_memberships,
     read_prebuilds_memberships,
 )
-from reconciler.memberships import ensure_prebuilds_memberships
-from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
 from tests.factories import Factory, Organization
 
 MEMBERSHIP_STATEMENTS = {

@@ -14,10 +14,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from reconciler import cli, store
+from reconciler import cli
 from reconciler.logs import configure_logging
 from reconciler.notify.dispatcher import Dispatcher
 from reconciler.service import Daemon
+from reconciler.store import notifications
 from tests.factories import Factory, Preset, minutes
 from tests.integration.notification_helpers import (
     HANG,
@@ -223,7 +224,7 @@ async def test_a_dispatcher_whose_lease_was_taken_over_cannot_record_its_outcome
     start = datetime.now(UTC) + timedelta(seconds=1)
     stale_token = uuid.uuid4()
     # A dispatcher leased the message, then stalled (or died) past its lease.
-    [stale] = await store.lease_notifications(
+    [stale] = await notifications.lease_notifications(
         factory.connection, now=start, leased_until=start + timedelta(minutes=2), lease_token=stale_token, limit=10
     )
     async with WebhookReceiver() as receiver:
@@ -232,7 +233,7 @@ async def test_a_dispatcher_whose_lease_was_taken_over_cannot_record_its_outcome
         assert await dispatcher.dispatch_once(start + timedelta(minutes=2, seconds=1)) == 1
         await dispatcher.close()
 
-    kept = await store.finish_notification_attempt(
+    kept = await notifications.finish_notification_attempt(
         factory.connection,
         message_id=stale.id,
         lease_token=stale_token,

@@ -11,10 +11,11 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from reconciler import cli, reconcile, store
+from reconciler import cli, reconcile
 from reconciler.config import Settings
 from reconciler.notify.message import render
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
+from reconciler.store import reads
 from tests.factories import Factory, Preset, User, minutes
 from tests.integration.notification_helpers import fail_prebuilds, open_pool, pass_at, settings_for
 
@@ -156,7 +157,7 @@ async def test_status_changes_racing_without_the_pass_lock_are_decided_by_the_da
     replicas = [await open_pool(database_url) for _ in range(3)]
     try:
         async with replicas[0].acquire() as connection:
-            snapshot = await store.read_snapshot(connection, reconcile.snapshot_parameters(settings, factory.now))
+            snapshot = await reads.read_snapshot(connection, reconcile.snapshot_parameters(settings, factory.now))
         results = await asyncio.gather(
             *(reconcile.apply_status_transitions(replica, snapshot, factory.now) for replica in replicas)
         )

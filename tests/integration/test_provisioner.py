@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from reconciler import store
 from reconciler.demo import platform
 from reconciler.demo.simulated_provisioner import ProvisionerOptions, SimulatedProvisioner, decide_outcome
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
+from reconciler.store import writes
 from tests.factories import Factory
 
 INSTANT = ProvisionerOptions(min_seconds=0, max_seconds=0)
@@ -84,7 +84,7 @@ async def test_delete_build_marks_the_workspace_deleted(
     [workspace_id] = await factory.created_prebuilds(preset, 1)
     provisioner = SimulatedProvisioner(pool, INSTANT)
     await provisioner.run_once()
-    assert await store.delete_prebuilds(connection, [workspace_id], datetime.now(UTC)) == [workspace_id]
+    assert await writes.delete_prebuilds(connection, [workspace_id], datetime.now(UTC)) == [workspace_id]
 
     # Deletes succeed even at a failure rate of 1: a failed delete would strand the workspace.
     provisioner.options = ProvisionerOptions(failure_rate=1.0, min_seconds=0, max_seconds=0)
@@ -352,7 +352,7 @@ async def test_demo_seed_is_reused_and_abandoned_jobs_requeued(connection: async
         HEALTHY_PRESETS[0].template,
     )
     assert row is not None
-    await store.create_prebuilds(
+    await writes.create_prebuilds(
         connection,
         preset_id=preset_id,
         template_version_id=row["version"],

@@ -388,7 +388,7 @@ async def test_racing_passes_never_create_more_than_the_target(
 async def test_reset_gives_a_hard_limited_preset_fresh_attempts(
     factory: Factory, pool: asyncpg.Pool, database_url: str
 ) -> None:
-    from reconciler import store
+    from reconciler.store import writes
 
     settings = settings_for(database_url, failure_hard_limit="2")
     preset = await factory.preset(desired=1)
@@ -397,7 +397,7 @@ async def test_reset_gives_a_hard_limited_preset_fresh_attempts(
     await pass_at(pool, settings, factory.now)
     assert (await preset_row(factory.connection, preset))["prebuild_status"] == PrebuildStatus.HARD_LIMITED
 
-    assert await store.reset_preset(factory.connection, preset.id, factory.now) is PrebuildStatus.HARD_LIMITED
+    assert await writes.reset_preset(factory.connection, preset.id, factory.now) is PrebuildStatus.HARD_LIMITED
     result = await pass_at(pool, settings, factory.now + minutes(1))
     assert result.plan is not None
     assert plan_of(result.plan, preset).actions == (CreateAction(count=1),)

@@ -26,9 +26,10 @@ from uuid import UUID
 
 import asyncpg
 
-from reconciler import db, store
+from reconciler import db
 from reconciler.demo import platform
 from reconciler.demo.simulated_provisioner import ProvisionerOptions, SimulatedProvisioner
+from reconciler.store import writes
 from tests.acceptance.daemon_process import DaemonProcess
 from tests.factories import Factory
 from tests.soak.invariants import (
@@ -412,7 +413,7 @@ class Soak:
         if not limited:
             return False
         preset_id = self.chooser.choice(limited)["id"]
-        await store.reset_preset(self.connection, preset_id, datetime.now(UTC))
+        await writes.reset_preset(self.connection, preset_id, datetime.now(UTC))
         self.checker.note(preset_id, "operator: reset")
         return True
 
@@ -502,7 +503,7 @@ class Soak:
         self.calm_started_at = datetime.now(UTC)
         self.milestones.append((self.calm_started_at, "soak: calm: no more failures, the operator resets"))
         for row in await connection.fetch("select id from template_version_presets where prebuild_status <> 'normal'"):
-            await store.reset_preset(connection, row["id"], datetime.now(UTC))
+            await writes.reset_preset(connection, row["id"], datetime.now(UTC))
         # Builds started during the chaos had their outcome drawn then: let them end before judging backoff.
         settle_until = calm_started + self.config.max_build_seconds + 0.5
         while time.monotonic() < settle_until:
@@ -512,7 +513,7 @@ class Soak:
         # the first reset): the daemon rightly limits the preset again. The operator looks once more,
         # now that nothing from the chaos is in flight, and resets what is limited.
         for row in await connection.fetch("select id from template_version_presets where prebuild_status <> 'normal'"):
-            await store.reset_preset(connection, row["id"], datetime.now(UTC))
+            await writes.reset_preset(connection, row["id"], datetime.now(UTC))
         backoff_end = await connection.fetchval(
             BACKOFF_BOUND, timedelta(seconds=self.config.backoff_lookback_seconds), timedelta(seconds=1)
         )

@@ -23,8 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.metrics import Metrics
 from reconciler.plan import Plan, PresetPlan, PresetState
-from reconciler.snapshot import PrebuildStatus
-from reconciler.store import PrebuildTotals
+from reconciler.snapshot import PrebuildStatus, PrebuildTotals
 from tests.unit.test_metrics import make_preset
 
 ROOT = Path(__file__).resolve().parents[2]

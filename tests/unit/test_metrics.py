@@ -5,8 +5,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from reconciler.metrics import Metrics
 from reconciler.plan import Plan, PresetPlan, PresetState
-from reconciler.snapshot import PrebuildStatus, Preset
-from reconciler.store import PrebuildTotals
+from reconciler.snapshot import PrebuildStatus, PrebuildTotals, Preset
 
 NOW = datetime(2026, 1, 5, 12, tzinfo=UTC)
 

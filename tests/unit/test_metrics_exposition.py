@@ -9,8 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.metrics import Metrics, PresetCollector
 from reconciler.plan import PresetPlan, PresetState
-from reconciler.snapshot import PrebuildStatus
-from reconciler.store import PrebuildTotals
+from reconciler.snapshot import PrebuildStatus, PrebuildTotals
 from tests.unit.test_metrics import make_plan, make_preset
 
 HOSTILE_NAMES = ["plain", 'quote " and \\ backslash', "new\nline", "ünïcødé ✓", "semi;colon'"]

@@ -1,15 +1,16 @@
-"""The only module that runs SQL: typed methods over the named statements of `sql/queries/`."""
+"""The reads of a pass (`sql/queries/reads.sql`): the pass lock, the pause flag, and the snapshot.
+
+Also the lifetime totals behind the created/failed/claimed counters, which the daemon reads beside the
+passes, not in them.
+"""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 from uuid import UUID
 
 import asyncpg
@@ -21,6 +22,7 @@ from reconciler.snapshot import (
     InProgress,
     PendingNonActive,
     PrebuildStatus,
+    PrebuildTotals,
     Preset,
     PresetFailures,
     RunningPrebuild,
@@ -33,7 +35,7 @@ logger = structlog.get_logger(__name__)
 
 
 def _query(name: str) -> str:
-    return db.queries()[name]
+    return db.queries_in("reads.sql")[name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,25 +46,6 @@ class SnapshotParameters:
     capacity_error_codes: frozenset[str]
 
 
-@dataclass(frozen=True, slots=True)
-class StatusChange:
-    preset_id: UUID
-    failure_episode: int
-
-
-@dataclass(frozen=True, slots=True)
-class CreateCheck:
-    """What a create re-reads under the preset's row lock."""
-
-    desired_instances: int | None
-    prebuild_status: PrebuildStatus
-    active: bool
-    template_id: UUID
-    organization_id: UUID
-    schedules: tuple[Schedule, ...] = ()
-    scheduling_timezone: str = ""
-
-
 class BadRowError(Exception):
     """A row written by another component breaks an assumption; the preset it belongs to is skipped."""
 
@@ -70,11 +53,6 @@ class BadRowError(Exception):
         super().__init__(detail)
         self.preset_id = preset_id
         self.detail = detail
-
-
-def prebuild_name() -> str:
-    """`prebuild-` and 16 random lowercase base32 characters (80 bits: collisions are not a concern)."""
-    return "prebuild-" + base64.b32encode(os.urandom(10)).decode().lower()
 
 
 async def try_reconciliation_lock(connection: db.Connection) -> bool:
@@ -92,10 +70,6 @@ async def read_paused(connection: db.Connection) -> bool:
         # An unreadable setting must not stop reconciliation; the pass logs it through the caller.
         return False
     return isinstance(settings, dict) and settings.get("reconciliation_paused") is True
-
-
-async def write_paused(connection: db.Connection, paused: bool) -> None:
-    await connection.execute(_query("write_prebuilds_settings"), json.dumps({"reconciliation_paused": paused}))
 
 
 def _aware(moment: datetime) -> datetime:
@@ -297,237 +271,6 @@ async def read_snapshot(
     )
 
 
-async def lock_preset_for_create(connection: db.Connection, preset_id: UUID) -> CreateCheck | None:
-    """Lock the preset's row, then read what the create clamp needs; inside the create's transaction.
-
-    Two statements on purpose: a `FOR UPDATE` that had to wait sees what was committed meanwhile only in
-    the locked row itself, not in the schedules or the template it reads (issue 11.2).
-    """
-    if await connection.fetchval(_query("lock_preset_for_create"), preset_id) is None:
-        return None
-    row = await connection.fetchrow(_query("read_preset_for_create"), preset_id)
-    if row is None:
-        return None
-    return CreateCheck(
-        desired_instances=row["desired_instances"],
-        prebuild_status=PrebuildStatus(row["prebuild_status"]),
-        active=row["active"],
-        template_id=row["template_id"],
-        organization_id=row["organization_id"],
-        schedules=tuple(
-            Schedule(cron, instances)
-            for cron, instances in zip(row["schedule_crons"], row["schedule_instances"], strict=True)
-        ),
-        scheduling_timezone=row["scheduling_timezone"],
-    )
-
-
-async def count_preset_prebuilds(connection: db.Connection, preset_id: UUID, template_id: UUID) -> int:
-    return int(await connection.fetchval(_query("count_preset_prebuilds"), preset_id, template_id))
-
-
-async def create_prebuilds(
-    connection: db.Connection,
-    *,
-    preset_id: UUID,
-    template_version_id: UUID,
-    template_id: UUID,
-    organization_id: UUID,
-    count: int,
-    now: datetime,
-) -> list[UUID]:
-    names = [prebuild_name() for _ in range(count)]
-    rows = await connection.fetch(
-        _query("create_prebuilds"), preset_id, template_version_id, template_id, organization_id, names, now
-    )
-    return [row["workspace_id"] for row in rows]
-
-
-async def delete_prebuilds(connection: db.Connection, workspace_ids: Sequence[UUID], now: datetime) -> list[UUID]:
-    rows = await connection.fetch(_query("delete_prebuilds"), list(workspace_ids), now)
-    return [row["workspace_id"] for row in rows]
-
-
-async def cancel_pending_prebuilds(connection: db.Connection, preset_id: UUID, now: datetime) -> list[UUID]:
-    rows = await connection.fetch(_query("cancel_pending_prebuilds"), preset_id, now)
-    return [row["id"] for row in rows]
-
-
-async def mark_presets_status(
-    connection: db.Connection, preset_ids: Iterable[UUID], status: PrebuildStatus, now: datetime
-) -> list[StatusChange]:
-    rows = await connection.fetch(_query("mark_presets_status"), list(preset_ids), status.value, now)
-    return [StatusChange(row["id"], row["failure_episode"]) for row in rows]
-
-
-async def mark_presets_recovered(
-    connection: db.Connection, preset_ids: Iterable[UUID], now: datetime
-) -> list[StatusChange]:
-    rows = await connection.fetch(_query("mark_presets_recovered"), list(preset_ids), now)
-    return [StatusChange(row["id"], row["failure_episode"]) for row in rows]
-
-
-async def reset_preset(connection: db.Connection, preset_id: UUID, now: datetime) -> PrebuildStatus | None:
-    """Set a preset back to normal; None when there is no such preset."""
-    previous = await connection.fetchval(_query("reset_preset"), preset_id, now)
-    return None if previous is None else PrebuildStatus(previous)
-
-
-def lookback_start(now: datetime, lookback: timedelta) -> datetime:
-    return now - lookback
-
-
-@dataclass(frozen=True, slots=True)
-class PrebuildTotals:
-    created: int
-    failed: int
-    claimed: int
-
-
 async def read_prebuild_totals(connection: db.Connection, preset_ids: Sequence[UUID]) -> dict[UUID, PrebuildTotals]:
     rows = await connection.fetch(_query("prebuild_totals"), list(preset_ids))
     return {row["preset_id"]: PrebuildTotals(row["created"], row["failed"], row["claimed"]) for row in rows}
-
-
-@dataclass(frozen=True, slots=True)
-class EnqueuedNotification:
-    id: UUID
-    user_id: UUID | None
-    kind: str
-    preset_id: UUID
-
-
-async def enqueue_notifications(
-    connection: db.Connection,
-    *,
-    template_ids: Sequence[UUID],
-    preset_ids: Sequence[UUID],
-    episodes: Sequence[int],
-    kinds: Sequence[str],
-    payloads: Sequence[str],
-) -> list[EnqueuedNotification]:
-    rows = await connection.fetch(
-        _query("enqueue_notifications"),
-        list(template_ids),
-        list(preset_ids),
-        list(episodes),
-        list(kinds),
-        list(payloads),
-    )
-    return [EnqueuedNotification(row["id"], row["user_id"], row["kind"], row["preset_id"]) for row in rows]
-
-
-@dataclass(frozen=True, slots=True)
-class NotificationRow:
-    id: UUID
-    kind: str
-    status: str
-    created_at: datetime
-    sent_at: datetime | None
-    attempts: int
-    last_error: str | None
-    payload: dict[str, Any]
-    preset_id: UUID | None
-    episode: int
-    username: str | None
-    email: str | None
-    template_name: str
-
-
-async def list_notifications(connection: db.Connection, limit: int) -> list[NotificationRow]:
-    rows = await connection.fetch(_query("list_notifications"), limit)
-    return [NotificationRow(**dict(row)) for row in rows]
-
-
-@dataclass(frozen=True, slots=True)
-class LeasedNotification:
-    """A pending message leased for delivery, with what rendering and the sinks need."""
-
-    id: UUID
-    kind: str
-    payload: dict[str, Any]
-    attempts: int
-    created_at: datetime
-    preset_id: UUID | None
-    user_id: UUID | None
-    username: str | None
-    email: str | None
-    user_active: bool
-    template_name: str
-    title_template: str
-    body_template: str
-    delivered_sinks: tuple[str, ...]
-    # Webhooks are told once per notice (kind, preset, episode): by this message when True.
-    carries_notice: bool
-    # Every recipient of the notice: {"username": ..., "email": ... or None}.
-    notice_recipients: tuple[dict[str, str | None], ...]
-
-
-async def lease_notifications(
-    connection: db.Connection, *, now: datetime, leased_until: datetime, lease_token: UUID, limit: int
-) -> list[LeasedNotification]:
-    rows = await connection.fetch(_query("lease_notifications"), now, leased_until, lease_token, limit)
-    return [
-        LeasedNotification(
-            id=row["id"],
-            kind=row["kind"],
-            payload=row["payload"],
-            attempts=row["attempts"],
-            created_at=row["created_at"],
-            preset_id=row["preset_id"],
-            user_id=row["user_id"],
-            username=row["username"],
-            email=row["email"],
-            user_active=row["user_active"],
-            template_name=row["template_name"],
-            title_template=row["title_template"],
-            body_template=row["body_template"],
-            delivered_sinks=tuple(row["delivered_sinks"]),
-            carries_notice=row["carries_notice"],
-            notice_recipients=tuple(row["notice_recipients"]),
-        )
-        for row in rows
-    ]
-
-
-async def record_notification_delivery(
-    connection: db.Connection, message_id: UUID, sink: str, delivered_at: datetime
-) -> None:
-    await connection.execute(_query("record_notification_delivery"), message_id, sink, delivered_at)
-
-
-async def finish_notification_attempt(
-    connection: db.Connection,
-    *,
-    message_id: UUID,
-    lease_token: UUID,
-    status: str,
-    next_attempt_at: datetime | None,
-    last_error: str | None,
-    sent_at: datetime | None,
-    now: datetime,
-) -> bool:
-    """Record one attempt's outcome; False when the lease was lost (another dispatcher took over)."""
-    row = await connection.fetchval(
-        _query("finish_notification_attempt"),
-        message_id,
-        lease_token,
-        status,
-        next_attempt_at,
-        last_error,
-        sent_at,
-        now,
-    )
-    return row is not None
-
-
-@dataclass(frozen=True, slots=True)
-class NotificationBacklog:
-    pending: int
-    oldest_created_at: datetime | None
-
-
-async def read_notification_backlog(connection: db.Connection) -> NotificationBacklog:
-    row = await connection.fetchrow(_query("notification_backlog"))
-    assert row is not None
-    return NotificationBacklog(pending=row["pending"], oldest_created_at=row["oldest_created_at"])

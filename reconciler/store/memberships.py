@@ -15,7 +15,7 @@ PREBUILDS_GROUP_DISPLAY_NAME = "Prebuilt Workspaces"
 
 
 def _query(name: str) -> str:
-    return db.queries()[name]
+    return db.queries_in("memberships.sql")[name]
 
 
 class MembershipKind(enum.StrEnum):

@@ -1,0 +1,127 @@
+"""The writes of a pass and of the operator's commands (`sql/queries/writes.sql`).
+
+Each function is one statement; the caller owns the transaction (the executor runs one per action).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from reconciler import db
+from reconciler.snapshot import PrebuildStatus, Schedule
+
+
+def _query(name: str) -> str:
+    return db.queries_in("writes.sql")[name]
+
+
+@dataclass(frozen=True, slots=True)
+class MarkedPreset:
+    """A preset whose status this statement changed, with its failure episode after the change."""
+
+    preset_id: UUID
+    failure_episode: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreateCheck:
+    """What a create re-reads under the preset's row lock."""
+
+    desired_instances: int | None
+    prebuild_status: PrebuildStatus
+    active: bool
+    template_id: UUID
+    organization_id: UUID
+    schedules: tuple[Schedule, ...] = ()
+    scheduling_timezone: str = ""
+
+
+def prebuild_name() -> str:
+    """`prebuild-` and 16 random lowercase base32 characters (80 bits: collisions are not a concern)."""
+    return "prebuild-" + base64.b32encode(os.urandom(10)).decode().lower()
+
+
+async def write_paused(connection: db.Connection, paused: bool) -> None:
+    await connection.execute(_query("write_prebuilds_settings"), json.dumps({"reconciliation_paused": paused}))
+
+
+async def lock_preset_for_create(connection: db.Connection, preset_id: UUID) -> CreateCheck | None:
+    """Lock the preset's row, then read what the create clamp needs; inside the create's transaction.
+
+    Two statements on purpose: a `FOR UPDATE` that had to wait sees what was committed meanwhile only in
+    the locked row itself, not in the schedules or the template it reads (issue 11.2).
+    """
+    if await connection.fetchval(_query("lock_preset_for_create"), preset_id) is None:
+        return None
+    row = await connection.fetchrow(_query("read_preset_for_create"), preset_id)
+    if row is None:
+        return None
+    return CreateCheck(
+        desired_instances=row["desired_instances"],
+        prebuild_status=PrebuildStatus(row["prebuild_status"]),
+        active=row["active"],
+        template_id=row["template_id"],
+        organization_id=row["organization_id"],
+        schedules=tuple(
+            Schedule(cron, instances)
+            for cron, instances in zip(row["schedule_crons"], row["schedule_instances"], strict=True)
+        ),
+        scheduling_timezone=row["scheduling_timezone"],
+    )
+
+
+async def count_preset_prebuilds(connection: db.Connection, preset_id: UUID, template_id: UUID) -> int:
+    return int(await connection.fetchval(_query("count_preset_prebuilds"), preset_id, template_id))
+
+
+async def create_prebuilds(
+    connection: db.Connection,
+    *,
+    preset_id: UUID,
+    template_version_id: UUID,
+    template_id: UUID,
+    organization_id: UUID,
+    count: int,
+    now: datetime,
+) -> list[UUID]:
+    names = [prebuild_name() for _ in range(count)]
+    rows = await connection.fetch(
+        _query("create_prebuilds"), preset_id, template_version_id, template_id, organization_id, names, now
+    )
+    return [row["workspace_id"] for row in rows]
+
+
+async def delete_prebuilds(connection: db.Connection, workspace_ids: Sequence[UUID], now: datetime) -> list[UUID]:
+    rows = await connection.fetch(_query("delete_prebuilds"), list(workspace_ids), now)
+    return [row["workspace_id"] for row in rows]
+
+
+async def cancel_pending_prebuilds(connection: db.Connection, preset_id: UUID, now: datetime) -> list[UUID]:
+    rows = await connection.fetch(_query("cancel_pending_prebuilds"), preset_id, now)
+    return [row["id"] for row in rows]
+
+
+async def mark_presets_status(
+    connection: db.Connection, preset_ids: Iterable[UUID], status: PrebuildStatus, now: datetime
+) -> list[MarkedPreset]:
+    rows = await connection.fetch(_query("mark_presets_status"), list(preset_ids), status.value, now)
+    return [MarkedPreset(row["id"], row["failure_episode"]) for row in rows]
+
+
+async def mark_presets_recovered(
+    connection: db.Connection, preset_ids: Iterable[UUID], now: datetime
+) -> list[MarkedPreset]:
+    rows = await connection.fetch(_query("mark_presets_recovered"), list(preset_ids), now)
+    return [MarkedPreset(row["id"], row["failure_episode"]) for row in rows]
+
+
+async def reset_preset(connection: db.Connection, preset_id: UUID, now: datetime) -> PrebuildStatus | None:
+    """Set a preset back to normal; None when there is no such preset."""
+    previous = await connection.fetchval(_query("reset_preset"), preset_id, now)
+    return None if previous is None else PrebuildStatus(previous)
