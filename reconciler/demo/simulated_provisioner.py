@@ -37,6 +37,8 @@ logger = structlog.get_logger(__name__)
 
 DEFAULT_POLL_SECONDS = 0.5
 DEFAULT_CONCURRENCY = 16
+# Waits before retrying a completion the database refused, the last one repeated.
+COMPLETE_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 ALWAYS_FAIL = "always"
 # Errors as a provisioner reports them, so that the demo's notifications read like real ones.
 _RANDOM_ERRORS = (
@@ -184,22 +186,31 @@ class SimulatedProvisioner:
     async def _run_job(self, job: platform.AcquiredJob) -> JobResult | None:
         outcome = decide_outcome(job, self.options, self.chooser)
         await asyncio.sleep(outcome.duration_seconds)
-        try:
-            async with self.pool.acquire() as connection:
-                completed = await platform.complete_provisioner_job(
-                    connection,
-                    job_id=job.job_id,
-                    worker_id=self.worker_id,
-                    now=self.clock(),
-                    error=outcome.error,
-                    error_code=outcome.error_code,
+        attempt = 0
+        while True:
+            try:
+                async with self.pool.acquire() as connection:
+                    completed = await platform.complete_provisioner_job(
+                        connection,
+                        job_id=job.job_id,
+                        worker_id=self.worker_id,
+                        now=self.clock(),
+                        error=outcome.error,
+                        error_code=outcome.error_code,
+                    )
+                break
+            except db.SURVIVABLE_ERRORS as error:
+                # Retried, as a real provisioner retries reporting its job: a job left running after one
+                # refused statement (a busy server, a dropped connection) would hold its preset's pool short
+                # until the provisioner stops. `stop()` cancels the wait and puts the job back in the queue.
+                attempt += 1
+                logger.warning(
+                    "provisioner.complete_failed",
+                    job_id=str(job.job_id),
+                    attempt=attempt,
+                    error=f"{type(error).__name__}: {error}",
                 )
-        except db.SURVIVABLE_ERRORS as error:
-            # Left running under our worker id; `stop()` puts it back in the queue.
-            logger.warning(
-                "provisioner.complete_failed", job_id=str(job.job_id), error=f"{type(error).__name__}: {error}"
-            )
-            return None
+                await asyncio.sleep(COMPLETE_RETRY_SECONDS[min(attempt, len(COMPLETE_RETRY_SECONDS)) - 1])
         if completed is None:
             logger.info("provisioner.job_lost", job_id=str(job.job_id))
             return None

@@ -189,6 +189,44 @@ async def test_the_loop_runs_jobs_to_completion(
     assert await factory.job_statuses() == {"succeeded": 5}
 
 
+async def test_a_completion_the_database_refuses_is_retried(
+    factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """A busy or failing server refuses one completion: the job is completed on a retry, not left running
+    (found by the short soak, when the shared server ran out of connections: its preset never converged)."""
+    preset = await factory.preset(desired=1)
+    await factory.created_prebuilds(preset, 1)
+    # The first completion of a job fails as a full disk would; a sequence, because it is not rolled back.
+    await connection.execute(
+        """
+        create sequence test_completions;
+        create function test_refuse_first_completion() returns trigger language plpgsql as $$
+        begin
+            if nextval('test_completions') = 1 then
+                raise exception 'could not extend file: No space left on device' using errcode = '53100';
+            end if;
+            return new;
+        end $$;
+        create trigger test_refuse_first_completion before update on provisioner_jobs for each row
+            when (old.completed_at is null and new.completed_at is not null)
+            execute function test_refuse_first_completion();
+        """
+    )
+    provisioner = SimulatedProvisioner(
+        pool, ProvisionerOptions(min_seconds=0, max_seconds=0, poll_seconds=0.05, concurrency=1)
+    )
+    completed = asyncio.Event()
+    provisioner.listeners.append(lambda result: completed.set())
+    provisioner.start()
+    try:
+        await asyncio.wait_for(completed.wait(), timeout=30)
+    finally:
+        await provisioner.stop()
+    assert await connection.fetchval("select last_value from test_completions") == 2
+    assert await factory.job_statuses() == {"succeeded": 1}
+    assert provisioner.stats.succeeded == 1
+
+
 async def test_canceled_jobs_end_canceled(factory: Factory, connection: asyncpg.Connection, pool: asyncpg.Pool) -> None:
     preset = await factory.preset(desired=2)
     await factory.created_prebuilds(preset, 2)
