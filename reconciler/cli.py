@@ -498,16 +498,15 @@ async def _reconcile_once(settings: Settings) -> int:
 
 
 async def _plan_or_status(settings: Settings, as_json: bool, status: bool) -> int:
-    from reconciler import planner, reports
-    from reconciler.reconcile import planner_config, snapshot_parameters
+    from reconciler import reports
+    from reconciler.reconcile import read_plan
 
     async def work(connection: asyncpg.Connection) -> int:
         await _require_schema(connection)
         now = datetime.now(UTC)
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             paused = await reads.read_paused(connection)
-            snapshot = await reads.read_snapshot(connection, snapshot_parameters(settings, now))
-        plan = planner.plan(snapshot, planner_config(settings), now)
+            plan = await read_plan(connection, settings, now)
         if as_json:
             document = reports.status_json(plan, paused=paused) if status else reports.plan_json(plan, paused=paused)
             print(json.dumps(document, indent=2))

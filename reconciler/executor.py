@@ -1,7 +1,9 @@
-"""Turns a plan's actions into writes, preset by preset, through `store/writes.py`.
+"""Writes a plan: its status changes with their notifications, then its actions, preset by preset.
 
-Presets are independent: they run concurrently up to a bound (so a pass cannot exhaust the pool), and an
-error on one preset is logged and counted while the others go on. Each action is one transaction.
+The status changes go first, all in one transaction with their outbox rows, so that a preset marked
+hard limited this pass is already marked when its creates re-check it. Then the presets' actions:
+presets are independent, they run concurrently up to a bound (so a pass cannot exhaust the pool), and
+an error on one preset is logged and counted while the others go on. Each action is one transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncpg
 import structlog
 
 from reconciler import db, schedule
+from reconciler.notify.outbox import StatusNotice, enqueue_notices
 from reconciler.plan import (
     BackoffAction,
     CancelPendingAction,
@@ -25,8 +28,10 @@ from reconciler.plan import (
     DeleteAction,
     Plan,
     PresetPlan,
+    StatusChange,
+    StatusChangeKind,
 )
-from reconciler.snapshot import PrebuildStatus
+from reconciler.snapshot import PrebuildStatus, preset_log_fields
 from reconciler.store import writes
 
 logger = structlog.get_logger(__name__)
@@ -36,6 +41,16 @@ class ActionOutcome(enum.StrEnum):
     SUCCESS = "success"
     ERROR = "error"
     SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChanges:
+    """The status changes a pass wrote: the presets that moved, and the notification rows enqueued."""
+
+    hard_limited: tuple[UUID, ...] = ()
+    validation_failed: tuple[UUID, ...] = ()
+    recovered: tuple[UUID, ...] = ()
+    notifications_enqueued: int = 0
 
 
 @dataclass
@@ -50,6 +65,7 @@ class ExecutionSummary:
     # (kind, outcome) -> number of actions, for the actions metric.
     actions: Counter[tuple[str, ActionOutcome]] = field(default_factory=Counter)
     failed_preset_ids: list[UUID] = field(default_factory=list)
+    status_changes: StatusChanges = field(default_factory=StatusChanges)
 
 
 # Observes each action as it completes: (kind, outcome, number of rows). The daemon counts metrics with it.
@@ -120,16 +136,7 @@ async def execute_preset(
             observe(kind, outcome, rows)
         if outcome is not ActionOutcome.ERROR:
             # One line per preset and action: what was written, and what was planned but not done.
-            logger.info(
-                f"prebuilds.{kind}",
-                outcome=outcome.value,
-                rows=rows,
-                preset_id=str(preset.id),
-                preset_name=preset.name,
-                template_name=preset.template_name,
-                template_version_name=preset.template_version_name,
-                **details,
-            )
+            logger.info(f"prebuilds.{kind}", outcome=outcome.value, rows=rows, **preset_log_fields(preset), **details)
 
     for action in preset_plan.actions:
         try:
@@ -174,7 +181,9 @@ async def execute(
     concurrency: int = 8,
     observe: ActionObserver | None = None,
 ) -> ExecutionSummary:
-    summary = ExecutionSummary()
+    """Write the plan: its status changes first (a database error there fails the whole execution), then
+    every preset's actions (an error there fails that preset only)."""
+    summary = ExecutionSummary(status_changes=await write_status_changes(pool, plan, now))
     semaphore = asyncio.Semaphore(concurrency)
 
     async def run(preset_plan: PresetPlan) -> None:
@@ -189,13 +198,7 @@ async def execute(
                 summary.presets_failed += 1
                 summary.failed_preset_ids.append(preset.id)
                 logger.error(
-                    "reconcile.preset_failed",
-                    preset_id=str(preset.id),
-                    preset_name=preset.name,
-                    template_name=preset.template_name,
-                    template_version_name=preset.template_version_name,
-                    organization_name=preset.organization_name,
-                    error=f"{type(error).__name__}: {error}",
+                    "reconcile.preset_failed", **preset_log_fields(preset), error=f"{type(error).__name__}: {error}"
                 )
 
     work = [preset_plan for preset_plan in plan.presets if _has_writes(preset_plan)]
@@ -205,3 +208,55 @@ async def execute(
 
 def _has_writes(preset_plan: PresetPlan) -> bool:
     return any(not isinstance(action, BackoffAction) for action in preset_plan.actions)
+
+
+# The order in which status changes are written (and their notices enqueued).
+_STATUS_CHANGE_ORDER = (StatusChangeKind.VALIDATION_FAILED, StatusChangeKind.HARD_LIMITED, StatusChangeKind.RECOVERED)
+
+
+async def write_status_changes(pool: asyncpg.Pool, plan: Plan, now: datetime) -> StatusChanges:
+    """Write the plan's status changes and their notifications, in one transaction.
+
+    The database decides who moves (only presets still in the status the snapshot saw), so two writers or
+    a crash between steps never open an episode twice; the outbox's unique key does the same for
+    messages. What moved is returned and logged; a preset that did not move is left to the next pass.
+    """
+    if not plan.status_changes:
+        return StatusChanges()
+    changing: dict[StatusChangeKind, list[StatusChange]] = {kind: [] for kind in _STATUS_CHANGE_ORDER}
+    for change in plan.status_changes:
+        changing[change.kind].append(change)
+    moved: dict[StatusChangeKind, list[StatusChange]] = {kind: [] for kind in _STATUS_CHANGE_ORDER}
+    notices: list[StatusNotice] = []
+    async with pool.acquire() as connection, connection.transaction():
+        for kind, group in changing.items():
+            if not group:
+                continue
+            by_id = {change.preset.id: change for change in group}
+            if kind is StatusChangeKind.RECOVERED:
+                marked = await writes.mark_presets_recovered(connection, list(by_id), now)
+            else:
+                marked = await writes.mark_presets_status(connection, list(by_id), kind.new_status, now)
+            for row in marked:
+                change = by_id[row.preset_id]
+                moved[kind].append(change)
+                notices.append(StatusNotice(kind, change.preset, row.failure_episode, change.failures, at=now))
+        enqueued = await enqueue_notices(connection, notices) if notices else 0
+    for kind, level in (
+        (StatusChangeKind.HARD_LIMITED, logger.warning),
+        (StatusChangeKind.VALIDATION_FAILED, logger.warning),
+        (StatusChangeKind.RECOVERED, logger.info),
+    ):
+        for change in moved[kind]:
+            fields: dict[str, object] = {**preset_log_fields(change.preset)}
+            if change.failures is not None and kind is not StatusChangeKind.RECOVERED:
+                fields.update(
+                    failure_streak=change.failures.failure_streak, last_error_code=change.failures.last_error_code
+                )
+            level(f"preset.{kind.value}", **fields)
+    return StatusChanges(
+        hard_limited=tuple(change.preset.id for change in moved[StatusChangeKind.HARD_LIMITED]),
+        validation_failed=tuple(change.preset.id for change in moved[StatusChangeKind.VALIDATION_FAILED]),
+        recovered=tuple(change.preset.id for change in moved[StatusChangeKind.RECOVERED]),
+        notifications_enqueued=enqueued,
+    )

@@ -114,8 +114,9 @@ class PresetCollector(Collector):
                     desired=preset_plan.state.desired,
                     running=preset_plan.state.actual,
                     eligible=preset_plan.state.eligible,
-                    hard_limited=preset_plan.hard_limited or preset.prebuild_status is PrebuildStatus.HARD_LIMITED,
-                    validation_failed=preset.prebuild_status is PrebuildStatus.VALIDATION_FAILED,
+                    # The status the pass leaves the preset in: a change it made shows at once.
+                    hard_limited=preset_plan.hard_limited or preset_plan.prebuild_status is PrebuildStatus.HARD_LIMITED,
+                    validation_failed=preset_plan.prebuild_status is PrebuildStatus.VALIDATION_FAILED,
                 )
             )
         self._samples = tuple(samples)

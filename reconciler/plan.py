@@ -1,4 +1,5 @@
-"""What the planner decides for one preset: its counts and its ordered actions."""
+"""The plan's types: what the planner decides for each preset (its counts, its status change, its ordered
+actions), and what the executor then writes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
-from reconciler.snapshot import Preset
+from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
 
 
 class DeleteReason(enum.StrEnum):
@@ -66,6 +67,30 @@ class CreateBlock(enum.StrEnum):
     VALIDATION_FAILED = "validation_failed"
 
 
+class StatusChangeKind(enum.StrEnum):
+    """A change of a preset's prebuild status (BEHAVIOR.md section 5); each is told to the template's admins."""
+
+    HARD_LIMITED = "hard_limited"
+    VALIDATION_FAILED = "validation_failed"
+    RECOVERED = "recovered"
+
+    @property
+    def new_status(self) -> PrebuildStatus:
+        if self is StatusChangeKind.RECOVERED:
+            return PrebuildStatus.NORMAL
+        return PrebuildStatus(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """A preset's status change, for the executor to write with its notification."""
+
+    kind: StatusChangeKind
+    preset: Preset
+    # The failures behind the change, for its log line and its notification (None when there are none).
+    failures: PresetFailures | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class PresetPlan:
     preset: Preset
@@ -79,6 +104,13 @@ class PresetPlan:
     backoff_until: datetime | None = None
     # BEHAVIOR.md 3.4: inactive, with nothing running, pending or backing off; nothing to look at.
     skipped: bool = False
+    # The status change this pass makes (written, with its notification, before the actions).
+    status_change: StatusChangeKind | None = None
+
+    @property
+    def prebuild_status(self) -> PrebuildStatus:
+        """The preset's status once this pass has written its change; as read when it has none."""
+        return self.status_change.new_status if self.status_change else self.preset.prebuild_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +130,9 @@ class Plan:
     generated_at: datetime
     presets: tuple[PresetPlan, ...]
     problems: tuple[PlanProblem, ...] = ()
+    # Every status change of the pass, in snapshot order; also those of a preset the planner failed on,
+    # which is not in `presets`: its status follows from its failures alone.
+    status_changes: tuple[StatusChange, ...] = ()
+    # The snapshot the plan was computed from (not part of the plan's value: two plans of different
+    # snapshots can be equal).
+    snapshot: Snapshot | None = field(default=None, repr=False, compare=False)

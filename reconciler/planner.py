@@ -1,6 +1,6 @@
-"""The pure core: (snapshot, configuration, now) -> each preset's counts and ordered actions.
+"""The pure core: (snapshot, configuration, now) -> each preset's status change, counts and ordered actions.
 
-BEHAVIOR.md sections 2 and 3. No I/O and no clock: everything with time takes `now`. The snapshot's
+BEHAVIOR.md sections 2, 3 and 5. No I/O and no clock: everything with time takes `now`. The snapshot's
 rows are grouped by preset once (dictionaries), so a plan costs O(presets + rows), never
 O(presets x rows): at tens of thousands of presets that difference is the whole pass.
 """
@@ -27,8 +27,19 @@ from reconciler.plan import (
     PlanProblem,
     PresetPlan,
     PresetState,
+    StatusChange,
+    StatusChangeKind,
 )
-from reconciler.snapshot import Backoff, InProgress, PrebuildStatus, Preset, RunningPrebuild, Snapshot, Transition
+from reconciler.snapshot import (
+    Backoff,
+    InProgress,
+    PrebuildStatus,
+    Preset,
+    PresetFailures,
+    RunningPrebuild,
+    Snapshot,
+    Transition,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +59,7 @@ class PresetInputs:
     backoff: Backoff | None = None
     at_hard_limit: bool = False
     validation_failed: bool = False
+    failures: PresetFailures | None = None
 
 
 @dataclass(slots=True)
@@ -56,6 +68,7 @@ class _Grouped:
     in_progress: dict[UUID, list[InProgress]] = field(default_factory=lambda: defaultdict(list))
     pending: dict[UUID, int] = field(default_factory=lambda: defaultdict(int))
     backoffs: dict[UUID, Backoff] = field(default_factory=dict)
+    failures: dict[UUID, PresetFailures] = field(default_factory=dict)
 
 
 def _group(snapshot: Snapshot) -> _Grouped:
@@ -68,6 +81,8 @@ def _group(snapshot: Snapshot) -> _Grouped:
         grouped.pending[pending.preset_id] += pending.count
     for backoff in snapshot.backoffs:
         grouped.backoffs[backoff.preset_id] = backoff
+    for failures in snapshot.failures:
+        grouped.failures[failures.preset_id] = failures
     return grouped
 
 
@@ -104,6 +119,25 @@ def _invalidation_ignored(preset: Preset) -> PlanProblem:
         f"last_invalidated_at {shown} is more than {INVALIDATION_CLOCK_SKEW.total_seconds():.0f} s in the future:"
         " ignored until it is not (it would expire every new prebuild)",
     )
+
+
+def status_change(preset: Preset, inputs: PresetInputs) -> StatusChangeKind | None:
+    """Whether this pass changes the preset's status (BEHAVIOR.md section 5), and to what.
+
+    Only active presets move: the failure evidence covers the active version alone, so an outdated
+    preset's status is left as it was rather than "recovering" because nobody looks any more. A
+    validation failure wins over the hard limit; a `validation_failed` preset leaves it only by a reset.
+    """
+    if not preset.active:
+        return None
+    if preset.prebuild_status is PrebuildStatus.NORMAL:
+        if inputs.validation_failed:
+            return StatusChangeKind.VALIDATION_FAILED
+        if inputs.at_hard_limit:
+            return StatusChangeKind.HARD_LIMITED
+    elif preset.prebuild_status is PrebuildStatus.HARD_LIMITED and not inputs.at_hard_limit:
+        return StatusChangeKind.RECOVERED
+    return None
 
 
 def expiry_cutoff(preset: Preset, now: datetime) -> datetime | None:
@@ -145,7 +179,8 @@ def _oldest_first(prebuilds: Iterable[RunningPrebuild]) -> list[RunningPrebuild]
 def plan_preset(
     preset: Preset, inputs: PresetInputs, config: PlannerConfig, now: datetime
 ) -> tuple[PresetPlan, list[PlanProblem]]:
-    """One preset's state and actions (BEHAVIOR.md sections 2 and 3), with any data problem found."""
+    """One preset's status change, state and actions (BEHAVIOR.md sections 2, 3 and 5), with any data
+    problem found."""
     problems: list[PlanProblem] = []
     if preset.last_invalidated_at is not None and usable_invalidation(preset, now) is None:
         problems.append(_invalidation_ignored(preset))
@@ -202,11 +237,21 @@ def plan_preset(
         stopping=stopping,
         deleting=deleting,
     )
-    hard_limited = inputs.at_hard_limit or preset.prebuild_status is PrebuildStatus.HARD_LIMITED
-    validation_failed = inputs.validation_failed or preset.prebuild_status is PrebuildStatus.VALIDATION_FAILED
+    # The actions follow the status this pass leaves the preset in, its change included.
+    change = status_change(preset, inputs)
+    status = change.new_status if change is not None else preset.prebuild_status
+    hard_limited = inputs.at_hard_limit or status is PrebuildStatus.HARD_LIMITED
+    validation_failed = inputs.validation_failed or status is PrebuildStatus.VALIDATION_FAILED
 
     def result(actions: list[Action], **extra: object) -> tuple[PresetPlan, list[PlanProblem]]:
-        preset_plan = PresetPlan(preset=preset, state=state, actions=tuple(actions), hard_limited=hard_limited, **extra)  # type: ignore[arg-type]
+        preset_plan = PresetPlan(
+            preset=preset,
+            state=state,
+            actions=tuple(actions),
+            hard_limited=hard_limited,
+            status_change=change,
+            **extra,  # type: ignore[arg-type]
+        )
         return preset_plan, problems
 
     # 1. Backoff comes first, active or not; at exactly `until` the preset is still backing off.
@@ -246,10 +291,12 @@ def plan_preset(
 
 
 def plan(snapshot: Snapshot, config: PlannerConfig, now: datetime) -> Plan:
-    """Every preset of the snapshot, in snapshot order, skipped ones included (with no actions)."""
+    """Every preset of the snapshot, in snapshot order, skipped ones included (with no actions), each with the
+    status change this pass makes, if any."""
     grouped = _group(snapshot)
     presets: list[PresetPlan] = []
     problems: list[PlanProblem] = []
+    status_changes: list[StatusChange] = []
     for preset in snapshot.presets:
         inputs = PresetInputs(
             running=grouped.running.get(preset.id, ()),
@@ -258,8 +305,13 @@ def plan(snapshot: Snapshot, config: PlannerConfig, now: datetime) -> Plan:
             backoff=grouped.backoffs.get(preset.id),
             at_hard_limit=preset.id in snapshot.hard_limited_preset_ids,
             validation_failed=preset.id in snapshot.validation_failed_preset_ids,
+            failures=grouped.failures.get(preset.id),
         )
         try:
+            change = status_change(preset, inputs)
+            if change is not None:
+                # Kept when planning the actions fails below: the status follows from the failures alone.
+                status_changes.append(StatusChange(change, preset, inputs.failures))
             preset_plan, preset_problems = plan_preset(preset, inputs, config, now)
         except Exception as error:
             # Rows come from other components: whatever one preset holds that this code did not foresee
@@ -268,7 +320,13 @@ def plan(snapshot: Snapshot, config: PlannerConfig, now: datetime) -> Plan:
             continue
         presets.append(preset_plan)
         problems.extend(preset_problems)
-    return Plan(generated_at=now, presets=tuple(presets), problems=tuple(problems))
+    return Plan(
+        generated_at=now,
+        presets=tuple(presets),
+        problems=tuple(problems),
+        status_changes=tuple(status_changes),
+        snapshot=snapshot,
+    )
 
 
 PLAN_FAILED = "preset.plan_failed"

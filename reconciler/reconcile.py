@@ -1,9 +1,13 @@
-"""One reconciliation pass (BEHAVIOR.md section 1): lock, pause, snapshot, status, plan, execute, summary."""
+"""One reconciliation pass (BEHAVIOR.md section 1): lock, read a plan, execute it, report.
+
+The pass only orchestrates. Its data goes one way: the snapshot (`store/reads.py`) is planned by the
+pure planner (status changes included), and the executor writes the plan; `read_plan` is also what
+`reconciler plan` and `reconciler status` show.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import gc
 import time
@@ -11,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from uuid import UUID
 
 import asyncpg
 import structlog
@@ -19,12 +22,20 @@ from asyncpg.transaction import Transaction
 
 from reconciler import db, executor, planner
 from reconciler.config import Settings
-from reconciler.notify.outbox import NoticeKind, StatusNotice, enqueue_notices
-from reconciler.plan import CreateBlock, Plan, PlanProblem
+from reconciler.executor import StatusChanges
+from reconciler.plan import (
+    BackoffAction,
+    CancelPendingAction,
+    CreateAction,
+    CreateBlock,
+    DeleteAction,
+    Plan,
+    PlanProblem,
+)
 from reconciler.problem_log import ProblemLog
 from reconciler.problem_log import changes as problem_changes
-from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
-from reconciler.store import reads, writes
+from reconciler.snapshot import Snapshot, preset_log_fields
+from reconciler.store import reads
 
 logger = structlog.get_logger(__name__)
 
@@ -59,25 +70,23 @@ class PassOutcome(enum.StrEnum):
     PAUSED = "paused"
 
 
-@dataclass(frozen=True, slots=True)
-class StatusChanges:
-    hard_limited: tuple[UUID, ...] = ()
-    validation_failed: tuple[UUID, ...] = ()
-    recovered: tuple[UUID, ...] = ()
-    notifications_enqueued: int = 0
-
-
 @dataclass(frozen=True)
 class PassResult:
     run_id: str
     outcome: PassOutcome
     started_at: datetime
     duration_seconds: float
-    snapshot: Snapshot | None = None
     plan: Plan | None = None
     execution: executor.ExecutionSummary | None = None
-    status_changes: StatusChanges = StatusChanges()
     error: str | None = None
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self.plan.snapshot if self.plan is not None else None
+
+    @property
+    def status_changes(self) -> StatusChanges:
+        return self.execution.status_changes if self.execution is not None else StatusChanges()
 
 
 def planner_config(settings: Settings) -> planner.PlannerConfig:
@@ -95,124 +104,33 @@ def snapshot_parameters(settings: Settings, now: datetime) -> reads.SnapshotPara
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Transitions:
-    hard_limited: list[Preset]
-    validation_failed: list[Preset]
-    recovered: list[Preset]
+async def read_plan(
+    connection: db.Connection,
+    settings: Settings,
+    now: datetime,
+    *,
+    bad_rows: list[reads.BadRowError] | None = None,
+) -> Plan:
+    """What a pass at `now` decides: the snapshot read on `connection`, planned. Writes nothing.
 
-
-def find_status_transitions(snapshot: Snapshot) -> _Transitions:
-    """Which presets change status this pass (section 5): newly limited, newly invalid, recovered.
-
-    Only active presets move: the failure queries look at the active version alone, so an outdated
-    preset's status is left as it was rather than "recovering" because nobody looks any more.
+    The daemon's pass, `reconciler plan`, `reconciler status` and the tests all read a plan here. The
+    snapshot's statements must agree, so they run in the caller's REPEATABLE READ transaction (the pass's,
+    under its lock), or in one of their own when the caller has none.
     """
-    hard_limited: list[Preset] = []
-    validation_failed: list[Preset] = []
-    recovered: list[Preset] = []
-    for preset in snapshot.presets:
-        if not preset.active:
-            continue
-        if preset.prebuild_status is PrebuildStatus.NORMAL:
-            if preset.id in snapshot.validation_failed_preset_ids:
-                validation_failed.append(preset)
-            elif preset.id in snapshot.hard_limited_preset_ids:
-                hard_limited.append(preset)
-        elif (
-            preset.prebuild_status is PrebuildStatus.HARD_LIMITED and preset.id not in snapshot.hard_limited_preset_ids
-        ):
-            recovered.append(preset)
-    return _Transitions(hard_limited, validation_failed, recovered)
+    parameters = snapshot_parameters(settings, now)
+    if connection.is_in_transaction():
+        snapshot = await reads.read_snapshot(connection, parameters, bad_rows=bad_rows)
+    else:
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            snapshot = await reads.read_snapshot(connection, parameters, bad_rows=bad_rows)
+    return planner.plan(snapshot, planner_config(settings), now)
 
 
-async def apply_status_transitions(
-    pool: asyncpg.Pool, snapshot: Snapshot, now: datetime
-) -> tuple[Snapshot, StatusChanges]:
-    """Write the status changes and their notifications in one transaction; return the updated snapshot.
-
-    The database decides who moves (only presets still in the expected status), so two replicas or a
-    crash between steps never open an episode twice; the outbox's unique key does the same for messages.
-    """
-    transitions = find_status_transitions(snapshot)
-    if not (transitions.hard_limited or transitions.validation_failed or transitions.recovered):
-        return snapshot, StatusChanges()
-    failures = {failure.preset_id: failure for failure in snapshot.failures}
-    presets = {preset.id: preset for preset in snapshot.presets}
-    new_status: dict[UUID, PrebuildStatus] = {}
-    notices: list[StatusNotice] = []
-
-    def notice(kind: NoticeKind, change: writes.MarkedPreset) -> StatusNotice:
-        return StatusNotice(
-            kind=kind,
-            preset=presets[change.preset_id],
-            failure_episode=change.failure_episode,
-            failures=failures.get(change.preset_id),
-            at=now,
-        )
-
-    async with pool.acquire() as connection, connection.transaction():
-        for status, group, kind in (
-            (PrebuildStatus.VALIDATION_FAILED, transitions.validation_failed, NoticeKind.VALIDATION_FAILED),
-            (PrebuildStatus.HARD_LIMITED, transitions.hard_limited, NoticeKind.HARD_LIMITED),
-        ):
-            if group:
-                for change in await writes.mark_presets_status(connection, [p.id for p in group], status, now):
-                    new_status[change.preset_id] = status
-                    notices.append(notice(kind, change))
-        if transitions.recovered:
-            for change in await writes.mark_presets_recovered(connection, [p.id for p in transitions.recovered], now):
-                new_status[change.preset_id] = PrebuildStatus.NORMAL
-                notices.append(notice(NoticeKind.RECOVERED, change))
-        enqueued = await enqueue_notices(connection, notices) if notices else 0
-
-    updated = dataclasses.replace(
-        snapshot,
-        presets=tuple(
-            dataclasses.replace(preset, prebuild_status=new_status[preset.id]) if preset.id in new_status else preset
-            for preset in snapshot.presets
-        ),
-    )
-    changes = StatusChanges(
-        hard_limited=_moved(new_status, PrebuildStatus.HARD_LIMITED),
-        validation_failed=_moved(new_status, PrebuildStatus.VALIDATION_FAILED),
-        recovered=_moved(new_status, PrebuildStatus.NORMAL),
-        notifications_enqueued=enqueued,
-    )
-    for preset_id in changes.hard_limited:
-        _log_preset(logger.warning, "preset.hard_limited", presets[preset_id], failures.get(preset_id))
-    for preset_id in changes.validation_failed:
-        _log_preset(logger.warning, "preset.validation_failed", presets[preset_id], failures.get(preset_id))
-    for preset_id in changes.recovered:
-        _log_preset(logger.info, "preset.recovered", presets[preset_id], None)
-    return updated, changes
-
-
-def _moved(new_status: dict[UUID, PrebuildStatus], status: PrebuildStatus) -> tuple[UUID, ...]:
-    return tuple(preset_id for preset_id, moved_to in new_status.items() if moved_to is status)
-
-
-def _log_preset(
-    log: structlog.typing.BindableLogger, event: str, preset: Preset, failure: PresetFailures | None, **extra: object
-) -> None:
-    fields: dict[str, object] = {
-        "preset_id": str(preset.id),
-        "preset_name": preset.name,
-        "template_name": preset.template_name,
-        "template_version_name": preset.template_version_name,
-        "organization_name": preset.organization_name,
-        **extra,
-    }
-    if failure is not None:
-        fields.update(failure_streak=failure.failure_streak, last_error_code=failure.last_error_code)
-    log(event, **fields)  # type: ignore[operator]
-
-
-def _log_plan_problems(plan: Plan, snapshot: Snapshot, problem_log: ProblemLog | None) -> None:
+def _log_plan_problems(plan: Plan, problem_log: ProblemLog | None) -> None:
     """Each problem once when it appears and once when it clears (every one, without a `problem_log`)."""
     found = problem_log.update(plan.problems) if problem_log is not None else problem_changes((), plan.problems)
     # From the snapshot: a preset the planner failed on is not in the plan.
-    presets = {preset.id: preset for preset in snapshot.presets}
+    presets = {preset.id: preset for preset in plan.snapshot.presets} if plan.snapshot is not None else {}
 
     def names(problem: PlanProblem) -> dict[str, object]:
         preset = presets.get(problem.preset_id)
@@ -238,21 +156,12 @@ def _log_plan_details(plan: Plan) -> None:
         if preset_plan.create_blocked is CreateBlock.HARD_LIMITED or (
             preset_plan.hard_limited and preset_plan.preset.active and preset_plan.create_blocked is None
         ):
-            _log_preset(
-                logger.warning,
-                "preset.creates_skipped_hard_limited",
-                preset_plan.preset,
-                None,
-                creates_withheld=preset_plan.creates_withheld,
-            )
+            event = "preset.creates_skipped_hard_limited"
         elif preset_plan.create_blocked is CreateBlock.VALIDATION_FAILED:
-            _log_preset(
-                logger.warning,
-                "preset.creates_skipped_validation_failed",
-                preset_plan.preset,
-                None,
-                creates_withheld=preset_plan.creates_withheld,
-            )
+            event = "preset.creates_skipped_validation_failed"
+        else:
+            continue
+        logger.warning(event, **preset_log_fields(preset_plan.preset), creates_withheld=preset_plan.creates_withheld)
 
 
 def summarize(plan: Plan) -> dict[str, int]:
@@ -270,14 +179,15 @@ def summarize(plan: Plan) -> dict[str, int]:
         counts["presets_with_actions"] += bool(preset_plan.actions)
         counts["hard_limited"] += preset_plan.hard_limited
         for action in preset_plan.actions:
-            if action.type == "backoff":
-                counts["backoff"] += 1
-            elif action.type == "create":
-                counts["to_create"] += action.count  # type: ignore[union-attr]
-            elif action.type == "delete":
-                counts["to_delete"] += len(action.workspace_ids)  # type: ignore[union-attr]
-            elif action.type == "cancel_pending":
-                counts["to_cancel"] += action.count  # type: ignore[union-attr]
+            match action:
+                case BackoffAction():
+                    counts["backoff"] += 1
+                case CreateAction(count=count):
+                    counts["to_create"] += count
+                case DeleteAction(workspace_ids=workspace_ids):
+                    counts["to_delete"] += len(workspace_ids)
+                case CancelPendingAction(count=count):
+                    counts["to_cancel"] += count
     return counts
 
 
@@ -333,10 +243,8 @@ async def _run_pass(
     def result(
         outcome: PassOutcome,
         *,
-        snapshot: Snapshot | None = None,
         plan: Plan | None = None,
         execution: executor.ExecutionSummary | None = None,
-        status_changes: StatusChanges = StatusChanges(),
         error: str | None = None,
     ) -> PassResult:
         pass_result = PassResult(
@@ -344,10 +252,8 @@ async def _run_pass(
             outcome=outcome,
             started_at=now,
             duration_seconds=time.perf_counter() - started,
-            snapshot=snapshot,
             plan=plan,
             execution=execution,
-            status_changes=status_changes,
             error=error,
         )
         if outcome is not PassOutcome.SUCCESS:
@@ -382,10 +288,8 @@ async def _run_pass(
                 if await reads.read_paused(connection):
                     body_raised = False
                     return result(PassOutcome.PAUSED)
-                snapshot = await reads.read_snapshot(connection, snapshot_parameters(settings, now), bad_rows=bad_rows)
-                snapshot, changes = await apply_status_transitions(pool, snapshot, now)
-                plan = planner.plan(snapshot, planner_config(settings), now)
-                _log_plan_problems(plan, snapshot, problem_log)
+                plan = await read_plan(connection, settings, now, bad_rows=bad_rows)
+                _log_plan_problems(plan, problem_log)
                 _log_plan_details(plan)
                 summary = await executor.execute(
                     pool, plan, now, concurrency=settings.executor_concurrency, observe=observe_action
@@ -402,7 +306,8 @@ async def _run_pass(
         log.exception("reconcile.pass_crashed")
         return result(PassOutcome.FAILED, error=f"{type(error).__name__}: {error}")
     outcome = PassOutcome.SUCCESS
-    pass_result = result(outcome, snapshot=snapshot, plan=plan, execution=summary, status_changes=changes)
+    pass_result = result(outcome, plan=plan, execution=summary)
+    changes = summary.status_changes
     log.info(
         "reconcile.pass",
         outcome=outcome.value,

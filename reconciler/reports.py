@@ -58,6 +58,8 @@ def preset_json(preset_plan: PresetPlan) -> dict[str, Any]:
         "create_blocked": preset_plan.create_blocked.value if preset_plan.create_blocked else None,
         "creates_withheld": preset_plan.creates_withheld,
         "skipped": preset_plan.skipped,
+        # The status change this pass would write (`prebuild_status` is the status as stored now).
+        "status_change": preset_plan.status_change.value if preset_plan.status_change else None,
     }
 
 

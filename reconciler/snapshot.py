@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 from uuid import UUID
 
 # The prebuilds system user: owner of every prebuilt workspace until it is claimed.
@@ -65,6 +65,32 @@ class Preset:
     def active(self) -> bool:
         """Active: on the active version of a template that is neither deleted nor deprecated."""
         return self.is_active_version and not self.template_deleted and not self.template_deprecated
+
+
+class NamedPreset(Protocol):
+    """What names a preset in a log line: a `Preset`, or what could be read of a preset's row."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def template_name(self) -> str: ...
+    @property
+    def template_version_name(self) -> str: ...
+    @property
+    def organization_name(self) -> str: ...
+
+
+def preset_log_fields(preset: NamedPreset) -> dict[str, str]:
+    """The fields by which every log line names a preset, the same everywhere, for searching the logs."""
+    return {
+        "preset_id": str(preset.id),
+        "preset_name": preset.name,
+        "template_name": preset.template_name,
+        "template_version_name": preset.template_version_name,
+        "organization_name": preset.organization_name,
+    }
 
 
 class RunningPrebuild(NamedTuple):

@@ -48,8 +48,8 @@ def preset_status(preset_plan: PresetPlan, now: datetime) -> str:
     """One word for the table: the preset's marked status first, then what it is doing."""
     preset = preset_plan.preset
     state = preset_plan.state
-    if preset.prebuild_status is not PrebuildStatus.NORMAL:
-        return preset.prebuild_status.value
+    if preset_plan.prebuild_status is not PrebuildStatus.NORMAL:
+        return preset_plan.prebuild_status.value
     if not preset.active:
         return "outdated"
     if preset_plan.backoff_until is not None and preset_plan.backoff_until >= now:

@@ -6,7 +6,6 @@ decides what a message says. Delivery is elsewhere (`dispatcher.py`), so a pass 
 
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +15,8 @@ from uuid import UUID
 import structlog
 
 from reconciler import db
-from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures
+from reconciler.plan import StatusChangeKind
+from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, preset_log_fields
 from reconciler.store import notifications, writes
 
 logger = structlog.get_logger(__name__)
@@ -27,25 +27,19 @@ RECOVERED_TEMPLATE_ID = UUID("3612b174-7ca6-431d-8222-8b9dcc23a45b")
 VALIDATION_FAILED_TEMPLATE_ID = UUID("9ab56367-21d6-438e-9e48-0cf94beca3d8")
 
 
-class NoticeKind(enum.StrEnum):
-    HARD_LIMITED = "hard_limited"
-    VALIDATION_FAILED = "validation_failed"
-    RECOVERED = "recovered"
-
-    @property
-    def template_id(self) -> UUID:
-        return {
-            NoticeKind.HARD_LIMITED: HARD_LIMITED_TEMPLATE_ID,
-            NoticeKind.VALIDATION_FAILED: VALIDATION_FAILED_TEMPLATE_ID,
-            NoticeKind.RECOVERED: RECOVERED_TEMPLATE_ID,
-        }[self]
+# The notification template of each kind of status change.
+TEMPLATE_IDS = {
+    StatusChangeKind.HARD_LIMITED: HARD_LIMITED_TEMPLATE_ID,
+    StatusChangeKind.VALIDATION_FAILED: VALIDATION_FAILED_TEMPLATE_ID,
+    StatusChangeKind.RECOVERED: RECOVERED_TEMPLATE_ID,
+}
 
 
 @dataclass(frozen=True, slots=True)
 class StatusNotice:
     """One preset's status change, to be told to the template's administrators."""
 
-    kind: NoticeKind
+    kind: StatusChangeKind
     preset: Preset
     failure_episode: int
     failures: PresetFailures | None
@@ -81,7 +75,7 @@ async def enqueue_notices(connection: db.Connection, notices: list[StatusNotice]
     """Write the outbox rows of `notices` (inside the caller's transaction); returns rows written."""
     rows = await notifications.enqueue_notifications(
         connection,
-        template_ids=[notice.kind.template_id for notice in notices],
+        template_ids=[TEMPLATE_IDS[notice.kind] for notice in notices],
         preset_ids=[notice.preset.id for notice in notices],
         episodes=[notice.failure_episode for notice in notices],
         kinds=[notice.kind.value for notice in notices],
@@ -91,14 +85,7 @@ async def enqueue_notices(connection: db.Connection, notices: list[StatusNotice]
     for notice in notices:
         if (notice.kind.value, notice.preset.id) not in addressed:
             # Recorded all the same, with no user: nothing is lost, and an operator can see it.
-            logger.warning(
-                "notification.no_recipients",
-                kind=notice.kind.value,
-                preset_id=str(notice.preset.id),
-                preset_name=notice.preset.name,
-                template_name=notice.preset.template_name,
-                organization_name=notice.preset.organization_name,
-            )
+            logger.warning("notification.no_recipients", kind=notice.kind.value, **preset_log_fields(notice.preset))
     return len(rows)
 
 

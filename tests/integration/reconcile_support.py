@@ -11,10 +11,10 @@ from uuid import UUID
 
 import asyncpg
 
-from reconciler import db, planner
+from reconciler import db, reconcile
 from reconciler.config import Settings, load_settings
 from reconciler.plan import Plan, PresetPlan
-from reconciler.reconcile import PassOutcome, PassResult, planner_config, run_pass, snapshot_parameters
+from reconciler.reconcile import PassOutcome, PassResult, run_pass, snapshot_parameters
 from reconciler.snapshot import Snapshot
 from reconciler.store import reads
 from tests.factories import Preset, Workspace
@@ -43,9 +43,8 @@ async def read_snapshot(connection: asyncpg.Connection, settings: Settings, now:
 
 
 async def read_plan(connection: asyncpg.Connection, settings: Settings, now: datetime) -> Plan:
-    """What a pass at `now` would decide (without marking statuses); writes nothing."""
-    snapshot = await read_snapshot(connection, settings, now)
-    return planner.plan(snapshot, planner_config(settings), now)
+    """What a pass at `now` would decide (status changes included, none written); writes nothing."""
+    return await reconcile.read_plan(connection, settings, now)
 
 
 def plan_of(plan: Plan, preset: Preset) -> PresetPlan:

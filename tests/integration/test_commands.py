@@ -326,6 +326,33 @@ async def test_presets_reset(factory: Factory, database_url: str) -> None:
     assert [row["owner_id"] for row in workspaces] == [PREBUILDS_SYSTEM_USER_ID] * 4
 
 
+async def test_plan_shows_the_status_change_the_next_pass_writes(factory: Factory, database_url: str) -> None:
+    """`plan` reads the plan a pass would run: a preset whose failure streak is broken shows as recovering
+    (stored status still `hard_limited`), with the create the pass then makes."""
+    recovering = await factory.preset(desired=2, status="hard_limited")
+    for age in (92, 91, 90):
+        await factory.prebuild(recovering, status="failed", ago=minutes(age))
+    await factory.prebuild(recovering, ago=minutes(80))
+    before = await table_checksums(factory.connection)
+
+    presets = by_preset(parse_json(await cli(database_url, "plan", "--json")))
+    planned = presets[str(recovering.id)]
+    assert (planned["prebuild_status"], planned["status_change"], planned["hard_limited"]) == (
+        "hard_limited",
+        "recovered",
+        False,
+    )
+    assert planned["actions"] == [{"type": "create", "count": 1}]
+    assert await table_checksums(factory.connection) == before
+
+    reconciled = await cli(database_url, "reconcile", "--once")
+    assert reconciled.returncode == 0, reconciled.stderr
+    assert "created 1," in reconciled.stdout
+    assert (await preset_row(factory.connection, recovering))["prebuild_status"] == "normal"
+    again = by_preset(parse_json(await cli(database_url, "plan", "--json")))[str(recovering.id)]
+    assert (again["prebuild_status"], again["status_change"], again["actions"]) == ("normal", None, [])
+
+
 UNREACHABLE = [
     pytest.param("postgresql://postgres@127.0.0.1:1/postgres", id="connection-refused"),
     pytest.param("postgresql://postgres@no-such-host.invalid:5432/postgres", id="unknown-host"),

@@ -16,13 +16,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from reconciler import db, executor, planner
+from reconciler import db, executor
 from reconciler.config import Settings, load_settings
 from reconciler.executor import ActionOutcome
 from reconciler.metrics import Metrics
 from reconciler.plan import CreateAction
-from reconciler.reconcile import PassOutcome, PassResult, planner_config, run_pass, snapshot_parameters
-from reconciler.store import reads
+from reconciler.reconcile import PassOutcome, PassResult, read_plan, run_pass
 from tests.factories import Factory, Preset
 from tests.integration.reconcile_support import live_prebuilds
 
@@ -324,9 +323,7 @@ async def test_schedules_replaced_after_the_snapshot_clamp_the_creates(factory: 
     lowered = await factory.preset(desired=1, timezone="UTC", schedules=[("* * * * *", 5)])
     raised = await factory.preset(desired=1, timezone="UTC", schedules=[("* * 31 2 *", 5)])
     now = datetime.now(UTC)
-    async with factory.connection.transaction(isolation="repeatable_read", readonly=True):
-        snapshot = await reads.read_snapshot(factory.connection, snapshot_parameters(settings, now))
-    plan = planner.plan(snapshot, planner_config(settings), now)
+    plan = await read_plan(factory.connection, settings, now)
     assert {preset_plan.preset.id: preset_plan.actions for preset_plan in plan.presets} == {
         lowered.id: (CreateAction(count=5),),
         raised.id: (CreateAction(count=1),),

@@ -11,11 +11,10 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from reconciler import cli, reconcile
+from reconciler import cli, executor, reconcile
 from reconciler.config import Settings
 from reconciler.notify.message import render
 from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
-from reconciler.store import reads
 from tests.factories import Factory, Preset, User, minutes
 from tests.integration.notification_helpers import fail_prebuilds, open_pool, pass_at, settings_for
 
@@ -157,16 +156,16 @@ async def test_status_changes_racing_without_the_pass_lock_are_decided_by_the_da
     replicas = [await open_pool(database_url) for _ in range(3)]
     try:
         async with replicas[0].acquire() as connection:
-            snapshot = await reads.read_snapshot(connection, reconcile.snapshot_parameters(settings, factory.now))
+            plan = await reconcile.read_plan(connection, settings, factory.now)
         results = await asyncio.gather(
-            *(reconcile.apply_status_transitions(replica, snapshot, factory.now) for replica in replicas)
+            *(executor.write_status_changes(replica, plan, factory.now) for replica in replicas)
         )
     finally:
         for replica in replicas:
             await replica.close()
 
-    assert sorted(len(changes.hard_limited) for _, changes in results) == [0, 0, 1]
-    assert sum(changes.notifications_enqueued for _, changes in results) == 2
+    assert sorted(len(changes.hard_limited) for changes in results) == [0, 0, 1]
+    assert sum(changes.notifications_enqueued for changes in results) == 2
     assert len(await messages(factory.connection)) == 2
     assert await preset_status(factory.connection, preset) == ("hard_limited", 1)
 
