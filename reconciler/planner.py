@@ -157,11 +157,6 @@ def expiry_cutoff(preset: Preset, now: datetime) -> datetime | None:
     return max(cutoffs) if cutoffs else None
 
 
-def is_expired(prebuild: RunningPrebuild, preset: Preset, now: datetime) -> bool:
-    cutoff = expiry_cutoff(preset, now)
-    return cutoff is not None and prebuild.created_at < cutoff
-
-
 def backoff_until(backoff: Backoff, interval: timedelta) -> datetime:
     try:
         return backoff.last_build_at + backoff.num_failed * interval

@@ -34,7 +34,7 @@ from reconciler.plan import (
 )
 from reconciler.problem_log import ProblemLog
 from reconciler.problem_log import changes as problem_changes
-from reconciler.snapshot import Snapshot, preset_log_fields
+from reconciler.snapshot import PresetNames, Snapshot, preset_log_fields
 from reconciler.store import reads
 
 logger = structlog.get_logger(__name__)
@@ -132,13 +132,8 @@ def _log_plan_problems(plan: Plan, problem_log: ProblemLog | None) -> None:
     # From the snapshot: a preset the planner failed on is not in the plan.
     presets = {preset.id: preset for preset in plan.snapshot.presets} if plan.snapshot is not None else {}
 
-    def names(problem: PlanProblem) -> dict[str, object]:
-        preset = presets.get(problem.preset_id)
-        return {
-            "preset_id": str(problem.preset_id),
-            "preset_name": preset.name if preset else None,
-            "template_name": preset.template_name if preset else None,
-        }
+    def names(problem: PlanProblem) -> dict[str, str | None]:
+        return preset_log_fields(presets.get(problem.preset_id) or PresetNames(problem.preset_id))
 
     for problem in found.appeared:
         if problem.event == planner.PLAN_FAILED:

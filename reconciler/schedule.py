@@ -118,10 +118,6 @@ def parse_time_range(expression: str) -> TimeRange:
     return TimeRange(hours=parsed[1], days_of_month=parsed[2], months=parsed[3], days_of_week=parsed[4])
 
 
-def within_range(expression: str, moment: datetime, timezone: str = "UTC") -> bool:
-    return parse_time_range(expression).contains(moment.astimezone(zone(timezone)))
-
-
 @functools.lru_cache(maxsize=1024)
 def zone(name: str) -> ZoneInfo:
     if not name:
@@ -141,8 +137,6 @@ class Target:
     """The target of a preset at one instant, and why when a schedule could not be used."""
 
     instances: int
-    # Index of the schedule that gave the target; None when `desired_instances` did.
-    schedule_index: int | None = None
     problem: str | None = None
 
 
@@ -167,5 +161,5 @@ def target(desired_instances: int, schedules: Sequence[Schedule], timezone: str,
         crons = ", ".join(shown(schedules[index].cron_expression, limit=100) for index in matching)
         return Target(desired_instances, problem=f"overlapping schedules at this time: {crons}")
     if matching:
-        return Target(schedules[matching[0]].desired_instances, schedule_index=matching[0])
+        return Target(schedules[matching[0]].desired_instances)
     return Target(desired_instances)

@@ -32,6 +32,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
 from reconciler import db
+from reconciler.clock import utc_now
 from reconciler.config import Settings
 from reconciler.http import HealthState, HttpBindError, Readiness, bound_port, build_application, start_http
 from reconciler.metrics import Metrics
@@ -67,10 +68,6 @@ class TaskPolicy(enum.Enum):
     # report itself dead (a stale /healthz) or be killed by systemd without a word: better to say why
     # and exit, and let systemd or the orchestrator start a fresh process.
     FATAL = "fatal"
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Daemon:

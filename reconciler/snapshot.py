@@ -68,24 +68,33 @@ class Preset:
 
 
 class NamedPreset(Protocol):
-    """What names a preset in a log line: a `Preset`, or what could be read of a preset's row."""
+    """What names a preset in a log line: a `Preset`, or `PresetNames` (what could be read of a bad row)."""
 
     @property
-    def id(self) -> UUID: ...
+    def id(self) -> UUID | None: ...
     @property
-    def name(self) -> str: ...
+    def name(self) -> str | None: ...
     @property
-    def template_name(self) -> str: ...
+    def template_name(self) -> str | None: ...
     @property
-    def template_version_name(self) -> str: ...
+    def template_version_name(self) -> str | None: ...
     @property
-    def organization_name(self) -> str: ...
+    def organization_name(self) -> str | None: ...
 
 
-def preset_log_fields(preset: NamedPreset) -> dict[str, str]:
+@dataclass(frozen=True, slots=True)
+class PresetNames:
+    id: UUID | None
+    name: str | None = None
+    template_name: str | None = None
+    template_version_name: str | None = None
+    organization_name: str | None = None
+
+
+def preset_log_fields(preset: NamedPreset) -> dict[str, str | None]:
     """The fields by which every log line names a preset, the same everywhere, for searching the logs."""
     return {
-        "preset_id": str(preset.id),
+        "preset_id": str(preset.id) if preset.id is not None else None,
         "preset_name": preset.name,
         "template_name": preset.template_name,
         "template_version_name": preset.template_version_name,

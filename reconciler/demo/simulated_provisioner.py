@@ -24,12 +24,13 @@ import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import structlog
 
 from reconciler import db
+from reconciler.clock import utc_now
 from reconciler.config import Settings
 from reconciler.demo import platform
 
@@ -46,10 +47,6 @@ _RANDOM_ERRORS = (
     "terraform apply: the cloud provider returned 503 Service Unavailable",
     "agent did not connect within the startup timeout",
 )
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,12 +30,13 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import structlog
 
 from reconciler import db
+from reconciler.clock import utc_now
 from reconciler.config import NOTIFICATION_LEASE_MARGIN, Settings
 from reconciler.notify.email import EmailSender
 from reconciler.notify.message import DeliveryOutcome, DeliveryResult, OutgoingMessage, Sink, outgoing_message
@@ -46,10 +47,6 @@ from reconciler.store import notifications
 logger = structlog.get_logger(__name__)
 
 MAX_LAST_ERROR_LENGTH = 1000
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def retry_delay(attempt: int, base: timedelta, ceiling: timedelta, jitter: float) -> timedelta:
@@ -96,10 +93,6 @@ class Dispatcher:
         self._poll_seconds = settings.notification_poll_interval.total_seconds()
         for sink_kind in SINK_KINDS:
             metrics.sinks.labels(sink_kind).set(sum(sink.kind == sink_kind for sink in self._sinks))
-
-    @property
-    def sinks(self) -> tuple[Sink, ...]:
-        return self._sinks
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set (or the task is cancelled); a failed poll is logged and retried."""

@@ -25,10 +25,12 @@ from reconciler.snapshot import (
     PrebuildTotals,
     Preset,
     PresetFailures,
+    PresetNames,
     RunningPrebuild,
     Schedule,
     Snapshot,
     Transition,
+    preset_log_fields,
 )
 
 logger = structlog.get_logger(__name__)
@@ -191,6 +193,15 @@ class _SnapshotRows:
             raise ValueError(f"unknown row kind {kind!r}")
 
 
+def _names(preset_id: UUID | None, row: asyncpg.Record | None) -> PresetNames:
+    """What a preset's row says of its names, even when the row could not become a `Preset`."""
+    if row is None:
+        return PresetNames(preset_id)
+    return PresetNames(
+        preset_id, row["name"], row["template_name"], row["template_version_name"], row["organization_name"]
+    )
+
+
 def _bad_row(preset_id: UUID | None, what: str, error: Exception) -> BadRowError:
     return BadRowError(preset_id, f"{what}: {type(error).__name__}: {error}")
 
@@ -239,10 +250,7 @@ async def read_snapshot(
         preset_row = names.get(problem.preset_id) if problem.preset_id is not None else None
         logger.warning(
             "snapshot.bad_row",
-            preset_id=str(problem.preset_id) if problem.preset_id else None,
-            preset_name=preset_row["name"] if preset_row else None,
-            template_name=preset_row["template_name"] if preset_row else None,
-            template_version_name=preset_row["template_version_name"] if preset_row else None,
+            **preset_log_fields(_names(problem.preset_id, preset_row)),
             detail=problem.detail,
             consequence="preset skipped this pass" if problem.preset_id else "row ignored",
         )

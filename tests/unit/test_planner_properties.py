@@ -88,6 +88,11 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
     )
 
 
+def is_expired(prebuild: RunningPrebuild, preset: Preset, now: datetime) -> bool:
+    cutoff = planner.expiry_cutoff(preset, now)
+    return cutoff is not None and prebuild.created_at < cutoff
+
+
 def creates(plan: Plan) -> dict[uuid.UUID, int]:
     return {
         preset_plan.preset.id: sum(action.count for action in preset_plan.actions if isinstance(action, CreateAction))
@@ -140,7 +145,7 @@ def test_expired_prebuilds_are_deleted_before_extraneous_ones(snapshot: Snapshot
         expired = {
             prebuild.workspace_id
             for prebuild in snapshot.running
-            if prebuild.preset_id == preset_plan.preset.id and planner.is_expired(prebuild, preset_plan.preset, NOW)
+            if prebuild.preset_id == preset_plan.preset.id and is_expired(prebuild, preset_plan.preset, NOW)
         }
         for action in preset_plan.actions:
             if isinstance(action, DeleteAction) and action.reason is DeleteReason.EXTRANEOUS:
