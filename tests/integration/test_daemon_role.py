@@ -28,7 +28,7 @@ from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
 from tests.conftest import with_database
 from tests.daemon_role import GROUP_ROLE, login_role, run_role_script
 from tests.factories import Factory, Preset, minutes
-from tests.integration.query_plans import plan_nodes
+from tests.integration.query_plans import explain, plan_nodes
 
 HARD_LIMITED_TEMPLATE = uuid.UUID("414d9331-c1fc-4761-b40c-d1f4702279eb")
 VALIDATION_FAILED_TEMPLATE = uuid.UUID("9ab56367-21d6-438e-9e48-0cf94beca3d8")
@@ -767,8 +767,15 @@ SNAPSHOT_STATEMENTS = ("snapshot_prebuilds", "snapshot_presets", "snapshot_sched
 
 
 async def test_the_snapshot_plans_as_the_role_are_the_owners(connection: asyncpg.Connection, role_dsn: str) -> None:
-    """No row policy reaches the snapshot's reads: the role's plans are the owner's, node for node, on a
-    fleet with history, live prebuilds found through their partial index."""
+    """No row policy reaches the snapshot's reads, on a fleet with history: the role's plans read the same
+    tables as the owner's, with the same filters and no other (a policy shows as an extra filter, or as a
+    subquery reading another table), and live prebuilds come through their partial index.
+
+    The plans are not compared node for node: on a table with row security, PostgreSQL 16 and newer keep
+    non-leakproof operators away from the column statistics for a user who is not the owner, so the
+    estimates, and with them the join order between the snapshot's small CTEs, may differ (seen on the
+    embedded server; node for node the same on PostgreSQL 15). What a policy would change is the reads.
+    """
     generated = await fleet.generate(
         connection, fleet.FleetParameters(presets=200, desired=5, outdated_presets=40, history_builds=30_000)
     )
@@ -779,15 +786,20 @@ async def test_the_snapshot_plans_as_the_role_are_the_owners(connection: asyncpg
     }
     role = await db.connect(role_dsn)
     try:
-        plans = {}
         for name in SNAPSHOT_STATEMENTS:
-            plans[name] = await explain_shape(role, name, *arguments.get(name, ()))
-            assert plans[name] == await explain_shape(connection, name, *arguments.get(name, ())), name
+            role_plan = await explain(role, name, *arguments.get(name, ()))
+            owner_plan = await explain(connection, name, *arguments.get(name, ()))
+            assert table_reads(role_plan) == table_reads(owner_plan), name
+            if name == "snapshot_prebuilds":
+                indexes = {node.get("Index Name") for node in role_plan}
+                assert {"workspaces_live_prebuilds_idx", "workspaces_owner_live_idx"} & indexes
     finally:
         await role.close()
-    assert {"workspaces_live_prebuilds_idx", "workspaces_owner_live_idx"} & {
-        index for _, _, index in plans["snapshot_prebuilds"]
-    }
+
+
+def table_reads(plan: list[dict[str, Any]]) -> set[tuple[str, str | None]]:
+    """Each table a plan reads, with each filter it reads it with."""
+    return {(node["Relation Name"], node.get("Filter")) for node in plan if "Relation Name" in node}
 
 
 async def test_the_outbox_policy_keeps_the_dispatchers_poll_on_its_index(
