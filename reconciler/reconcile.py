@@ -8,6 +8,7 @@ pure planner (status changes included), and the executor writes the plan; `read_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import gc
 import time
@@ -124,6 +125,17 @@ async def read_plan(
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await reads.read_snapshot(connection, parameters, bad_rows=bad_rows)
     return planner.plan(snapshot, planner_config(settings), now)
+
+
+def as_read(plan: Plan) -> Plan:
+    """The plan without its status changes: what a paused pass shows, since it writes none of them.
+
+    The actions stay (they are what a pass would do once resumed); the presets' statuses are those read.
+    """
+    if not plan.status_changes and all(preset.status_change is None for preset in plan.presets):
+        return plan
+    presets = tuple(dataclasses.replace(preset, status_change=None) for preset in plan.presets)
+    return dataclasses.replace(plan, presets=presets, status_changes=())
 
 
 def _log_plan_problems(plan: Plan, problem_log: ProblemLog | None) -> None:
@@ -280,11 +292,13 @@ async def _run_pass(
                     body_raised = False
                     return result(PassOutcome.SKIPPED_LOCK)
                 lock_held_from = time.time()
-                if await reads.read_paused(connection):
-                    body_raised = False
-                    return result(PassOutcome.PAUSED)
+                paused = await reads.read_paused(connection)
                 plan = await read_plan(connection, settings, now, bad_rows=bad_rows)
                 _log_plan_problems(plan, problem_log)
+                if paused:
+                    # Paused: read and plan as usual, so the gauges stay current, but write nothing.
+                    body_raised = False
+                    return result(PassOutcome.PAUSED, plan=as_read(plan))
                 _log_plan_details(plan)
                 summary = await executor.execute(
                     pool, plan, now, concurrency=settings.executor_concurrency, observe=observe_action

@@ -12,10 +12,13 @@ from datetime import datetime
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from reconciler import db
 from reconciler.plan import CreateAction, CreateBlock, DeleteAction, DeleteReason
 from reconciler.reconcile import PassOutcome, run_pass
+from reconciler.sdnotify import SystemdNotifier
+from reconciler.service import Daemon
 from reconciler.snapshot import PrebuildStatus
 from tests.factories import Factory, Preset, minutes, seconds
 from tests.integration.reconcile_support import (
@@ -292,8 +295,12 @@ async def test_a_paused_pass_writes_nothing_until_resumed(
     before = await table_checksums(factory.connection)
     paused = await run_pass(pool, settings, factory.now)
     assert paused.outcome is PassOutcome.PAUSED
-    assert paused.plan is None
     assert paused.execution is None
+    # Planned as usual (for the gauges), but shown with the statuses as read: none was written.
+    assert paused.plan is not None
+    assert plan_of(paused.plan, growing).actions == (CreateAction(count=2),)
+    assert paused.plan.status_changes == ()
+    assert plan_of(paused.plan, limited).prebuild_status is PrebuildStatus.NORMAL
     assert await table_checksums(factory.connection) == before
 
     await factory.set_paused(False)
@@ -302,6 +309,48 @@ async def test_a_paused_pass_writes_nothing_until_resumed(
     assert (resumed.execution.created, resumed.execution.deleted) == (2, 1)
     assert resumed.status_changes.hard_limited == (limited.id,)
     assert len(await prebuild_workspaces(factory.connection, growing)) == 2
+
+
+async def test_while_paused_the_gauges_follow_the_database_and_nothing_is_written(
+    factory: Factory, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Issue 11.5: a paused daemon keeps reading and planning, so an expiry shows in the eligible gauge."""
+    settings = settings_for(database_url)
+    preset = await factory.preset(desired=2, ttl_seconds=600)
+    await factory.prebuilds(preset, 2, ago=minutes(5))
+    await factory.set_paused(True)
+    daemon = Daemon(settings, registry=CollectorRegistry(), notifier=SystemdNotifier({}))
+    labels = {
+        "template_name": preset.template.name,
+        "preset_name": preset.name,
+        "organization_name": preset.organization.name,
+    }
+    value = daemon.metrics.registry.get_sample_value
+
+    before = await table_checksums(factory.connection)
+    first = await run_pass(pool, settings, factory.now)
+    daemon.record_pass(first)
+    assert first.outcome is PassOutcome.PAUSED
+    assert value("coderd_prebuilt_workspaces_eligible", labels) == 2
+    assert value("coderd_prebuilt_workspaces_desired", labels) == 2
+    assert value("coderd_prebuilt_workspaces_reconciliation_paused") == 1
+    first_updated = value("coderd_prebuilt_workspaces_metrics_last_updated")
+    assert first_updated is not None
+    assert first_updated > 0
+
+    # Six minutes on, both prebuilds are past their time-to-live: a pass would delete and replace them.
+    second = await run_pass(pool, settings, factory.now + minutes(6))
+    daemon.record_pass(second)
+    assert second.outcome is PassOutcome.PAUSED
+    assert second.plan is not None
+    assert {type(action) for action in plan_of(second.plan, preset).actions} == {DeleteAction, CreateAction}
+    assert value("coderd_prebuilt_workspaces_eligible", labels) == 0
+    assert value("coderd_prebuilt_workspaces_running", labels) == 2
+    second_updated = value("coderd_prebuilt_workspaces_metrics_last_updated")
+    assert second_updated is not None
+    assert second_updated > first_updated
+    assert second.execution is None
+    assert await table_checksums(factory.connection) == before
 
 
 async def test_a_pass_skips_while_another_holds_the_lock(
