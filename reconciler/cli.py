@@ -499,7 +499,10 @@ async def _reconcile_once(settings: Settings) -> int:
 
 async def _plan_or_status(settings: Settings, as_json: bool, status: bool) -> int:
     from reconciler import reports
+    from reconciler.membership_report import memberships_json, memberships_lines
+    from reconciler.memberships import missing_memberships
     from reconciler.reconcile import read_plan
+    from reconciler.store.memberships import read_prebuilds_memberships
 
     async def work(connection: asyncpg.Connection) -> int:
         await _require_schema(connection)
@@ -507,11 +510,15 @@ async def _plan_or_status(settings: Settings, as_json: bool, status: bool) -> in
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             paused = await reads.read_paused(connection)
             plan = await read_plan(connection, settings, now)
+            missing = missing_memberships(await read_prebuilds_memberships(connection))
         if as_json:
             document = reports.status_json(plan, paused=paused) if status else reports.plan_json(plan, paused=paused)
+            document["memberships"] = memberships_json(missing)
             print(json.dumps(document, indent=2))
         else:
             print(reports.status_table(plan, paused=paused) if status else reports.plan_table(plan, paused=paused))
+            for line in memberships_lines(missing, status=status):
+                print(line)
         return EXIT_OK
 
     return await _with_connection(settings, work)

@@ -89,6 +89,16 @@ async def ensure_prebuilds_memberships(connection: db.Connection) -> Memberships
     return MembershipsOutcome(missing=missing, added=tuple(added))
 
 
+async def ensure_prebuilds_memberships_in(pool: asyncpg.Pool) -> MembershipsOutcome:
+    """`ensure_prebuilds_memberships` on a connection of its own from `pool` (the pass's lock connection is
+    in a read-only transaction); a connection that cannot be had is a failure of the step, not of the pass."""
+    try:
+        async with pool.acquire() as connection:
+            return await ensure_prebuilds_memberships(connection)
+    except db.SURVIVABLE_ERRORS as error:
+        return _failed(MembershipFailure(None, None, db.describe_error(error)))
+
+
 async def _one_organization_at_a_time(
     connection: db.Connection, missing: tuple[OrganizationMemberships, ...]
 ) -> MembershipsOutcome:

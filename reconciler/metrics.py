@@ -35,6 +35,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PRESET_LABELS = ("template_name", "preset_name", "organization_name")
 PASS_OUTCOMES = ("success", "failed", "skipped_lock", "paused")
+# The prebuilds user's rows that a pass may add (reconciler.store.memberships.MembershipKind's values;
+# spelled out here because metrics do not import data access).
+MEMBERSHIP_KINDS = ("organization_member", "group", "group_member")
 # Pass durations from a few milliseconds (small fleets) to minutes (a stuck database).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -292,6 +295,20 @@ class Metrics:
             ["task"],
             registry=registry,
         )
+        self.membership_failures = Counter(
+            "prebuilds_reconciler_membership_failures",
+            "Failures adding the prebuilds user's memberships: one per organization left out, or one when the "
+            "step failed as a whole. Retried next pass; presets are reconciled regardless.",
+            registry=registry,
+        )
+        self.memberships_added = Counter(
+            "prebuilds_reconciler_memberships_added",
+            "Rows added for the prebuilds user, by kind (organization_member, group, group_member).",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in MEMBERSHIP_KINDS:
+            self.memberships_added.labels(kind)
         self.notifications = NotificationMetrics(registry)
 
     def render(self) -> bytes:
@@ -303,6 +320,13 @@ class Metrics:
     def observe_action(self, kind: str, outcome: str, rows: int) -> None:
         del rows
         self.actions.labels(kind, outcome).inc()
+
+    def observe_memberships(self, added: Iterable[str], failures: int) -> None:
+        """One pass's memberships step: the kinds of the rows it added (one entry per row), its failures."""
+        for kind in added:
+            self.memberships_added.labels(kind).inc()
+        if failures:
+            self.membership_failures.inc(failures)
 
     def observe_pass(self, outcome: str, duration_seconds: float, plan: Plan | None, paused: bool | None) -> None:
         self.passes.labels(outcome).inc()

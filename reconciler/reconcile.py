@@ -24,6 +24,7 @@ from asyncpg.transaction import Transaction
 from reconciler import db, executor, planner
 from reconciler.config import Settings
 from reconciler.executor import StatusChanges
+from reconciler.memberships import MembershipsOutcome, ensure_prebuilds_memberships_in
 from reconciler.plan import (
     BackoffAction,
     CancelPendingAction,
@@ -80,6 +81,8 @@ class PassResult:
     plan: Plan | None = None
     execution: executor.ExecutionSummary | None = None
     error: str | None = None
+    # The prebuilds user's memberships step (BEHAVIOR.md section 7); None when the pass did not get there.
+    memberships: MembershipsOutcome | None = None
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -262,6 +265,7 @@ async def _run_pass(
             plan=plan,
             execution=execution,
             error=error,
+            memberships=memberships,
         )
         if outcome is not PassOutcome.SUCCESS:
             # The canonical event of a pass that did not reconcile; a lock skip is routine, hence debug.
@@ -275,6 +279,7 @@ async def _run_pass(
         return pass_result
 
     bad_rows: list[reads.BadRowError] = []
+    memberships: MembershipsOutcome | None = None
     # When this pass held the reconciliation lock, in wall-clock seconds: read after the lock was granted
     # and before the transaction that holds it ends, so the interval lies within the real one. Logged,
     # so that replicas' passes can be shown never to overlap (a pass's duration also covers waiting for
@@ -293,6 +298,10 @@ async def _run_pass(
                     return result(PassOutcome.SKIPPED_LOCK)
                 lock_held_from = time.time()
                 paused = await reads.read_paused(connection)
+                if not paused:
+                    # Before the snapshot, as Coder does, so that the prebuilds this pass creates in a new
+                    # organization have an owner who belongs there. Confined: it never fails the pass.
+                    memberships = await ensure_prebuilds_memberships_in(pool)
                 plan = await read_plan(connection, settings, now, bad_rows=bad_rows)
                 _log_plan_problems(plan, problem_log)
                 if paused:
@@ -336,5 +345,7 @@ async def _run_pass(
         notifications_enqueued=changes.notifications_enqueued,
         problems=len(plan.problems),
         bad_rows=len(bad_rows),
+        memberships_added=sum(len(each.added) for each in memberships.added) if memberships else 0,
+        membership_failures=len(memberships.failures) if memberships else 0,
     )
     return pass_result

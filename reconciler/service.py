@@ -408,6 +408,11 @@ class Daemon:
             self.metrics.database_errors.inc()
         elif result.execution is not None and result.execution.presets_failed:
             self.metrics.database_errors.inc(result.execution.presets_failed)
+        if result.memberships is not None:
+            self.metrics.observe_memberships(
+                (kind.value for organization in result.memberships.added for kind in organization.added),
+                len(result.memberships.failures),
+            )
         self.last_pass = result
         for listener in self.pass_listeners:
             listener(result)
