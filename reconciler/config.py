@@ -370,6 +370,69 @@ class Settings(BaseSettings):
         return {"starttls": 587, "tls": 465, "none": 25}[self.smtp_security]
 
 
+# The settings that decide what a pass does. Every pass records their values in the database
+# (`reconciler_settings`), and `plan`, `status` and the other read-only commands use the recorded values
+# rather than their caller's (`reconciler/recorded_settings.py`). A new setting that changes what a pass
+# decides is added here, and nowhere else; one that does not goes into OPERATIONAL_SETTINGS (a unit test
+# makes every setting be in exactly one of the two).
+BEHAVIOUR_SETTINGS: tuple[str, ...] = (
+    "reconciliation_interval",
+    "backoff_interval",
+    "backoff_lookback",
+    "failure_hard_limit",
+    "max_desired_instances",
+    "non_retryable_error_codes",
+    "capacity_error_codes",
+)
+
+# How this process connects, logs, serves and delivers: the caller's own, never recorded.
+OPERATIONAL_SETTINGS: frozenset[str] = frozenset(
+    {
+        "database_url",
+        "http_address",
+        "log_format",
+        "log_level",
+        "shutdown_grace",
+        "executor_concurrency",
+        "statement_timeout",
+        "connect_timeout",
+        "pool_max_size",
+        "webhooks",
+        "smtp_host",
+        "smtp_port",
+        "smtp_from",
+        "smtp_security",
+        "smtp_username",
+        "smtp_password",
+        "smtp_timeout",
+        "notification_max_attempts",
+        "notification_poll_interval",
+        "notification_retry_base",
+        "notification_retry_max",
+        "notification_lease",
+        "notification_batch_size",
+        "migration_lock_timeout",
+        "migration_timeout",
+    }
+)
+
+
+def setting_text(value: object) -> str:
+    """A setting's value as it is written in its variable, so that reading the text gives it back."""
+    if isinstance(value, timedelta):
+        return format_duration(value)
+    if isinstance(value, frozenset | set):
+        return ",".join(sorted(str(item) for item in value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def behaviour_values(settings: Settings) -> dict[str, str]:
+    """The behaviour settings as `RECONCILER_<NAME>` -> text, in the order of BEHAVIOUR_SETTINGS."""
+    return {variable_name(field): setting_text(getattr(settings, field)) for field in BEHAVIOUR_SETTINGS}
+
+
 def settings_sources(
     environ: Mapping[str, str],
 ) -> tuple[Environment, SecretFileVariables, SecretDirectories, IndexedWebhooks]:

@@ -22,7 +22,7 @@ import structlog
 from asyncpg.transaction import Transaction
 
 from reconciler import db, executor, planner
-from reconciler.config import Settings
+from reconciler.config import Settings, behaviour_values
 from reconciler.executor import StatusChanges
 from reconciler.memberships import MembershipsOutcome, ensure_prebuilds_memberships_in
 from reconciler.plan import (
@@ -36,8 +36,9 @@ from reconciler.plan import (
 )
 from reconciler.problem_log import ProblemLog
 from reconciler.problem_log import changes as problem_changes
+from reconciler.recorded_settings import instance_name
 from reconciler.snapshot import PresetNames, Snapshot, preset_log_fields
-from reconciler.store import reads
+from reconciler.store import reads, writes
 
 logger = structlog.get_logger(__name__)
 
@@ -139,6 +140,20 @@ def as_read(plan: Plan) -> Plan:
         return plan
     presets = tuple(dataclasses.replace(preset, status_change=None) for preset in plan.presets)
     return dataclasses.replace(plan, presets=presets, status_changes=())
+
+
+async def _record_settings(pool: asyncpg.Pool, settings: Settings, now: datetime) -> None:
+    """Record the behaviour settings this pass uses, for `plan`, `status` and the other read-only commands.
+
+    Under the pass's lock (so replicas' records do not interleave), on a connection of its own: the lock's
+    transaction is read-only. A role that may not write them (its script not re-run after the upgrade)
+    is a warning: the record informs operators, and must not stop reconciliation.
+    """
+    try:
+        async with pool.acquire() as connection:
+            await writes.record_settings(connection, behaviour_values(settings), instance_name(), now)
+    except asyncpg.InsufficientPrivilegeError as error:
+        logger.warning("settings.record_failed", error=f"{type(error).__name__}: {error}")
 
 
 def _log_plan_problems(plan: Plan, problem_log: ProblemLog | None) -> None:
@@ -299,6 +314,8 @@ async def _run_pass(
                 lock_held_from = time.time()
                 paused = await reads.read_paused(connection)
                 if not paused:
+                    # Paused, the daemon writes nothing: not even this record (issue 11.5).
+                    await _record_settings(pool, settings, now)
                     # Before the snapshot, as Coder does, so that the prebuilds this pass creates in a new
                     # organization have an owner who belongs there. Confined: it never fails the pass.
                     memberships = await ensure_prebuilds_memberships_in(pool)

@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 
 from reconciler import db
+from reconciler.recorded_settings import RecordedSettings
 from reconciler.snapshot import (
     Backoff,
     InProgress,
@@ -282,3 +283,13 @@ async def read_snapshot(
 async def read_prebuild_totals(connection: db.Connection, preset_ids: Sequence[UUID]) -> dict[UUID, PrebuildTotals]:
     rows = await connection.fetch(_query("prebuild_totals"), list(preset_ids))
     return {row["preset_id"]: PrebuildTotals(row["created"], row["failed"], row["claimed"]) for row in rows}
+
+
+async def read_recorded_settings(connection: db.Connection) -> RecordedSettings | None:
+    """The behaviour settings the daemon's last pass recorded; None before any pass."""
+    row = await connection.fetchrow(_query("read_recorded_settings"))
+    if row is None:
+        return None
+    return RecordedSettings.from_text(
+        row["settings"], row["instance"], _aware(row["recorded_at"]), _aware(row["last_pass_at"])
+    )

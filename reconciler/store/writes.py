@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -125,3 +125,8 @@ async def reset_preset(connection: db.Connection, preset_id: UUID, now: datetime
     """Set a preset back to normal; None when there is no such preset."""
     previous = await connection.fetchval(_query("reset_preset"), preset_id, now)
     return None if previous is None else PrebuildStatus(previous)
+
+
+async def record_settings(connection: db.Connection, values: Mapping[str, str], instance: str, now: datetime) -> None:
+    """Record the behaviour settings a pass at `now` uses (`reconciler_settings`, one row)."""
+    await connection.execute(_query("record_settings"), json.dumps(dict(values)), instance, now)

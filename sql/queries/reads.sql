@@ -277,3 +277,7 @@ where b.build_number = 1
     and b.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
     and b.template_version_preset_id = any($1::uuid[])
 group by b.template_version_preset_id
+
+-- name: read_recorded_settings
+-- The daemon's behaviour settings as its last pass recorded them (no row: no pass yet).
+select settings::text as settings, instance, recorded_at, last_pass_at from reconciler_settings

@@ -203,3 +203,20 @@ returning previous.prebuild_status::text as previous_status
 -- name: write_prebuilds_settings
 insert into site_configs (key, value) values ('prebuilds_settings', $1)
 on conflict (key) do update set value = excluded.value
+
+-- name: record_settings
+-- Every pass that holds the reconciliation lock records the behaviour settings it uses. `recorded_at`
+-- moves only when the settings or the recording instance change, so it says since when they hold. $1 is
+-- JSON text (whatever jsonb codec the connection has).
+insert into reconciler_settings as r (settings, instance, recorded_at, last_pass_at)
+values ($1::text::jsonb, $2, $3, $3)
+on conflict (id) do update set
+    settings = excluded.settings,
+    instance = excluded.instance,
+    recorded_at = case
+        when r.settings = excluded.settings and r.instance = excluded.instance
+            and r.recorded_at <= excluded.last_pass_at
+        then r.recorded_at
+        else excluded.recorded_at
+    end,
+    last_pass_at = excluded.last_pass_at

@@ -336,4 +336,13 @@ create policy prebuilds_reconciler_joins_prebuilds_group on group_members as res
         )
     );
 
+-- ---------------------------------------------------------------------------------------------------
+-- reconciler_settings: the daemon's behaviour settings as its last pass used them (migration 0006).
+-- Written by every pass under its lock (record_settings: insert ... on conflict do update, which reads
+-- the conflicting row), read by `plan`, `status` and the other read-only commands
+-- (read_recorded_settings). A table only the daemon writes: grants only. Not `id` (one row, the default).
+grant select, insert (settings, instance, recorded_at, last_pass_at),
+    update (settings, instance, recorded_at, last_pass_at)
+    on reconciler_settings to prebuilds_reconciler;
+
 commit;

@@ -50,6 +50,7 @@ WATCHED_TABLES = (
     "organization_members",
     "groups",
     "group_members",
+    "reconciler_settings",
 )
 
 
@@ -542,6 +543,14 @@ ABUSES: list[tuple[str, str, Refusal]] = [
         denied(GROUP_MEMBER_POLICY),
     ),
     ("leave a group", "delete from group_members where user_id = '{prebuilds}'", denied(NOT_GRANTED)),
+    # The recorded settings: one row, which the role updates but never removes nor doubles.
+    (
+        "record a second row of settings",
+        "insert into reconciler_settings (id, settings, instance, recorded_at, last_pass_at) "
+        "values (false, '{{}}', 'x', now(), now())",
+        denied(NOT_GRANTED),
+    ),
+    ("delete the recorded settings", "delete from reconciler_settings", denied(NOT_GRANTED)),
 ]
 
 
@@ -585,6 +594,18 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     assert "running" in kinds
     totals = await run("prebuild_totals", [ids["preset"]])
     assert totals[0]["claimed"] == 1
+
+    # The behaviour settings each pass records, and the read-only commands read.
+    assert await run("read_recorded_settings") == []
+    await run("record_settings", json.dumps({"RECONCILER_BACKOFF_INTERVAL": "10s"}), "host:1", now)
+    await run("record_settings", json.dumps({"RECONCILER_BACKOFF_INTERVAL": "10s"}), "host:1", now + minutes(1))
+    recorded = (await run("read_recorded_settings"))[0]
+    assert json.loads(recorded["settings"]) == {"RECONCILER_BACKOFF_INTERVAL": "10s"}
+    assert (recorded["instance"], recorded["recorded_at"], recorded["last_pass_at"]) == (
+        "host:1",
+        now,
+        now + minutes(1),
+    )
 
     # Pause and resume.
     await run("write_prebuilds_settings", json.dumps({"reconciliation_paused": True}))
