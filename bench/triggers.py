@@ -1,4 +1,4 @@
-"""What the change-event triggers (migration 0006) cost the platform's own writes.
+"""What the change-event triggers (migration 0007) cost the platform's own writes.
 
     RECONCILER_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres python -m bench.triggers
 

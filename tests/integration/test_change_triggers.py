@@ -1,4 +1,4 @@
-"""The change-event triggers of migration 0006: which of the platform's writes notify, and with what.
+"""The change-event triggers of migration 0007: which of the platform's writes notify, and with what.
 
 A listener connection receives the notifications as the daemon would. That a write does *not* notify is
 shown with a sentinel: notifications of one session arrive in commit order, so once a sentinel sent
