@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from reconciler import db
+from reconciler import db, recorded_settings
 from reconciler.config import (
     EXIT_CONFIG,
     ConfigError,
@@ -32,6 +32,7 @@ from reconciler.config import (
 )
 from reconciler.durations import format_duration
 from reconciler.logs import configure_logging
+from reconciler.recorded_settings import SettingsSource
 from reconciler.store import reads, writes
 
 EXIT_OK = 0
@@ -207,18 +208,20 @@ def _parser() -> argparse.ArgumentParser:
         "show what a pass would do, without writing anything",
         "Read the database and show, for every preset that has prebuilds, its state (desired, running, "
         "eligible, expired, in progress) and the actions a pass would take now (backoff, cancel, delete, "
-        "create). Writes nothing; safe to run against production.",
+        "create). Writes nothing; safe to run against production. " + _READ_ONLY_SETTINGS,
     )
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _settings_option(plan)
     status = _command(
         commands,
         "status",
         "show every preset's counts, status and backoff",
         "Show a table of every preset that has prebuilds: template, version, preset, desired and actual "
         "counts, its prebuild status (normal, hard_limited, validation_failed) and when its backoff ends. "
-        "Writes nothing.",
+        "Writes nothing. " + _READ_ONLY_SETTINGS,
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _settings_option(status)
     _command(
         commands,
         "pause",
@@ -287,6 +290,26 @@ def _parser() -> argparse.ArgumentParser:
     healthcheck.add_argument("--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for each answer")
     _add_demo_commands(commands)
     return parser
+
+
+_READ_ONLY_SETTINGS = (
+    "Computes with the behaviour settings the daemon's last pass recorded in the database (interval, "
+    "backoff, hard limit, caps, error codes), not with your environment's, and says on standard error "
+    "which it used, from when and which instance, and where your environment sets another value; "
+    "--settings=environment uses yours instead."
+)
+
+
+def _settings_option(command: argparse.ArgumentParser) -> None:
+    """`--settings`: the daemon's recorded behaviour settings (the default), or the caller's environment."""
+    command.add_argument(
+        "--settings",
+        choices=[source.value for source in SettingsSource],
+        default=SettingsSource.RECORDED.value,
+        help="whose behaviour settings (interval, backoff, hard limit, caps, error codes) to compute with: "
+        "`recorded`, the ones the daemon's last pass recorded in the database (default; your environment's "
+        "when none are recorded), or `environment`, your own, to ask what they would change",
+    )
 
 
 def _expression_help() -> str:
@@ -497,7 +520,19 @@ async def _reconcile_once(settings: Settings) -> int:
     return EXIT_OK
 
 
-async def _plan_or_status(settings: Settings, as_json: bool, status: bool) -> int:
+async def _read_only_settings(
+    connection: asyncpg.Connection, settings: Settings, requested: str
+) -> recorded_settings.ResolvedSettings:
+    """The settings a read-only command computes with (the daemon's recorded ones unless asked otherwise),
+    said on standard error: which, from when and whom, and where the caller's environment differs."""
+    recorded = await reads.read_recorded_settings(connection)
+    resolved = recorded_settings.resolve(os.environ, settings, recorded, recorded_settings.SettingsSource(requested))
+    for line in resolved.messages():
+        print(f"reconciler: {line}", file=sys.stderr)
+    return resolved
+
+
+async def _plan_or_status(settings: Settings, as_json: bool, status: bool, requested: str) -> int:
     from reconciler import reports
     from reconciler.membership_report import memberships_json, memberships_lines
     from reconciler.memberships import missing_memberships
@@ -508,12 +543,14 @@ async def _plan_or_status(settings: Settings, as_json: bool, status: bool) -> in
         await _require_schema(connection)
         now = datetime.now(UTC)
         async with connection.transaction(isolation="repeatable_read", readonly=True):
+            resolved = await _read_only_settings(connection, settings, requested)
             paused = await reads.read_paused(connection)
-            plan = await read_plan(connection, settings, now)
+            plan = await read_plan(connection, resolved.settings, now)
             missing = missing_memberships(await read_prebuilds_memberships(connection))
         if as_json:
             document = reports.status_json(plan, paused=paused) if status else reports.plan_json(plan, paused=paused)
             document["memberships"] = memberships_json(missing)
+            document["settings"] = resolved.as_json()
             print(json.dumps(document, indent=2))
         else:
             print(reports.status_table(plan, paused=paused) if status else reports.plan_table(plan, paused=paused))
@@ -614,8 +651,8 @@ def _dispatch(arguments: argparse.Namespace) -> int:
     runners: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
         "migrate": lambda: _migrate(settings),
         "reconcile": lambda: _reconcile_once(settings),
-        "plan": lambda: _plan_or_status(settings, arguments.json, status=False),
-        "status": lambda: _plan_or_status(settings, arguments.json, status=True),
+        "plan": lambda: _plan_or_status(settings, arguments.json, status=False, requested=arguments.settings),
+        "status": lambda: _plan_or_status(settings, arguments.json, status=True, requested=arguments.settings),
         "pause": lambda: _set_paused(settings, True),
         "resume": lambda: _set_paused(settings, False),
         "presets": lambda: _reset_preset(settings, arguments.preset_id),
