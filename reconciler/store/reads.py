@@ -166,28 +166,33 @@ class _SnapshotRows:
                 for workspace_id, ready, at in zip(workspace_ids, ready_flags, created_ats, strict=True)
             )
         elif kind == "in_progress":
-            _require(row, ("preset_id", "template_version_id", "transition", "count"))
+            _require(row, ("preset_id", "template_version_id", "in_progress_transition", "in_progress_count"))
             self.in_progress.append(
-                InProgress(row["preset_id"], row["template_version_id"], Transition(row["transition"]), row["count"])
+                InProgress(
+                    row["preset_id"],
+                    row["template_version_id"],
+                    Transition(row["in_progress_transition"]),
+                    row["in_progress_count"],
+                )
             )
         elif kind == "pending":
-            _require(row, ("preset_id", "count"))
-            self.pending.append(PendingNonActive(row["preset_id"], row["count"]))
+            _require(row, ("preset_id", "pending_count"))
+            self.pending.append(PendingNonActive(row["preset_id"], row["pending_count"]))
         elif kind == "backoff":
-            _require(row, ("preset_id", "count", "at"))
-            self.backoffs.append(Backoff(row["preset_id"], row["count"], _aware(row["at"])))
+            _require(row, ("preset_id", "num_failed", "last_build_at"))
+            self.backoffs.append(Backoff(row["preset_id"], row["num_failed"], _aware(row["last_build_at"])))
         elif kind == "failures":
-            _require(row, ("preset_id", "count"))
+            _require(row, ("preset_id", "failure_streak"))
             self.failures.append(
                 PresetFailures(
                     preset_id=row["preset_id"],
-                    hard_limited=bool(row["ready"]),
-                    validation_failed=row["transition"] == "validation_failed",
-                    failure_streak=row["count"],
-                    last_error=row["error"],
-                    last_error_code=row["error_code"],
-                    last_failed_at=_aware_or_none(row["at"]),
-                    failed_workspace_ids=tuple(row["workspace_ids"] or ()),
+                    hard_limited=bool(row["hard_limited"]),
+                    validation_failed=bool(row["validation_failed"]),
+                    failure_streak=row["failure_streak"],
+                    last_error=row["last_error"],
+                    last_error_code=row["last_error_code"],
+                    last_failed_at=_aware_or_none(row["last_failed_at"]),
+                    failed_workspace_ids=tuple(row["failed_workspace_ids"] or ()),
                 )
             )
         else:
@@ -244,7 +249,7 @@ async def read_snapshot(
         try:
             converted.add(row)
         except (ValueError, TypeError) as error:
-            subject = f"{row['kind']} row" + (f" of workspace {row['workspace_id']}" if row["workspace_id"] else "")
+            subject = f"{row['kind']} row"
             problems.append(_bad_row(row["preset_id"], subject, error))
     bad_preset_ids = {problem.preset_id for problem in problems}
     for problem in problems:

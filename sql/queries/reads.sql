@@ -52,7 +52,8 @@ order by s.preset_id, s.id
 -- name: snapshot_prebuilds
 -- One statement, so that the latest build of each live prebuild is looked up once (the materialized
 -- CTE `live`) and every other figure is derived from that small set: its size is the number of live
--- prebuilds, whatever the length of the build history. Rows are tagged by `kind`:
+-- prebuilds, whatever the length of the build history. Rows are tagged by `kind`, each kind with columns
+-- of its own (see the final select):
 --   running      per current preset and version: workspaces, readiness and created_at as arrays
 --   in_progress  count of system-initiated pending/running builds per preset, version and transition
 --   pending      count of pending first builds on a non-active version, per preset
@@ -202,11 +203,14 @@ failures as (
     group by limit_evidence.preset_id
     having bool_or(limit_evidence.job_status = 'failed')
 )
+-- Each kind of row has its own columns, named for what they hold, and null in the other kinds' rows (a
+-- null costs one bit of the row's null bitmap, nothing to decode): `kind`, `preset_id` and
+-- `template_version_id` are shared; then the running prebuilds' arrays, the in-progress builds, the
+-- pending builds of other versions, the backoff, the failures.
+--
 -- Running prebuilds come grouped by preset (and version), as arrays ordered oldest first: a fleet has tens
 -- of thousands of them, and a few thousand rows of arrays decode far cheaper than one row each.
-select 'running' as kind, live.current_preset_id as preset_id, null::uuid as workspace_id, live.template_version_id,
-       null::bool as ready, null::timestamptz as at, count(*) as count, null::text as transition,
-       null::text as error, null::text as error_code,
+select 'running' as kind, live.current_preset_id as preset_id, live.template_version_id,
        array_agg(live.workspace_id order by live.workspace_created_at, live.workspace_id) as workspace_ids,
        array_agg(readiness.ready order by live.workspace_created_at, live.workspace_id) as ready_flags,
        array_agg(
@@ -214,7 +218,13 @@ select 'running' as kind, live.current_preset_id as preset_id, null::uuid as wor
                 when live.workspace_created_at < '0001-01-01 00:00:00+00' then '-infinity'
                 else live.workspace_created_at end
            order by live.workspace_created_at, live.workspace_id
-       ) as created_ats
+       ) as created_ats,
+       null::text as in_progress_transition, null::bigint as in_progress_count,
+       null::bigint as pending_count,
+       null::bigint as num_failed, null::timestamptz as last_build_at,
+       null::bool as hard_limited, null::bool as validation_failed, null::bigint as failure_streak,
+       null::text as last_error, null::text as last_error_code, null::timestamptz as last_failed_at,
+       null::uuid[] as failed_workspace_ids
 from live
 cross join lateral (
     select coalesce((
@@ -227,8 +237,12 @@ cross join lateral (
 where live.transition = 'start' and live.job_status = 'succeeded' and live.current_preset_id is not null
 group by live.current_preset_id, live.template_version_id
 union all
-select 'in_progress', live.preset_id, null, live.template_version_id, null, null, count(*),
-       live.transition::text, null, null, null, null, null
+select 'in_progress', live.preset_id, live.template_version_id,
+       null, null, null,
+       live.transition::text, count(*),
+       null,
+       null, null,
+       null, null, null, null, null, null, null
 from live
 join versions on versions.template_version_id = live.template_version_id
 where versions.is_active and live.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
@@ -236,7 +250,12 @@ where versions.is_active and live.initiator_id = 'c42fdf75-3097-471c-8c33-fb5245
     and live.preset_id is not null
 group by live.preset_id, live.template_version_id, live.transition
 union all
-select 'pending', live.preset_id, null, null, null, null, count(*), null, null, null, null, null, null
+select 'pending', live.preset_id, null,
+       null, null, null,
+       null, null,
+       count(*),
+       null, null,
+       null, null, null, null, null, null, null
 from live
 join versions on versions.template_version_id = live.template_version_id
 where live.build_number = 1 and live.transition = 'start' and live.job_status = 'pending'
@@ -245,20 +264,27 @@ where live.build_number = 1 and live.transition = 'start' and live.job_status = 
     and live.preset_id is not null
 group by live.preset_id
 union all
-select 'backoff', preset_id, null, null, null,
+select 'backoff', preset_id, null,
+       null, null, null,
+       null, null,
+       null,
+       num_failed,
        case when last_build_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
             when last_build_at < '0001-01-01 00:00:00+00' then '-infinity'
             else last_build_at end,
-       num_failed, null, null, null, null, null, null
+       null, null, null, null, null, null, null
 from backoff
 union all
-select 'failures', preset_id, null, null, hard_limited,
+select 'failures', preset_id, null,
+       null, null, null,
+       null, null,
+       null,
+       null, null,
+       hard_limited, validation_failed, failure_streak, last_error, last_error_code,
        case when last_failed_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
             when last_failed_at < '0001-01-01 00:00:00+00' then '-infinity'
             else last_failed_at end,
-       failure_streak,
-       case when validation_failed then 'validation_failed' end, last_error, last_error_code, failed_workspace_ids,
-       null, null
+       failed_workspace_ids
 from failures
 
 -- name: prebuild_totals

@@ -13,6 +13,7 @@ import asyncpg
 
 from reconciler import db, reconcile
 from reconciler.config import Settings, load_settings
+from reconciler.memberships import ensure_prebuilds_memberships
 from reconciler.plan import Plan, PresetPlan
 from reconciler.reconcile import PassOutcome, PassResult, run_pass, snapshot_parameters
 from reconciler.snapshot import Snapshot
@@ -107,6 +108,13 @@ async def prebuild_workspaces(connection: asyncpg.Connection, preset: Preset) ->
         "where b.template_version_preset_id = $1 order by w.created_at, w.id",
         preset.id,
     )
+
+
+async def complete_memberships(connection: asyncpg.Connection) -> None:
+    """Add the prebuilds user's memberships now, as a pass would, so that a test of what a pass writes
+    (nothing, in backoff or at the hard limit) sees only what the rule under test writes."""
+    outcome = await ensure_prebuilds_memberships(connection)
+    assert outcome.failures == ()
 
 
 async def table_checksums(connection: asyncpg.Connection, skip: Sequence[str] = ()) -> dict[str, str]:

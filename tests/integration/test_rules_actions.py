@@ -18,6 +18,7 @@ from reconciler.snapshot import PREBUILDS_SYSTEM_USER_ID
 from tests.factories import Factory, minutes, seconds
 from tests.integration.reconcile_support import (
     builds_of,
+    complete_memberships,
     ids,
     pass_at,
     plan_of,
@@ -429,6 +430,8 @@ async def test_backoff_lasts_through_its_boundary_instant(
     await factory.prebuild(preset, status="failed", created_at=newest_failure - seconds(30))
     await factory.prebuild(preset, status="failed", created_at=newest_failure)
     until = newest_failure + 2 * minutes(1)  # last_build_at + num_failed x interval
+
+    await complete_memberships(factory.connection)
 
     before = await table_checksums(factory.connection)
     for now in (newest_failure + seconds(1), until - seconds(1), until):

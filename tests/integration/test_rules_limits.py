@@ -22,6 +22,7 @@ from reconciler.service import Daemon
 from reconciler.snapshot import PrebuildStatus
 from tests.factories import Factory, Preset, minutes, seconds
 from tests.integration.reconcile_support import (
+    complete_memberships,
     ids,
     open_pool,
     pass_at,
@@ -292,6 +293,8 @@ async def test_a_paused_pass_writes_nothing_until_resumed(
     await factory.prebuild(limited, status="failed", ago=minutes(30))
     await factory.set_paused(True)
 
+    await complete_memberships(factory.connection)
+
     before = await table_checksums(factory.connection)
     paused = await run_pass(pool, settings, factory.now)
     assert paused.outcome is PassOutcome.PAUSED
@@ -327,6 +330,8 @@ async def test_while_paused_the_gauges_follow_the_database_and_nothing_is_writte
     }
     value = daemon.metrics.registry.get_sample_value
 
+    await complete_memberships(factory.connection)
+
     before = await table_checksums(factory.connection)
     first = await run_pass(pool, settings, factory.now)
     daemon.record_pass(first)
@@ -358,6 +363,7 @@ async def test_a_pass_skips_while_another_holds_the_lock(
 ) -> None:
     settings = settings_for(database_url)
     preset = await factory.preset(desired=2)
+    await complete_memberships(factory.connection)
     before = await table_checksums(factory.connection)
 
     other_replica = await asyncpg.connect(database_url)
@@ -467,6 +473,7 @@ async def test_a_snapshot_error_fails_the_pass_and_the_next_one_retries(
 ) -> None:
     settings = settings_for(database_url)
     preset = await factory.preset(desired=1)
+    await complete_memberships(factory.connection)
     # Another component's botched migration: a table the snapshot reads is missing.
     await factory.connection.execute(
         "alter table template_version_preset_prebuild_schedules rename to schedules_being_migrated"
