@@ -275,6 +275,14 @@ class Settings(BaseSettings):
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = "info"
     shutdown_grace: Annotated[Duration, between(timedelta(0), HOUR)] = 30 * SECOND
     max_desired_instances: int = Field(default=100, ge=1, le=100_000)
+    # The in-flight budget (issue 15.1): prebuild build jobs (creates and deletes, pending or running,
+    # whoever started them) that may exist at once, across the deployment and per template; 0 = unlimited.
+    max_in_flight: int = Field(default=0, ge=0, le=1_000_000)
+    max_in_flight_per_template: int = Field(default=0, ge=0, le=1_000_000)
+    # Backoff after failed prebuilds (issue 15.3): Coder's linear formula by default, or exponential with
+    # a cap (`backoff_max`) and deterministic jitter.
+    backoff_strategy: Annotated[Literal["linear", "exponential"], BeforeValidator(_lower)] = "linear"
+    backoff_max: Annotated[Duration, between(SECOND, 30 * DAY)] = HOUR
     executor_concurrency: int = Field(default=8, ge=1, le=256)
     non_retryable_error_codes: ErrorCodes = frozenset({"REQUIRED_TEMPLATE_VARIABLES"})
     capacity_error_codes: ErrorCodes = frozenset({"INSUFFICIENT_QUOTA"})
@@ -383,6 +391,10 @@ BEHAVIOUR_SETTINGS: tuple[str, ...] = (
     "max_desired_instances",
     "non_retryable_error_codes",
     "capacity_error_codes",
+    "max_in_flight",
+    "max_in_flight_per_template",
+    "backoff_strategy",
+    "backoff_max",
 )
 
 # How this process connects, logs, serves and delivers: the caller's own, never recorded.

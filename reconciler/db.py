@@ -47,6 +47,8 @@ REPLY_MARGIN = timedelta(seconds=5)
 # Advisory lock keys, fixed so that every replica and every `reconciler migrate` agree.
 MIGRATIONS_LOCK_KEY = 7_236_001
 RECONCILIATION_LOCK_KEY = 7_236_002
+# Held by each budgeted create and delete while it re-counts the jobs in flight (issue 15.1).
+IN_FLIGHT_BUDGET_LOCK_KEY = 7_236_003
 
 _QUERY_NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

@@ -23,6 +23,7 @@ from reconciler import db, schedule
 from reconciler.notify.outbox import StatusNotice, enqueue_notices
 from reconciler.plan import (
     BackoffAction,
+    BudgetUse,
     CancelPendingAction,
     CreateAction,
     DeleteAction,
@@ -61,6 +62,9 @@ class ExecutionSummary:
     # Creates withheld at write time by the fresh clamp, and deletes refused (claimed meanwhile).
     creates_clamped: int = 0
     deletes_skipped: int = 0
+    # Creates and deletes the in-flight budget held back at write time (other replicas or passes spent
+    # the room since the snapshot); creates among them are also in `creates_clamped`.
+    budget_held: int = 0
     presets_failed: int = 0
     # (kind, outcome) -> number of actions, for the actions metric.
     actions: Counter[tuple[str, ActionOutcome]] = field(default_factory=Counter)
@@ -72,12 +76,35 @@ class ExecutionSummary:
 ActionObserver = Callable[[str, ActionOutcome, int], None]
 
 
+async def _budget_room(connection: db.Connection, budget: BudgetUse | None, template_id: UUID) -> int | None:
+    """Jobs the in-flight budget still admits now, across the deployment and for the template; None without
+    a budget. Takes the budget's lock first (held to the end of the caller's transaction), then counts."""
+    if budget is None or not (budget.max_in_flight or budget.max_in_flight_per_template):
+        return None
+    await writes.lock_in_flight_budget(connection)
+    total, for_template = await writes.count_in_flight(connection, template_id)
+    rooms = []
+    if budget.max_in_flight:
+        rooms.append(budget.max_in_flight - total)
+    if budget.max_in_flight_per_template:
+        rooms.append(budget.max_in_flight_per_template - for_template)
+    return max(min(rooms), 0)
+
+
 async def _create(
-    connection: db.Connection, preset_plan: PresetPlan, action: CreateAction, now: datetime
+    connection: db.Connection,
+    preset_plan: PresetPlan,
+    action: CreateAction,
+    now: datetime,
+    budget: BudgetUse | None = None,
+    summary: ExecutionSummary | None = None,
 ) -> tuple[int, int]:
     """Create up to `action.count` prebuilds atomically; returns (created, clamped away)."""
     preset = preset_plan.preset
     async with connection.transaction():
+        # The budget's lock before the preset's: every budgeted writer takes it first, so no two of ours
+        # ever wait on each other in opposite orders.
+        room = await _budget_room(connection, budget, preset.template_id)
         check = await writes.lock_preset_for_create(connection, preset.id)
         if (
             check is None
@@ -93,6 +120,11 @@ async def _create(
         target = min(preset_plan.state.desired, fresh.instances)
         existing = await writes.count_preset_prebuilds(connection, preset.id, check.template_id)
         count = max(min(action.count, target - existing), 0)
+        if room is not None and count > room:
+            # Admission re-checked at write time: what other writers started since the snapshot counts.
+            if summary is not None:
+                summary.budget_held += count - room
+            count = room
         if count == 0:
             return 0, action.count
         created = await writes.create_prebuilds(
@@ -107,9 +139,25 @@ async def _create(
         return len(created), action.count - len(created)
 
 
-async def _delete(connection: db.Connection, action: DeleteAction, now: datetime) -> int:
+async def _delete(
+    connection: db.Connection,
+    preset_plan: PresetPlan,
+    action: DeleteAction,
+    now: datetime,
+    budget: BudgetUse | None = None,
+    summary: ExecutionSummary | None = None,
+) -> int:
     async with connection.transaction():
-        deleted = await writes.delete_prebuilds(connection, action.workspace_ids, now)
+        workspace_ids = action.workspace_ids
+        room = await _budget_room(connection, budget, preset_plan.preset.template_id)
+        if room is not None and len(workspace_ids) > room:
+            # The oldest first, as planned; the rest wait for the next pass.
+            if summary is not None:
+                summary.budget_held += len(workspace_ids) - room
+            workspace_ids = workspace_ids[:room]
+        if not workspace_ids:
+            return 0
+        deleted = await writes.delete_prebuilds(connection, workspace_ids, now)
     return len(deleted)
 
 
@@ -125,8 +173,12 @@ async def execute_preset(
     now: datetime,
     summary: ExecutionSummary,
     observe: ActionObserver | None = None,
+    *,
+    budget: BudgetUse | None = None,
 ) -> None:
-    """Run one preset's actions in order. Raises on the first failing action; earlier ones stay done."""
+    """Run one preset's actions in order. Raises on the first failing action; earlier ones stay done.
+
+    With a `budget` (the plan's), each create and delete is re-admitted under the budget's lock."""
 
     preset = preset_plan.preset
 
@@ -147,7 +199,7 @@ async def execute_preset(
                 summary.canceled += canceled
                 record("cancel_pending", ActionOutcome.SUCCESS, canceled, planned=action.count)
             elif isinstance(action, DeleteAction):
-                deleted = await _delete(connection, action, now)
+                deleted = await _delete(connection, preset_plan, action, now, budget, summary)
                 summary.deleted += deleted
                 summary.deletes_skipped += len(action.workspace_ids) - deleted
                 record(
@@ -158,7 +210,7 @@ async def execute_preset(
                     reason=action.reason.value,
                 )
             elif isinstance(action, CreateAction):
-                created, clamped = await _create(connection, preset_plan, action, now)
+                created, clamped = await _create(connection, preset_plan, action, now, budget, summary)
                 summary.created += created
                 summary.creates_clamped += clamped
                 record(
@@ -191,7 +243,7 @@ async def execute(
         async with semaphore:
             try:
                 async with pool.acquire() as connection:
-                    await execute_preset(connection, preset_plan, now, summary, observe)
+                    await execute_preset(connection, preset_plan, now, summary, observe, budget=plan.budget)
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as error:

@@ -309,6 +309,28 @@ class Metrics:
         )
         for kind in MEMBERSHIP_KINDS:
             self.memberships_added.labels(kind)
+        self.in_flight_budget = Gauge(
+            "prebuilds_reconciler_in_flight_budget",
+            "The in-flight budget of prebuild build jobs, across the deployment (scope=total) and per template "
+            "(scope=per_template); 0 = unlimited.",
+            ["scope"],
+            registry=registry,
+        )
+        self.in_flight_jobs = Gauge(
+            "prebuilds_reconciler_in_flight_jobs",
+            "Prebuild build jobs (creates and deletes) pending or running at the last pass's snapshot.",
+            registry=registry,
+        )
+        self.in_flight_withheld = Gauge(
+            "prebuilds_reconciler_in_flight_withheld",
+            "Creates and deletes the last pass's plan held back under the in-flight budget, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        for scope in ("total", "per_template"):
+            self.in_flight_budget.labels(scope)
+        for kind in ("create", "delete"):
+            self.in_flight_withheld.labels(kind)
         self.notifications = NotificationMetrics(registry)
 
     def render(self) -> bytes:
@@ -316,6 +338,15 @@ class Metrics:
         with self.presets.excluded():
             head = generate_latest(self.registry)
         return head + self.presets.exposition()
+
+    def _observe_budget(self, plan: Plan) -> None:
+        budget = plan.budget
+        self.in_flight_budget.labels("total").set(budget.max_in_flight if budget else 0)
+        self.in_flight_budget.labels("per_template").set(budget.max_in_flight_per_template if budget else 0)
+        if plan.snapshot is not None:
+            self.in_flight_jobs.set(plan.snapshot.in_flight_total)
+        self.in_flight_withheld.labels("create").set(budget.creates_held if budget else 0)
+        self.in_flight_withheld.labels("delete").set(budget.deletes_held if budget else 0)
 
     def observe_action(self, kind: str, outcome: str, rows: int) -> None:
         del rows
@@ -338,6 +369,7 @@ class Metrics:
         if plan is not None:
             self.presets.update_from_plan(plan)
             self.metrics_last_updated.set(time.time())
+            self._observe_budget(plan)
         elif outcome == "skipped_lock":
             # Another replica reconciles now: its series are the current ones, ours would go stale.
             self.presets.withdraw()

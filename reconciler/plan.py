@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
+from reconciler.admission import HoldReason
 from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
 
 
@@ -106,6 +107,12 @@ class PresetPlan:
     skipped: bool = False
     # The status change this pass makes (written, with its notification, before the actions).
     status_change: StatusChangeKind | None = None
+    # What the in-flight budget (or the breaker) held back from the actions, and why (issue 15.1): the
+    # actions are what was admitted.
+    creates_held: int = 0
+    creates_held_by: HoldReason | None = None
+    deletes_held: int = 0
+    deletes_held_by: HoldReason | None = None
 
     @property
     def prebuild_status(self) -> PrebuildStatus:
@@ -126,6 +133,20 @@ class PlanProblem:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetUse:
+    """The in-flight budget as this plan used it (issue 15.1); 0 = unlimited."""
+
+    max_in_flight: int
+    max_in_flight_per_template: int
+    # Prebuild build jobs pending or running when the snapshot was read, across the deployment.
+    in_flight: int
+    # Jobs the plan's actions start (creates and deletes admitted).
+    admitted: int = 0
+    creates_held: int = 0
+    deletes_held: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     generated_at: datetime
     presets: tuple[PresetPlan, ...]
@@ -133,6 +154,8 @@ class Plan:
     # Every status change of the pass, in snapshot order; also those of a preset the planner failed on,
     # which is not in `presets`: its status follows from its failures alone.
     status_changes: tuple[StatusChange, ...] = ()
+    # The in-flight budget, when one is set (None: unlimited, nothing was admitted or held).
+    budget: BudgetUse | None = None
     # The snapshot the plan was computed from (not part of the plan's value: two plans of different
     # snapshots can be equal).
     snapshot: Snapshot | None = field(default=None, repr=False, compare=False)

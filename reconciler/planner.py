@@ -8,16 +8,19 @@ O(presets x rows): at tens of thousands of presets that difference is the whole 
 from __future__ import annotations
 
 import traceback
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from reconciler import backoff as backoff_policy
 from reconciler import schedule
+from reconciler.admission import Admission, Budget, Wants, admit
 from reconciler.plan import (
     Action,
     BackoffAction,
+    BudgetUse,
     CancelPendingAction,
     CreateAction,
     CreateBlock,
@@ -47,6 +50,15 @@ class PlannerConfig:
     backoff_interval: timedelta = timedelta(minutes=1)
     # Safety cap on any preset's target: a typo of 1000 instead of 10 must not start a thousand builds.
     max_desired_instances: int = 100
+    # RECONCILER_BACKOFF_STRATEGY and RECONCILER_BACKOFF_MAX (issue 15.3); linear is Coder's formula.
+    backoff_strategy: backoff_policy.BackoffStrategy = backoff_policy.BackoffStrategy.LINEAR
+    backoff_max: timedelta = timedelta(hours=1)
+    # RECONCILER_MAX_IN_FLIGHT and RECONCILER_MAX_IN_FLIGHT_PER_TEMPLATE (issue 15.1); unlimited by default.
+    budget: Budget = field(default_factory=Budget)
+
+    @property
+    def backoff(self) -> backoff_policy.BackoffPolicy:
+        return backoff_policy.BackoffPolicy(self.backoff_interval, self.backoff_strategy, self.backoff_max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +263,12 @@ def plan_preset(
 
     # 1. Backoff comes first, active or not; at exactly `until` the preset is still backing off.
     if inputs.backoff is not None:
-        until = backoff_until(inputs.backoff, config.backoff_interval)
+        if config.backoff_strategy is backoff_policy.BackoffStrategy.LINEAR:
+            until = backoff_until(inputs.backoff, config.backoff_interval)
+        else:
+            until = backoff_policy.backoff_until(
+                config.backoff, inputs.backoff.num_failed, preset.id, inputs.backoff.last_build_at
+            )
         if now <= until:
             return result([BackoffAction(until=until, num_failed=inputs.backoff.num_failed)], backoff_until=until)
 
@@ -315,13 +332,88 @@ def plan(snapshot: Snapshot, config: PlannerConfig, now: datetime) -> Plan:
             continue
         presets.append(preset_plan)
         problems.extend(preset_problems)
+    budget = None
+    if not config.budget.unlimited:
+        presets, budget = apply_admission(presets, snapshot, config.budget)
     return Plan(
         generated_at=now,
         presets=tuple(presets),
         problems=tuple(problems),
         status_changes=tuple(status_changes),
         snapshot=snapshot,
+        budget=budget,
     )
+
+
+def wants_of(preset_plan: PresetPlan) -> Wants:
+    """What one preset's actions would start: its deletes by reason (the admission's classes), its creates."""
+    deletes: Counter[str] = Counter()
+    creates = 0
+    for action in preset_plan.actions:
+        if isinstance(action, DeleteAction):
+            deletes[action.reason.value] += len(action.workspace_ids)
+        elif isinstance(action, CreateAction):
+            creates += action.count
+    preset = preset_plan.preset
+    return Wants(preset.id, preset.template_id, preset_plan.state.desired, creates, dict(deletes))
+
+
+def apply_admission(
+    presets: Sequence[PresetPlan],
+    snapshot: Snapshot,
+    budget: Budget,
+    *,
+    creates_allowed: int | None = None,
+    probing: bool = False,
+) -> tuple[list[PresetPlan], BudgetUse]:
+    """The presets' actions cut to what the in-flight budget admits (reconciler.admission), with what was
+    held back and why on each preset; deletes keep their oldest-first order, so the oldest go first."""
+    in_flight_by_template = {row.template_id: row.jobs for row in snapshot.in_flight}
+    wants = [wants_of(preset_plan) for preset_plan in presets]
+    admission: Admission = admit(
+        wants,
+        budget,
+        snapshot.in_flight_total,
+        in_flight_by_template,
+        creates_allowed=creates_allowed,
+        probing=probing,
+    )
+    admitted_presets: list[PresetPlan] = []
+    for preset_plan in presets:
+        admitted = admission.presets.get(preset_plan.preset.id)
+        if admitted is None or not (admitted.creates_held or admitted.deletes_held):
+            admitted_presets.append(preset_plan)
+            continue
+        actions: list[Action] = []
+        for action in preset_plan.actions:
+            if isinstance(action, DeleteAction):
+                count = admitted.deletes.get(action.reason.value, 0)
+                if count:
+                    actions.append(replace(action, workspace_ids=action.workspace_ids[:count]))
+            elif isinstance(action, CreateAction):
+                if admitted.creates:
+                    actions.append(replace(action, count=admitted.creates))
+            else:
+                actions.append(action)
+        admitted_presets.append(
+            replace(
+                preset_plan,
+                actions=tuple(actions),
+                creates_held=admitted.creates_held,
+                creates_held_by=admitted.creates_held_by,
+                deletes_held=admitted.deletes_held,
+                deletes_held_by=admitted.deletes_held_by,
+            )
+        )
+    use = BudgetUse(
+        max_in_flight=budget.max_in_flight,
+        max_in_flight_per_template=budget.max_in_flight_per_template,
+        in_flight=snapshot.in_flight_total,
+        admitted=admission.admitted,
+        creates_held=admission.creates_held,
+        deletes_held=admission.deletes_held,
+    )
+    return admitted_presets, use
 
 
 PLAN_FAILED = "preset.plan_failed"

@@ -22,6 +22,8 @@ import structlog
 from asyncpg.transaction import Transaction
 
 from reconciler import db, executor, planner
+from reconciler.admission import Budget
+from reconciler.backoff import BackoffStrategy
 from reconciler.config import Settings, behaviour_values
 from reconciler.executor import StatusChanges
 from reconciler.memberships import MembershipsOutcome, ensure_prebuilds_memberships_in
@@ -96,7 +98,11 @@ class PassResult:
 
 def planner_config(settings: Settings) -> planner.PlannerConfig:
     return planner.PlannerConfig(
-        backoff_interval=settings.backoff_interval, max_desired_instances=settings.max_desired_instances
+        backoff_interval=settings.backoff_interval,
+        max_desired_instances=settings.max_desired_instances,
+        backoff_strategy=BackoffStrategy(settings.backoff_strategy),
+        backoff_max=settings.backoff_max,
+        budget=Budget(settings.max_in_flight, settings.max_in_flight_per_template),
     )
 
 
@@ -199,10 +205,15 @@ def summarize(plan: Plan) -> dict[str, int]:
         "to_delete": 0,
         "to_cancel": 0,
         "presets_unplanned": sum(problem.event == planner.PLAN_FAILED for problem in plan.problems),
+        # Held back by the in-flight budget (or the breaker) when the plan was made.
+        "creates_held": 0,
+        "deletes_held": 0,
     }
     for preset_plan in plan.presets:
         counts["presets_with_actions"] += bool(preset_plan.actions)
         counts["hard_limited"] += preset_plan.hard_limited
+        counts["creates_held"] += preset_plan.creates_held
+        counts["deletes_held"] += preset_plan.deletes_held
         for action in preset_plan.actions:
             match action:
                 case BackoffAction():
@@ -355,6 +366,7 @@ async def _run_pass(
         canceled=summary.canceled,
         creates_clamped=summary.creates_clamped,
         deletes_skipped=summary.deletes_skipped,
+        budget_held=summary.budget_held,
         presets_failed=summary.presets_failed,
         newly_hard_limited=len(changes.hard_limited),
         newly_validation_failed=len(changes.validation_failed),

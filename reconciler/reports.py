@@ -9,6 +9,7 @@ from typing import Any
 from reconciler.plan import (
     Action,
     BackoffAction,
+    BudgetUse,
     CancelPendingAction,
     CreateAction,
     DeleteAction,
@@ -60,7 +61,47 @@ def preset_json(preset_plan: PresetPlan) -> dict[str, Any]:
         "skipped": preset_plan.skipped,
         # The status change this pass would write (`prebuild_status` is the status as stored now).
         "status_change": preset_plan.status_change.value if preset_plan.status_change else None,
+        **held_json(preset_plan),
     }
+
+
+def held_json(preset_plan: PresetPlan) -> dict[str, Any]:
+    """What the in-flight budget (or the breaker) held back from the preset's actions, and why."""
+    return {
+        "creates_held": preset_plan.creates_held,
+        "creates_held_by": preset_plan.creates_held_by.value if preset_plan.creates_held_by else None,
+        "deletes_held": preset_plan.deletes_held,
+        "deletes_held_by": preset_plan.deletes_held_by.value if preset_plan.deletes_held_by else None,
+    }
+
+
+def budget_json(budget: BudgetUse | None) -> dict[str, Any] | None:
+    """The in-flight budget and its use; None when no budget is set (unlimited)."""
+    if budget is None:
+        return None
+    return {
+        "max_in_flight": budget.max_in_flight,
+        "max_in_flight_per_template": budget.max_in_flight_per_template,
+        "in_flight": budget.in_flight,
+        "admitted": budget.admitted,
+        "creates_held": budget.creates_held,
+        "deletes_held": budget.deletes_held,
+    }
+
+
+def budget_line(budget: BudgetUse | None) -> str:
+    """One line for people: the budget, its use, and what it held back ('' when unlimited)."""
+    if budget is None:
+        return ""
+    limits = []
+    if budget.max_in_flight:
+        limits.append(f"{budget.max_in_flight} in all")
+    if budget.max_in_flight_per_template:
+        limits.append(f"{budget.max_in_flight_per_template} per template")
+    return (
+        f"in-flight budget {', '.join(limits)}: {budget.in_flight} in flight, {budget.admitted} admitted, "
+        f"held back {budget.creates_held} creates and {budget.deletes_held} deletes\n"
+    )
 
 
 def plan_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
@@ -68,6 +109,7 @@ def plan_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
         "generated_at": _iso(plan.generated_at),
         "paused": paused,
         "presets": [preset_json(preset_plan) for preset_plan in plan.presets],
+        "in_flight_budget": budget_json(plan.budget),
         "problems": [
             {"preset_id": str(problem.preset_id), "event": problem.event, "detail": problem.detail}
             for problem in plan.problems
@@ -95,6 +137,15 @@ def _describe_action(action: Action) -> str:
     return f"create {action.count}"
 
 
+def _describe_held(preset_plan: PresetPlan) -> list[str]:
+    held = []
+    if preset_plan.deletes_held and preset_plan.deletes_held_by:
+        held.append(f"{preset_plan.deletes_held} deletes held ({preset_plan.deletes_held_by.value})")
+    if preset_plan.creates_held and preset_plan.creates_held_by:
+        held.append(f"{preset_plan.creates_held} creates held ({preset_plan.creates_held_by.value})")
+    return held
+
+
 def plan_table(plan: Plan, *, paused: bool) -> str:
     rows = [
         (
@@ -106,13 +157,15 @@ def plan_table(plan: Plan, *, paused: bool) -> str:
             preset_plan.state.actual,
             preset_plan.state.starting,
             preset_plan.preset.prebuild_status.value,
-            "; ".join(_describe_action(action) for action in preset_plan.actions) or "-",
+            "; ".join([*(_describe_action(action) for action in preset_plan.actions), *_describe_held(preset_plan)])
+            or "-",
         )
         for preset_plan in plan.presets
     ]
     header = f"plan at {_iso(plan.generated_at)}" + (
         "  (reconciliation is PAUSED: nothing would run)" if paused else ""
     )
+    header = budget_line(plan.budget) + header
     body = table(
         ("TEMPLATE", "VERSION", "PRESET", "ACTIVE", "DESIRED", "RUNNING", "STARTING", "STATUS", "ACTIONS"), rows
     )
@@ -135,9 +188,11 @@ def status_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
                 "hard_limited": preset_plan.hard_limited,
                 "backoff_until": _iso(preset_plan.backoff_until) if preset_plan.backoff_until else None,
                 **{name: getattr(preset_plan.state, name) for name in STATE_FIELDS},
+                **held_json(preset_plan),
             }
             for preset_plan in plan.presets
         ],
+        "in_flight_budget": budget_json(plan.budget),
     }
 
 
@@ -164,4 +219,4 @@ def status_table(plan: Plan, *, paused: bool) -> str:
         "BACKOFF UNTIL",
     )
     paused_line = "reconciliation is PAUSED (reconciler resume)\n" if paused else ""
-    return paused_line + (table(headers, rows) if rows else "no presets with prebuilds")
+    return paused_line + budget_line(plan.budget) + (table(headers, rows) if rows else "no presets with prebuilds")

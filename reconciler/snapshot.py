@@ -159,6 +159,14 @@ class PresetFailures:
 
 
 @dataclass(frozen=True, slots=True)
+class InFlight:
+    """Prebuild build jobs pending or running for one template (creates and deletes, whoever started them)."""
+
+    template_id: UUID
+    jobs: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     presets: tuple[Preset, ...] = ()
     running: tuple[RunningPrebuild, ...] = ()
@@ -170,6 +178,12 @@ class Snapshot:
     # Presets whose latest failed prebuild carries a non-retryable error code.
     validation_failed_preset_ids: frozenset[UUID] = field(default_factory=frozenset)
     failures: tuple[PresetFailures, ...] = ()
+    # The in-flight budget's use, per template (templates with none are absent).
+    in_flight: tuple[InFlight, ...] = ()
+
+    @property
+    def in_flight_total(self) -> int:
+        return sum(row.jobs for row in self.in_flight)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from reconciler import db
 from reconciler.recorded_settings import RecordedSettings
 from reconciler.snapshot import (
     Backoff,
+    InFlight,
     InProgress,
     PendingNonActive,
     PrebuildStatus,
@@ -215,7 +216,7 @@ def _bad_row(preset_id: UUID | None, what: str, error: Exception) -> BadRowError
 async def read_snapshot(
     connection: db.Connection, parameters: SnapshotParameters, *, bad_rows: list[BadRowError] | None = None
 ) -> Snapshot:
-    """Read a pass's snapshot: three statements, whatever the number of presets.
+    """Read a pass's snapshot: four statements, whatever the number of presets.
 
     The caller runs this inside a REPEATABLE READ transaction so that the statements agree.
 
@@ -243,6 +244,12 @@ async def read_snapshot(
         parameters.failure_hard_limit,
         sorted(parameters.non_retryable_error_codes),
         sorted(parameters.capacity_error_codes),
+    )
+    # The in-flight budget's use. Every job counts, a bad preset's too: they occupy provisioners all the same.
+    in_flight = tuple(
+        InFlight(row["template_id"], row["jobs"])
+        for row in await connection.fetch(_query("snapshot_in_flight"))
+        if row["template_id"] is not None
     )
     converted = _SnapshotRows()
     for row in rows:
@@ -279,6 +286,7 @@ async def read_snapshot(
         in_progress=tuple(row for row in converted.in_progress if keep(row.preset_id)),
         pending_non_active=tuple(row for row in converted.pending if keep(row.preset_id)),
         backoffs=tuple(row for row in converted.backoffs if keep(row.preset_id)),
+        in_flight=in_flight,
         hard_limited_preset_ids=frozenset(f.preset_id for f in failures if f.hard_limited),
         validation_failed_preset_ids=frozenset(f.preset_id for f in failures if f.validation_failed),
         failures=tuple(failures),

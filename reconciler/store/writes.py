@@ -76,6 +76,18 @@ async def lock_preset_for_create(connection: db.Connection, preset_id: UUID) -> 
     )
 
 
+async def lock_in_flight_budget(connection: db.Connection) -> None:
+    """The in-flight budget's lock, to the end of the caller's transaction (see `lock_in_flight_budget`)."""
+    await connection.execute(_query("lock_in_flight_budget"), db.IN_FLIGHT_BUDGET_LOCK_KEY)
+
+
+async def count_in_flight(connection: db.Connection, template_id: UUID) -> tuple[int, int]:
+    """Prebuild build jobs in flight now: (across the deployment, for the template)."""
+    row = await connection.fetchrow(_query("count_in_flight"), template_id)
+    assert row is not None
+    return int(row["total"]), int(row["template"])
+
+
 async def count_preset_prebuilds(connection: db.Connection, preset_id: UUID, template_id: UUID) -> int:
     return int(await connection.fetchval(_query("count_preset_prebuilds"), preset_id, template_id))
 

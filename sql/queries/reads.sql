@@ -49,6 +49,22 @@ join template_version_presets p on p.id = s.preset_id
 where p.desired_instances is not null
 order by s.preset_id, s.id
 
+-- name: snapshot_in_flight
+-- The prebuild build jobs in flight, per template, for the in-flight budget (issue 15.1): jobs pending or
+-- running of any build of a workspace the prebuilds user owns, creates and deletes alike, whoever
+-- started them (a delete an administrator asked for takes a provisioner all the same). Deleted
+-- workspaces count too: a delete build's job is in flight until it completes, whatever marks the
+-- workspace deleted meanwhile. Starts from the unfinished jobs (a partial index: few rows, however long
+-- the history), then two primary-key lookups per job.
+select w.template_id, count(*)::integer as jobs
+from provisioner_jobs job
+join workspace_builds b on b.job_id = job.id
+join workspaces w on w.id = b.workspace_id
+where job.job_status in ('pending', 'running')
+    and w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+group by w.template_id
+order by w.template_id
+
 -- name: snapshot_prebuilds
 -- One statement, so that the latest build of each live prebuild is looked up once (the materialized
 -- CTE `live`) and every other figure is derived from that small set: its size is the number of live

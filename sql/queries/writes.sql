@@ -63,6 +63,24 @@ where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
     and current_preset.template_version_preset_id = $1
     and job.job_status in ('pending', 'running', 'succeeded')
 
+-- name: lock_in_flight_budget
+-- $1 the lock's key. Serializes the writers of the in-flight budget (creates and deletes of every replica
+-- and pass) for the rest of the transaction: taken before anything else the write locks, then the jobs
+-- in flight are counted afresh (`count_in_flight`, a statement of its own, so that it sees every job a
+-- previous holder committed), so that two writers never both spend the same room. Taken only when a
+-- budget is set.
+select pg_advisory_xact_lock($1::bigint)
+
+-- name: count_in_flight
+-- $1 template. The jobs in flight as `snapshot_in_flight` counts them, across the deployment and for
+-- one template, right now (under `lock_in_flight_budget`).
+select count(*)::integer as total, (count(*) filter (where w.template_id = $1))::integer as template
+from provisioner_jobs job
+join workspace_builds b on b.job_id = job.id
+join workspaces w on w.id = b.workspace_id
+where job.job_status in ('pending', 'running')
+    and w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+
 -- name: create_prebuilds
 -- $1 preset, $2 template version, $3 template, $4 organization, $5 names, $6 now.
 -- One workspace, one first build and one pending provisioner job per name, in one statement.

@@ -592,6 +592,8 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     await run("snapshot_schedules")
     kinds = {row["kind"] for row in await run("snapshot_prebuilds", now - timedelta(hours=1), 3, ["X"], ["Y"])}
     assert "running" in kinds
+    in_flight = {row["template_id"]: row["jobs"] for row in await run("snapshot_in_flight")}
+    assert in_flight[ids["template"]] == 2  # the pending prebuild and the one a provisioner took
     totals = await run("prebuild_totals", [ids["preset"]])
     assert totals[0]["claimed"] == 1
 
@@ -611,8 +613,10 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     await run("write_prebuilds_settings", json.dumps({"reconciliation_paused": True}))
     assert json.loads((await run("read_prebuilds_settings"))[0]["value"]) == {"reconciliation_paused": True}
 
-    # Creates, under the preset's lock.
+    # Creates, under the in-flight budget's lock and the preset's.
     async with as_role.transaction():
+        await run("lock_in_flight_budget", db.IN_FLIGHT_BUDGET_LOCK_KEY)
+        assert tuple((await run("count_in_flight", ids["template"]))[0]) == (2, 2)
         assert (await run("lock_preset_for_create", ids["preset"]))[0]["id"] == ids["preset"]
         assert (await run("read_preset_for_create", ids["preset"]))[0]["active"] is True
         assert (await run("count_preset_prebuilds", ids["preset"], ids["template"]))[0][0] == 3
@@ -784,7 +788,13 @@ async def test_the_platforms_roles_keep_what_their_grants_give(
             await platform_role.close()
 
 
-SNAPSHOT_STATEMENTS = ("snapshot_prebuilds", "snapshot_presets", "snapshot_schedules", "prebuild_totals")
+SNAPSHOT_STATEMENTS = (
+    "snapshot_prebuilds",
+    "snapshot_presets",
+    "snapshot_schedules",
+    "snapshot_in_flight",
+    "prebuild_totals",
+)
 
 
 async def test_the_snapshot_plans_as_the_role_are_the_owners(connection: asyncpg.Connection, role_dsn: str) -> None:

@@ -85,6 +85,12 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("RECONCILER_SHUTDOWN_GRACE", "0", "shutdown_grace", timedelta(0)),
     ("RECONCILER_MAX_DESIRED_INSTANCES", "20", "max_desired_instances", 20),
     ("RECONCILER_EXECUTOR_CONCURRENCY", "4", "executor_concurrency", 4),
+    ("RECONCILER_MAX_IN_FLIGHT", "50", "max_in_flight", 50),
+    ("RECONCILER_MAX_IN_FLIGHT", "0", "max_in_flight", 0),
+    ("RECONCILER_MAX_IN_FLIGHT_PER_TEMPLATE", "5", "max_in_flight_per_template", 5),
+    ("RECONCILER_BACKOFF_STRATEGY", "Exponential", "backoff_strategy", "exponential"),
+    ("RECONCILER_BACKOFF_STRATEGY", "linear", "backoff_strategy", "linear"),
+    ("RECONCILER_BACKOFF_MAX", "30m", "backoff_max", timedelta(minutes=30)),
     ("RECONCILER_NON_RETRYABLE_ERROR_CODES", "A, B,,C ", "non_retryable_error_codes", frozenset({"A", "B", "C"})),
     ("RECONCILER_NON_RETRYABLE_ERROR_CODES", "", "non_retryable_error_codes", frozenset()),
     (
@@ -158,6 +164,9 @@ def test_the_defaults_are_the_documented_ones() -> None:
     assert loaded.notification_max_attempts == 8
     assert loaded.migration_lock_timeout == timedelta(minutes=10)
     assert loaded.migration_timeout == timedelta(hours=1)
+    # Issue 15: no budget, and Coder's linear backoff, unless asked.
+    assert (loaded.max_in_flight, loaded.max_in_flight_per_template) == (0, 0)
+    assert (loaded.backoff_strategy, loaded.backoff_max) == ("linear", timedelta(hours=1))
 
 
 def _documented_variables(text: str) -> set[str]:
@@ -275,6 +284,9 @@ BOUNDS: list[tuple[str, str, str, str, str, dict[str, str]]] = [
     ("RECONCILER_NOTIFICATION_BATCH_SIZE", "1", "0", "1000", "1001", {}),
     ("RECONCILER_MIGRATION_LOCK_TIMEOUT", "0s", "-1s", "1d", "1d1s", {}),
     ("RECONCILER_MIGRATION_TIMEOUT", "1s", "0s", "1d", "1d1s", {}),
+    ("RECONCILER_MAX_IN_FLIGHT", "0", "-1", "1000000", "1000001", {}),
+    ("RECONCILER_MAX_IN_FLIGHT_PER_TEMPLATE", "0", "-1", "1000000", "1000001", {}),
+    ("RECONCILER_BACKOFF_MAX", "1s", "0.5s", "30d", "30d1s", {}),
     (
         "RECONCILER_WEBHOOK_0_TIMEOUT",
         "1s",
