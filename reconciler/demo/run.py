@@ -182,8 +182,8 @@ async def _run(options: DemoOptions, dsn: str, view: DemoView) -> int:
                 f"metrics: {daemon.http_url}/metrics   health: {daemon.http_url}/readyz",
                 f"pass every {options.interval:g}s, backoff {options.backoff_interval:g}s per failure, "
                 f"hard limit after {FAILURE_HARD_LIMIT} failures, random build failures {options.failure_rate:.0%}",
-                *(["platform reused from the data directory"] if seeded.reused else describe_seed(options)),
             ]
+            view.details = ["platform reused from the data directory"] if seeded.reused else describe_seed(options)
             view.begin()
             await _watch(options, dsn, view, seeded, stop)
         finally:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TextIO
 from uuid import UUID
 
 from reconciler.demo.simulated_provisioner import JobResult
+from reconciler.durations import format_duration
 from reconciler.notify.outbox import OutboxMessage
 from reconciler.plan import PresetPlan
 from reconciler.reconcile import PassOutcome, PassResult
@@ -104,6 +105,149 @@ def describe_message(message: OutboxMessage) -> str:
     return f"NOTIFICATION {message.notification_template!r} to {recipient}: {detail} [{message.status}]"
 
 
+WIDE_HEADERS = (
+    "PRESET",
+    "VERSION",
+    "DESIRED",
+    "RUNNING",
+    "ELIGIBLE",
+    "STARTING",
+    "DELETING",
+    "STATUS",
+    "BACKOFF UNTIL",
+    "POOL",
+)
+# For a narrow terminal (80 columns): desired and eligible are in the pool's `eligible/desired`.
+COMPACT_HEADERS = ("PRESET", "VER", "RUN", "START", "DEL", "STATUS", "BACKOFF", "POOL")
+_SHORT_STATUS = {"hard_limited": "limited", "validation_failed": "invalid"}
+_ELLIPSIS = "…"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + _ELLIPSIS
+
+
+def _backing_off(row: PresetRow, now: datetime) -> int | None:
+    """Seconds left of the row's backoff, or None when it is not backing off."""
+    if row.backoff_until is None or row.backoff_until < now:
+        return None
+    return max(0, int((row.backoff_until - now).total_seconds()))
+
+
+def _wide_cells(row: PresetRow, now: datetime) -> tuple[object, ...]:
+    left = _backing_off(row, now)
+    return (
+        row.name,
+        row.version + ("" if row.active else " (old)"),
+        row.desired,
+        row.running,
+        row.eligible,
+        row.starting,
+        row.deleting,
+        row.status,
+        "-" if left is None or row.backoff_until is None else f"{row.backoff_until:%H:%M:%S} (in {left}s)",
+        pool_bar(row),
+    )
+
+
+def _compact_cells(row: PresetRow, now: datetime, name_width: int) -> tuple[object, ...]:
+    left = _backing_off(row, now)
+    return (
+        _cut(row.name, name_width),
+        _cut(row.version, 8),
+        row.running,
+        row.starting,
+        row.deleting,
+        _SHORT_STATUS.get(row.status, row.status),
+        "-" if left is None else f"in {format_duration(timedelta(seconds=left))}",
+        pool_bar(row, width=4),
+    )
+
+
+def preset_table(rows: list[PresetRow], now: datetime, width: int | None) -> list[str]:
+    """The presets' table, its header and rule first: every column when it fits in `width` (None: any
+    width), else the compact columns, with preset names shortened as far as needed."""
+    if not rows:
+        return ["(waiting for the first pass)"]
+    lines = table(WIDE_HEADERS, [_wide_cells(row, now) for row in rows]).splitlines()
+    if width is None or max(len(line) for line in lines) <= width:
+        return lines
+    name_width = max(len(row.name) for row in rows)
+    while True:
+        lines = table(COMPACT_HEADERS, [_compact_cells(row, now, name_width) for row in rows]).splitlines()
+        excess = max(len(line) for line in lines) - width
+        if excess <= 0 or name_width <= 8:
+            return lines
+        name_width = max(name_width - excess, 8)
+
+
+def frame(
+    *,
+    header: list[str],
+    details: list[str],
+    stats: str,
+    table_lines: list[str],
+    events: list[str],
+    columns: int,
+    rows: int,
+) -> list[str]:
+    """The interactive screen for a terminal of `columns` x `rows`: never more lines than `rows` (more
+    would scroll the header, and the database URL in it, off the top) and no line wider than the terminal.
+
+    What must stay: the header, the pass counts, the table's header and the last line. Then, in this
+    order while there is room: the table's rows (cut with "... N more", keeping room for the two latest
+    events), the latest events, blank lines between the parts, and the details of the seeded platform.
+    """
+    width = max(columns - 1, 1)
+    head, table_rows = table_lines[:2], table_lines[2:]
+    footer = "Ctrl-C to stop."
+    room = rows - (len(header) + 1 + len(head) + 1)
+    # Kept while the table is cut: a blank line, then the events' title and the two latest events.
+    event_room = 2 + max(min(len(events), 2), 1)
+    table_room = max(room - event_room, 1)
+    if len(table_rows) > table_room:
+        kept = max(table_room - 1, 0)
+        table_rows = [*table_rows[:kept], f"... {len(table_rows) - kept} more"]
+    room -= len(table_rows)
+    # Blank lines between the parts, the most helpful first: around the table before more events.
+    gaps = dict.fromkeys(("table", "events", "stats", "footer"), False)
+
+    def gap(name: str) -> None:
+        nonlocal room
+        if room > 0:
+            gaps[name] = True
+            room -= 1
+
+    gap("table")
+    event_lines: list[str] = []
+    if room >= 2:
+        if room > event_room:
+            gap("events")
+        shown = events[-min(len(events), room - 1) :] if events else ["  (none yet)"]
+        event_lines = ["recent events:", *shown]
+        room -= len(event_lines)
+    gap("stats")
+    gap("footer")
+    shown_details = details if room >= len(details) else []
+    lines = [
+        *header,
+        *shown_details,
+        *([""] if gaps["stats"] else []),
+        stats,
+        *([""] if gaps["table"] else []),
+        *head,
+        *table_rows,
+        *([""] if gaps["events"] else []),
+        *event_lines,
+        *([""] if gaps["footer"] else []),
+        footer,
+    ]
+    if len(lines) > rows:
+        # A terminal too small for even the fixed parts: the top (the database URL) is what stays.
+        lines = lines[: max(rows, 1)]
+    return [line[:width] for line in lines]
+
+
 @dataclass
 class DemoView:
     """What the demo prints; fed by the daemon's pass listener, the provisioner and the outbox."""
@@ -111,7 +255,9 @@ class DemoView:
     output: TextIO
     interactive: bool
     started: float = field(default_factory=time.monotonic)
+    # Always shown, the database URL among them; `details` only when the terminal has room for them.
     header: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
     last_pass: PassResult | None = None
     passes: int = 0
     passes_failed: int = 0
@@ -180,69 +326,41 @@ class DemoView:
                     self._print(f"{self.elapsed()}  pass={self.passes} {text}")
 
     def table_text(self) -> str:
-        now = datetime.now(UTC)
-        rows = [
-            (
-                row.name,
-                row.version + ("" if row.active else " (old)"),
-                row.desired,
-                row.running,
-                row.eligible,
-                row.starting,
-                row.deleting,
-                row.status,
-                f"{row.backoff_until:%H:%M:%S} (in {max(0, int((row.backoff_until - now).total_seconds()))}s)"
-                if row.backoff_until and row.backoff_until >= now
-                else "-",
-                pool_bar(row),
-            )
-            for row in self.rows()
-        ]
-        headers = (
-            "PRESET",
-            "VERSION",
-            "DESIRED",
-            "RUNNING",
-            "ELIGIBLE",
-            "STARTING",
-            "DELETING",
-            "STATUS",
-            "BACKOFF UNTIL",
-            "POOL",
+        return "\n".join(preset_table(self.rows(), datetime.now(UTC), width=None))
+
+    def stats(self) -> str:
+        return (
+            f"elapsed {self.elapsed().strip()}   passes {self.passes} ({self.passes_failed} failed)   "
+            f"builds: {self.jobs_succeeded} succeeded, {self.jobs_failed} failed"
         )
-        return table(headers, rows) if rows else "(waiting for the first pass)"
 
     def _redraw(self) -> None:
-        width = shutil.get_terminal_size((120, 40)).columns
-        lines = [
-            *self.header,
-            "",
-            f"elapsed {self.elapsed().strip()}   passes {self.passes} ({self.passes_failed} failed)   "
-            f"builds: {self.jobs_succeeded} succeeded, {self.jobs_failed} failed",
-            "",
-            *self.table_text().splitlines(),
-            "",
-            "recent events:",
-            *(self.events or ["  (none yet)"]),
-            "",
-            "Ctrl-C to stop.",
-        ]
-        # Home, draw, clear what is left of the previous frame: no flicker from a full clear.
-        frame = "\x1b[H" + "\n".join(line[:width] + "\x1b[K" for line in lines) + "\n\x1b[J"
-        self.output.write(frame)
+        size = shutil.get_terminal_size((120, 40))
+        lines = frame(
+            header=self.header,
+            details=self.details,
+            stats=self.stats(),
+            table_lines=preset_table(self.rows(), datetime.now(UTC), width=size.columns - 1),
+            events=self.events,
+            columns=size.columns,
+            rows=size.lines,
+        )
+        # Home, draw, clear what is left of the previous frame: no flicker from a full clear. No newline
+        # after the last line: on the terminal's last row it would scroll the top line (the database URL) off.
+        self.output.write("\x1b[H" + "\n".join(line + "\x1b[K" for line in lines) + "\x1b[J")
         self.output.flush()
 
     def begin(self) -> None:
         if self.interactive:
             self.output.write("\x1b[?25l\x1b[2J")
         else:
-            for line in self.header:
+            for line in (*self.header, *self.details):
                 self._print(line)
 
     def finish(self, reason: str) -> None:
         if self.interactive:
             self._redraw()
-            self.output.write("\x1b[?25h")
+            self.output.write("\n\x1b[?25h")
         self._print(f"{self.elapsed()}  stopping ({reason})")
 
     def summary(self) -> None:
