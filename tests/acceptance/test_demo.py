@@ -6,6 +6,7 @@ table; the assertions read those lines.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -13,16 +14,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from tests.acceptance.daemon_process import cli_environment, http_get, wait_for
+from tests.acceptance.daemon_process import cli_environment, http_get, run_cli, wait_for
 
 HEALTHY = ("go-backend/standard", "data-science/gpu", "web-frontend/ephemeral")
 BROKEN = "legacy-monolith/default"
 ROW = re.compile(r"pass=\d+ preset=(?P<preset>\S+) (?P<fields>.*)$")
 METRICS_URL = re.compile(r"metrics: (http://127\.0\.0\.1:\d+/metrics)")
+DATABASE_URL = re.compile(r"database: (postgresql://\S+)")
 
 
 def rows(output: str) -> list[tuple[str, dict[str, str]]]:
@@ -83,6 +86,16 @@ def test_demo_converges_backs_off_hits_the_hard_limit_and_cleans_up(demo_directo
         for line in body.splitlines():
             if line.startswith("coderd_prebuilt_workspaces_preset_hard_limited{") and "legacy-monolith" in line:
                 hard_limited_metric = float(line.rsplit(" ", 1)[1])
+        # `status` against the demo's database, from a shell whose environment says otherwise, computes
+        # with the demo daemon's recorded settings (issue 11.3): its 5 s backoff, not the shell's 1 h.
+        dsn_match = DATABASE_URL.search(output_path.read_text())
+        assert dsn_match is not None
+        status_process = run_cli(
+            "status",
+            "--json",
+            environment=cli_environment(dsn_match.group(1), RECONCILER_BACKOFF_INTERVAL="1h"),
+        )
+        assert status_process.returncode == 0, status_process.stderr
         assert process.wait(timeout=45) == 0
     finally:
         if process.poll() is None:
@@ -91,6 +104,18 @@ def test_demo_converges_backs_off_hits_the_hard_limit_and_cleans_up(demo_directo
     elapsed = time.monotonic() - started
     output = output_path.read_text()
     assert hard_limited_metric == 1, output
+    status_document = json.loads(status_process.stdout)
+    assert status_document["settings"]["source"] == "recorded"
+    assert status_document["settings"]["values"]["RECONCILER_BACKOFF_INTERVAL"] == "5s"
+    assert "your environment sets RECONCILER_BACKOFF_INTERVAL=1h, but the daemon uses 5s" in status_process.stderr
+    (broken_status,) = [
+        entry for entry in status_document["presets"] if f"{entry['template_name']}/{entry['preset_name']}" == BROKEN
+    ]
+    assert broken_status["prebuild_status"] == "hard_limited"
+    # Its backoff, when still running, ends when the demo's table said it would.
+    if broken_status["backoff_until"] is not None:
+        shown = {fields["backoff_until"] for name, fields in rows(output) if name == BROKEN}
+        assert f"{datetime.fromisoformat(broken_status['backoff_until']):%H:%M:%S}" in shown, (broken_status, shown)
     assert elapsed < 60, f"the demo took {elapsed:.0f}s"
 
     printed = rows(output)
@@ -126,19 +151,21 @@ def test_demo_converges_backs_off_hits_the_hard_limit_and_cleans_up(demo_directo
     assert "Traceback" not in output
 
 
-def test_demo_stops_cleanly_on_sigterm(demo_directory: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_demo_stops_cleanly_on_sigterm(demo_directory: Path, signum: signal.Signals) -> None:
+    """SIGHUP is the terminal closing: the embedded server must not outlive the demo then either."""
     process, output_path = start_demo(demo_directory, "--interval", "1")
     try:
         wait_for(lambda: "pass=1 " in output_path.read_text(), 30, "the first pass")
         assert server_processes(demo_directory / "demo"), "the embedded server should be running"
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     output = output_path.read_text()
-    assert "stopping (SIGTERM)" in output, output
+    assert f"stopping ({signum.name})" in output, output
     assert output.rstrip().endswith("embedded PostgreSQL stopped"), output
     assert server_processes(demo_directory / "demo") == []
     assert "Traceback" not in output
