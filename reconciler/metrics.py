@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from uuid import UUID
 
 from prometheus_client import (
     CollectorRegistry,
@@ -84,7 +83,6 @@ class PresetCollector(Collector):
 
     def __init__(self) -> None:
         self._samples: tuple[PresetSample, ...] = ()
-        self._labels_by_preset: dict[UUID, tuple[str, str, str]] = {}
         # Counters must never go down while the process runs, even if rows disappear from the database.
         self._totals: dict[tuple[str, str, str], tuple[int, int, int]] = {}
         # The text of every per-preset series, rendered once per pass (see `exposition`).
@@ -104,13 +102,11 @@ class PresetCollector(Collector):
     def update_from_plan(self, plan: Plan) -> None:
         self._rendered = None
         samples = []
-        labels_by_preset = {}
         for preset_plan in plan.presets:
             preset = preset_plan.preset
             if not preset.is_active_version or preset.template_deleted:
                 continue
             labels = (preset.template_name, preset.name, preset.organization_name)
-            labels_by_preset[preset.id] = labels
             samples.append(
                 PresetSample(
                     labels=labels,
@@ -123,25 +119,19 @@ class PresetCollector(Collector):
                 )
             )
         self._samples = tuple(samples)
-        self._labels_by_preset = labels_by_preset
 
     def withdraw(self) -> None:
         """Stop exporting per-preset series until the next plan; the lifetime totals are kept."""
         self._samples = ()
-        self._labels_by_preset = {}
         self._rendered = None
 
-    def qualifying_preset_ids(self) -> list[UUID]:
-        return list(self._labels_by_preset)
-
-    def update_totals(self, totals: Mapping[UUID, PrebuildTotals]) -> None:
+    def update_totals(self, totals: Mapping[tuple[str, str, str], PrebuildTotals]) -> None:
+        """The lifetime counters by label set (`reconciler.counters`); exported for qualifying presets."""
         self._rendered = None
         updated = dict(self._totals)
-        for preset_id, total in totals.items():
-            labels = self._labels_by_preset.get(preset_id)
-            if labels is None:
-                continue
+        for labels, total in totals.items():
             previous = updated.get(labels, (0, 0, 0))
+            # `reconciler.counters` never lowers a count; this keeps the promise whatever the caller.
             updated[labels] = (
                 max(previous[0], total.created),
                 max(previous[1], total.failed),

@@ -34,13 +34,14 @@ from prometheus_client import CollectorRegistry
 from reconciler import db
 from reconciler.clock import utc_now
 from reconciler.config import Settings
+from reconciler.counters import PrebuildCounters
 from reconciler.http import HealthState, HttpBindError, Readiness, bound_port, build_application, start_http
 from reconciler.metrics import Metrics
 from reconciler.notify.dispatcher import Dispatcher
 from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier
-from reconciler.store import reads
+from reconciler.store import totals
 
 logger = structlog.get_logger(__name__)
 
@@ -87,6 +88,8 @@ class Daemon:
         self.readiness = Readiness()
         # The plan's data problems this process has logged: each is logged once, not on every pass.
         self.problem_log = ProblemLog()
+        # The created/failed/claimed counters, kept across refreshes (they never go down in a process).
+        self.counters = PrebuildCounters()
         self.last_pass: PassResult | None = None
         self.pass_listeners: list[PassListener] = []
         self._heartbeat = time.time()
@@ -321,20 +324,33 @@ class Daemon:
             await self._probe_database()
 
     async def _totals_loop(self) -> None:
-        """Refresh the lifetime counters beside the passes: they scan history, so not every pass."""
+        """Refresh the lifetime counters beside the passes (`reconciler.counters`): the whole history once,
+        then what changed since the last refresh, once a minute."""
         while True:
-            preset_ids = self.metrics.presets.qualifying_preset_ids()
-            if self._pool is not None and preset_ids:
-                try:
-                    async with self._pool.acquire() as connection:
-                        totals = await reads.read_prebuild_totals(connection, preset_ids)
-                    self.metrics.presets.update_totals(totals)
-                except db.SURVIVABLE_ERRORS as error:
-                    self.metrics.database_errors.inc()
-                    logger.warning("metrics.totals_failed", error=db.describe_error(error))
-                await asyncio.sleep(TOTALS_REFRESH_SECONDS)
-            else:
+            if self._pool is None:
                 await asyncio.sleep(1.0)
+                continue
+            try:
+                await self.refresh_totals()
+            except db.SURVIVABLE_ERRORS as error:
+                self.metrics.database_errors.inc()
+                logger.warning("metrics.totals_failed", error=db.describe_error(error))
+            await asyncio.sleep(TOTALS_REFRESH_SECONDS)
+
+    async def refresh_totals(self) -> bool:
+        """One refresh of the lifetime counters (the loop's; tests call it). True when it read everything."""
+        assert self._pool is not None
+        started = time.perf_counter()
+        async with self._pool.acquire() as connection:
+            full = await totals.refresh(connection, self.counters)
+        self.metrics.presets.update_totals(self.counters.by_labels())
+        logger.debug(
+            "metrics.totals_refreshed",
+            full=full,
+            duration_seconds=round(time.perf_counter() - started, 4),
+            tracked_builds=self.counters.tracked_builds,
+        )
+        return full
 
     def _start_notifications(self) -> None:
         """Deliver the outbox beside the passes. `stop()` sets the stop event: the poll in flight finishes

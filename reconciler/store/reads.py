@@ -1,7 +1,7 @@
 """The reads of a pass (`sql/queries/reads.sql`): the pass lock, the pause flag, and the snapshot.
 
-Also the lifetime totals behind the created/failed/claimed counters, which the daemon reads beside the
-passes, not in them.
+The lifetime totals behind the created/failed/claimed counters are read beside the passes, not in them
+(`reconciler.store.totals`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from reconciler.snapshot import (
     InProgress,
     PendingNonActive,
     PrebuildStatus,
-    PrebuildTotals,
     Preset,
     PresetFailures,
     PresetNames,
@@ -291,11 +290,6 @@ async def read_snapshot(
         validation_failed_preset_ids=frozenset(f.preset_id for f in failures if f.validation_failed),
         failures=tuple(failures),
     )
-
-
-async def read_prebuild_totals(connection: db.Connection, preset_ids: Sequence[UUID]) -> dict[UUID, PrebuildTotals]:
-    rows = await connection.fetch(_query("prebuild_totals"), list(preset_ids))
-    return {row["preset_id"]: PrebuildTotals(row["created"], row["failed"], row["claimed"]) for row in rows}
 
 
 async def read_recorded_settings(connection: db.Connection) -> RecordedSettings | None:

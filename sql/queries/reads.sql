@@ -303,23 +303,6 @@ select 'failures', preset_id, null,
        failed_workspace_ids
 from failures
 
--- name: prebuild_totals
--- Lifetime counts per preset for the created/failed/claimed counters: first builds of prebuilds (build 1,
--- initiated by the system user), those that failed, and those whose workspace now has another owner.
--- Not part of a pass: the daemon refreshes these at most once a minute, beside the passes.
-select
-    b.template_version_preset_id as preset_id,
-    count(*) as created,
-    count(*) filter (where j.job_status = 'failed') as failed,
-    count(*) filter (where w.owner_id <> 'c42fdf75-3097-471c-8c33-fb52454d81c0') as claimed
-from workspace_builds b
-join provisioner_jobs j on j.id = b.job_id
-join workspaces w on w.id = b.workspace_id
-where b.build_number = 1
-    and b.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
-    and b.template_version_preset_id = any($1::uuid[])
-group by b.template_version_preset_id
-
 -- name: read_recorded_settings
 -- The daemon's behaviour settings as its last pass recorded them (no row: no pass yet).
 select settings::text as settings, instance, recorded_at, last_pass_at from reconciler_settings

@@ -134,7 +134,7 @@ create policy prebuilds_reconciler_own_keys on site_configs as restrictive for a
     with check (key in ('prebuilds_settings'));
 
 -- ---------------------------------------------------------------------------------------------------
--- workspaces: read by the snapshot (live prebuilds), prebuild_totals (claimed ones, now owned by users)
+-- workspaces: read by the snapshot (live prebuilds), the counters' totals_* reads (claimed ones, now users')
 -- and the create clamp. create_prebuilds inserts prebuilds (owner: the prebuilds user, never deleted
 -- at birth: `deleted` is not an insertable column); cancel_pending_prebuilds marks a never-provisioned
 -- prebuild deleted, and delete_prebuilds / cancel_pending_prebuilds lock prebuilds `for update` (which
@@ -180,7 +180,7 @@ create policy prebuilds_reconciler_cancels_pending_jobs on provisioner_jobs as r
     with check (initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and job_status = 'canceled');
 
 -- ---------------------------------------------------------------------------------------------------
--- workspace_builds: read by the snapshot and prebuild_totals. Inserted, never updated: the first build
+-- workspace_builds: read by the snapshot and the counters' totals_* reads. Inserted, never updated: the first build
 -- of a new prebuild (create_prebuilds: build 1, a start of a preset) and delete builds of live
 -- prebuilds (delete_prebuilds, cancel_pending_prebuilds), all initiated by the prebuilds user. A delete
 -- build of a workspace that is not a live prebuild (a claimed one, a user's) is refused.

@@ -594,8 +594,15 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     assert "running" in kinds
     in_flight = {row["template_id"]: row["jobs"] for row in await run("snapshot_in_flight")}
     assert in_flight[ids["template"]] == 2  # the pending prebuild and the one a provisioner took
-    totals = await run("prebuild_totals", [ids["preset"]])
-    assert totals[0]["claimed"] == 1
+    # The lifetime counters' reads, beside the passes.
+    await run("totals_clock")
+    totals = {row["preset_id"]: row for row in await run("totals_by_preset")}
+    assert totals[ids["preset"]]["claimed"] == 1
+    open_builds = await run("totals_open_first_builds")
+    assert open_builds
+    await run("totals_recent_first_builds", now - timedelta(days=365))
+    assert len(await run("totals_first_builds_by_id", [row["id"] for row in open_builds])) == len(open_builds)
+    assert ids["preset"] in {row["id"] for row in await run("totals_preset_labels")}
 
     # The behaviour settings each pass records, and the read-only commands read.
     assert await run("read_recorded_settings") == []
@@ -793,7 +800,9 @@ SNAPSHOT_STATEMENTS = (
     "snapshot_presets",
     "snapshot_schedules",
     "snapshot_in_flight",
-    "prebuild_totals",
+    "totals_by_preset",
+    "totals_open_first_builds",
+    "totals_recent_first_builds",
 )
 
 
@@ -810,10 +819,9 @@ async def test_the_snapshot_plans_as_the_role_are_the_owners(connection: asyncpg
     generated = await fleet.generate(
         connection, fleet.FleetParameters(presets=200, desired=5, outdated_presets=40, history_builds=30_000)
     )
-    preset_ids = await connection.fetchval("select array_agg(id) from template_version_presets")
     arguments: dict[str, tuple[object, ...]] = {
         "snapshot_prebuilds": (generated.now - timedelta(hours=1), 3, ["X"], ["Y"]),
-        "prebuild_totals": (preset_ids,),
+        "totals_recent_first_builds": (generated.now - timedelta(hours=1),),
     }
     role = await db.connect(role_dsn)
     try:

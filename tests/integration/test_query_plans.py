@@ -62,3 +62,21 @@ async def test_live_prebuilds_are_found_through_the_partial_index(
     latest_build_lookups = [node for node in nodes if node.get("Relation Name") == "workspace_builds"]
     assert latest_build_lookups
     assert all("Index" in node["Node Type"] for node in latest_build_lookups)
+
+
+@pytest.mark.parametrize("name", ["totals_open_first_builds", "totals_recent_first_builds"])
+async def test_the_counters_refresh_reads_no_history(
+    connection: asyncpg.Connection, generated_fleet: fleet.Fleet, name: str
+) -> None:
+    """The counters' refresh after start-up (issue 11.4): the history tables are only looked up by key,
+    from the live workspaces or from the indexes of unfinished and recently completed jobs."""
+    arguments: tuple[object, ...] = (generated_fleet.now - timedelta(minutes=10),) if "recent" in name else ()
+    nodes = await explain(connection, name, *arguments)
+    history_reads = [node for node in nodes if node.get("Relation Name") in HISTORY_TABLES]
+    assert history_reads
+    assert all(node["Node Type"] == "Index Scan" for node in history_reads), [
+        (node["Node Type"], node.get("Relation Name")) for node in history_reads
+    ]
+    assert not [node for node in nodes if node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "workspaces"]
+    # By key, not by preset: the index of first builds by preset would read the whole history.
+    assert "workspace_builds_first_by_preset_idx" not in {node.get("Index Name") for node in nodes}

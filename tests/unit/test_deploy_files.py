@@ -62,7 +62,12 @@ def exported_sample_names() -> set[str]:
     metrics.observe_pass("success", 0.1, plan, paused=False)
     # Labelled children appear with their first sample: the first action of a pass creates this one.
     metrics.observe_action("create", "success", 1)
-    metrics.presets.update_totals({item.id: PrebuildTotals(created=3, failed=1, claimed=1) for item in presets})
+    metrics.presets.update_totals(
+        {
+            (item.template_name, item.name, item.organization_name): PrebuildTotals(created=3, failed=1, claimed=1)
+            for item in presets
+        }
+    )
     exposition = generate_latest(metrics.registry).decode()
     return {sample.name for family in text_string_to_metric_families(exposition) for sample in family.samples}
 

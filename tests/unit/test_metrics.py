@@ -95,8 +95,12 @@ def test_lifetime_counters_never_decrease() -> None:
     metrics.observe_pass(
         "success", 0.1, make_plan(PresetPlan(preset, PresetState(), (), hard_limited=False)), paused=False
     )
-    metrics.presets.update_totals({preset.id: PrebuildTotals(created=5, failed=2, claimed=1)})
-    metrics.presets.update_totals({preset.id: PrebuildTotals(created=4, failed=2, claimed=3)})
+    metrics.presets.update_totals(
+        {(preset.template_name, preset.name, preset.organization_name): PrebuildTotals(created=5, failed=2, claimed=1)}
+    )
+    metrics.presets.update_totals(
+        {(preset.template_name, preset.name, preset.organization_name): PrebuildTotals(created=4, failed=2, claimed=3)}
+    )
     value = metrics.registry.get_sample_value
     assert value("coderd_prebuilt_workspaces_created_total", labels("small")) == 5
     assert value("coderd_prebuilt_workspaces_failed_total", labels("small")) == 2
@@ -127,7 +131,7 @@ def test_exposition_declares_the_coder_metric_types() -> None:
         make_plan(PresetPlan(make_preset("small"), PresetState(desired=1), (), hard_limited=False)),
         paused=False,
     )
-    metrics.presets.update_totals({make_preset("small").id: PrebuildTotals(1, 0, 0)})
+    metrics.presets.update_totals({("go", "small", "acme"): PrebuildTotals(1, 0, 0)})
     text = generate_latest(metrics.registry).decode()
     for name, kind in [
         ("coderd_prebuilt_workspaces_desired", "gauge"),

@@ -27,7 +27,11 @@ def populated_collector() -> PresetCollector:
     collector.update_from_plan(plan)
     collector.update_totals(
         {
-            preset_plan.preset.id: PrebuildTotals(created=10 * index, failed=index, claimed=2 * index)
+            (
+                preset_plan.preset.template_name,
+                preset_plan.preset.name,
+                preset_plan.preset.organization_name,
+            ): PrebuildTotals(created=10 * index, failed=index, claimed=2 * index)
             for index, preset_plan in enumerate(plan.presets)
         }
     )
@@ -82,7 +86,15 @@ def test_a_replica_that_skips_a_pass_withdraws_its_per_preset_series() -> None:
     metrics = Metrics(process_metrics=False)
     preset_plan = PresetPlan(make_preset("a"), PresetState(desired=2, actual=1), (), False)
     metrics.observe_pass("success", 0.1, make_plan(preset_plan), paused=False)
-    metrics.presets.update_totals({preset_plan.preset.id: PrebuildTotals(created=4, failed=1, claimed=0)})
+    metrics.presets.update_totals(
+        {
+            (
+                preset_plan.preset.template_name,
+                preset_plan.preset.name,
+                preset_plan.preset.organization_name,
+            ): PrebuildTotals(created=4, failed=1, claimed=0)
+        }
+    )
     value = metrics.registry.get_sample_value
     labels = {"template_name": "go", "preset_name": "a", "organization_name": "acme"}
     assert value("coderd_prebuilt_workspaces_desired", labels) == 2

@@ -1,0 +1,220 @@
+"""The created/failed/claimed counters, kept by organization, template and preset name, never going down.
+
+Coder counts prebuilds by organization, template and preset *name*, across template versions: when a new
+version is published, its presets' creates, failures and claims add to the same series as the old
+version's. The counts come from the database (a prebuild is counted by its first build: created when it
+exists, failed when its job failed, claimed when its workspace has another owner), but the exported
+counters are this process's: each preset's counts are followed as they grow, and only what a preset
+gained is added to the series of its current names. So a series never goes down, whatever happens to
+rows: a preset removed (its builds then name no preset) or renamed leaves its old series where it was,
+and that series simply ends when no preset on an active version carries the name any more. A renamed
+preset's history goes to the series of its new name, as a restarted process, reading the database
+afresh, would count it too.
+
+Reading every first build of the history on each refresh grew with the history (0.4 s at 1M builds, 1.9 s
+at 4M, every minute), so after one full read at start-up the counts are kept up to date from what can
+have changed since the last refresh (see `reconciler/store/totals.py` and docs/DECISIONS.md): first
+builds whose job completed since the last refresh (less an overlap window, for writes that commit late
+or come from a skewed clock), and those whose counts may still change (unfinished jobs, live
+prebuilds). The builds seen in the overlap window are remembered by id, so none is counted twice. A full
+read every `FULL_READ_EVERY` repairs anything the window missed, still without any counter going down.
+
+Pure: the data comes from `reconciler.store.totals`; times are the database's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import NamedTuple
+from uuid import UUID
+
+from reconciler.snapshot import PrebuildTotals
+
+# The counters' labels, in the metrics' order: (template_name, preset_name, organization_name).
+Labels = tuple[str, str, str]
+
+# A write that commits this long after its job's completed_at (or whose writer's clock is this far
+# behind the database's) is still seen by the next refresh.
+OVERLAP = timedelta(minutes=10)
+# How often the whole history is read again: it repairs what the overlap window missed.
+FULL_READ_EVERY = timedelta(hours=1)
+
+UNFINISHED_JOB_STATUSES = frozenset({"pending", "running", "canceling"})
+
+
+@dataclass(frozen=True, slots=True)
+class FirstBuild:
+    """The first build of a prebuild, as the counters see it."""
+
+    id: UUID
+    # None once the preset was removed (its builds keep no preset): then it counts for no series.
+    preset_id: UUID | None
+    job_status: str
+    claimed: bool
+    deleted: bool
+
+    @property
+    def failed(self) -> bool:
+        return self.job_status == "failed"
+
+    @property
+    def open(self) -> bool:
+        """Its counts may still change: the job may still fail, or the workspace still be claimed."""
+        return self.job_status in UNFINISHED_JOB_STATUSES or not (self.claimed or self.deleted)
+
+
+@dataclass(frozen=True, slots=True)
+class FullRead:
+    """The whole history, read in one snapshot at `at`."""
+
+    at: datetime
+    totals: Mapping[UUID, PrebuildTotals]
+    # The first builds whose counts may still change, and those completed within `OVERLAP` before `at`.
+    open: list[FirstBuild]
+    recent: list[FirstBuild]
+    labels: Mapping[UUID, Labels]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesRead:
+    """What may have changed since the last refresh, read in one snapshot at `at`."""
+
+    at: datetime
+    # Completed since the last refresh's time less `OVERLAP`.
+    recent: list[FirstBuild]
+    open: list[FirstBuild]
+    # The builds that were open at the last refresh and are neither open nor recent now (claimed,
+    # deleted, or gone: a build that is gone has no row here).
+    departed: list[FirstBuild]
+    labels: Mapping[UUID, Labels]
+
+
+class _Counted(NamedTuple):
+    preset_id: UUID
+    failed: bool
+    claimed: bool
+    open: bool
+
+
+Counts = tuple[int, int, int]
+
+
+class PrebuildCounters:
+    def __init__(self) -> None:
+        # Each preset's counts as followed in the database.
+        self._counts: dict[UUID, Counts] = {}
+        # The first builds that may still change or may be seen again (the overlap window), with what
+        # was counted of them.
+        self._tracked: dict[UUID, _Counted] = {}
+        self._watermark: datetime | None = None
+        self._last_full_read: datetime | None = None
+        # The exported counters, and for each preset the labels and counts it was last added with.
+        self._exported: dict[Labels, Counts] = {}
+        self._published: dict[UUID, tuple[Labels, Counts]] = {}
+
+    # --- what to read next ------------------------------------------------------------------------
+
+    @property
+    def full_read_due(self) -> bool:
+        if self._watermark is None or self._last_full_read is None:
+            return True
+        return self._watermark - self._last_full_read >= FULL_READ_EVERY
+
+    @property
+    def since(self) -> datetime:
+        """The completion time from which the next refresh reads first builds."""
+        assert self._watermark is not None, "read the whole history first"
+        return self._watermark - OVERLAP
+
+    def open_build_ids(self) -> set[UUID]:
+        return {build_id for build_id, counted in self._tracked.items() if counted.open}
+
+    # --- updates ----------------------------------------------------------------------------------
+
+    def reset(self, read: FullRead) -> None:
+        """Take the whole history's counts (the exported counters only grow by what presets gained)."""
+        self._counts = {
+            preset_id: (total.created, total.failed, total.claimed) for preset_id, total in read.totals.items()
+        }
+        tracked: dict[UUID, _Counted] = {}
+        for build in [*read.recent, *read.open]:
+            if build.preset_id is not None:
+                tracked[build.id] = _Counted(build.preset_id, build.failed, build.claimed, build.open)
+        self._tracked = tracked
+        self._watermark = self._last_full_read = read.at
+        self._publish(read.labels, set(self._counts))
+
+    def apply(self, read: ChangesRead) -> None:
+        """Count what changed since the last refresh: new first builds, new failures, new claims."""
+        assert self._watermark is not None, "read the whole history first"
+        changed: set[UUID] = set()
+        tracked: dict[UUID, _Counted] = {}
+        seen: set[UUID] = set()
+        for build, keep in self._rows(read):
+            if build.id in seen:
+                continue
+            seen.add(build.id)
+            before = self._tracked.get(build.id)
+            if build.preset_id is None:
+                continue
+            if before is None:
+                gained = (1, int(build.failed), int(build.claimed))
+                failed, claimed = build.failed, build.claimed
+            else:
+                gained = (0, int(build.failed and not before.failed), int(build.claimed and not before.claimed))
+                failed, claimed = build.failed or before.failed, build.claimed or before.claimed
+            if gained != (0, 0, 0):
+                created, failures, claims = self._counts.get(build.preset_id, (0, 0, 0))
+                self._counts[build.preset_id] = (created + gained[0], failures + gained[1], claims + gained[2])
+                changed.add(build.preset_id)
+            if keep or build.open:
+                tracked[build.id] = _Counted(build.preset_id, failed, claimed, build.open)
+        self._tracked = tracked
+        self._watermark = read.at
+        self._publish(read.labels, changed)
+
+    @staticmethod
+    def _rows(read: ChangesRead) -> Iterable[tuple[FirstBuild, bool]]:
+        # Recent builds are kept (tracked) even when settled: the next refresh's window still covers them.
+        for build in read.recent:
+            yield build, True
+        for build in [*read.open, *read.departed]:
+            yield build, False
+
+    def _publish(self, labels: Mapping[UUID, Labels], changed: set[UUID]) -> None:
+        renamed = {
+            preset_id
+            for preset_id, (published_labels, _) in self._published.items()
+            if preset_id in labels and labels[preset_id] != published_labels
+        }
+        for preset_id in changed | renamed:
+            preset_labels = labels.get(preset_id)
+            if preset_labels is None:
+                # The preset is gone (or appeared after the labels were read): counted once it has labels.
+                continue
+            counts = self._counts.get(preset_id, (0, 0, 0))
+            published = self._published.get(preset_id)
+            # A preset new to this process, or renamed, adds all of its counts to the series of its names.
+            base = published[1] if published is not None and published[0] == preset_labels else (0, 0, 0)
+            exported = self._exported.get(preset_labels, (0, 0, 0))
+            self._exported[preset_labels] = (
+                exported[0] + max(0, counts[0] - base[0]),
+                exported[1] + max(0, counts[1] - base[1]),
+                exported[2] + max(0, counts[2] - base[2]),
+            )
+            self._published[preset_id] = (preset_labels, counts)
+
+    # --- results ----------------------------------------------------------------------------------
+
+    def by_labels(self) -> dict[Labels, PrebuildTotals]:
+        return {labels: PrebuildTotals(*counts) for labels, counts in self._exported.items()}
+
+    def preset_counts(self) -> dict[UUID, PrebuildTotals]:
+        """Each preset's counts as followed (for tests and the benchmark: they equal a full read's)."""
+        return {preset_id: PrebuildTotals(*counts) for preset_id, counts in self._counts.items()}
+
+    @property
+    def tracked_builds(self) -> int:
+        return len(self._tracked)

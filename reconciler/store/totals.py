@@ -1,0 +1,95 @@
+"""Typed access to the lifetime counts behind the created/failed/claimed counters (`sql/queries/totals.sql`).
+
+`read_full` reads the whole history (start-up, then hourly); `read_changes` only what can have changed
+since the last refresh. Each reads in one REPEATABLE READ snapshot, so its parts and its time agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from reconciler import db
+from reconciler.counters import OVERLAP, ChangesRead, FirstBuild, FullRead, Labels, PrebuildCounters
+from reconciler.snapshot import PrebuildTotals
+
+
+def _query(name: str) -> str:
+    return db.queries_in("totals.sql")[name]
+
+
+def _first_builds(rows: Iterable[asyncpg.Record]) -> list[FirstBuild]:
+    return [
+        FirstBuild(
+            id=row["id"],
+            preset_id=row["preset_id"],
+            job_status=row["job_status"],
+            claimed=row["claimed"],
+            deleted=row["deleted"],
+        )
+        for row in rows
+    ]
+
+
+async def read_clock(connection: db.Connection) -> datetime:
+    now: datetime = await connection.fetchval(_query("totals_clock"))
+    return now
+
+
+async def read_totals_by_preset(connection: db.Connection) -> dict[UUID, PrebuildTotals]:
+    rows = await connection.fetch(_query("totals_by_preset"))
+    return {row["preset_id"]: PrebuildTotals(row["created"], row["failed"], row["claimed"]) for row in rows}
+
+
+async def read_open_first_builds(connection: db.Connection) -> list[FirstBuild]:
+    return _first_builds(await connection.fetch(_query("totals_open_first_builds")))
+
+
+async def read_recent_first_builds(connection: db.Connection, since: datetime) -> list[FirstBuild]:
+    return _first_builds(await connection.fetch(_query("totals_recent_first_builds"), since))
+
+
+async def read_first_builds_by_id(connection: db.Connection, build_ids: Iterable[UUID]) -> list[FirstBuild]:
+    return _first_builds(await connection.fetch(_query("totals_first_builds_by_id"), list(build_ids)))
+
+
+async def read_preset_labels(connection: db.Connection) -> dict[UUID, Labels]:
+    rows = await connection.fetch(_query("totals_preset_labels"))
+    return {row["id"]: (row["template_name"], row["preset_name"], row["organization_name"]) for row in rows}
+
+
+async def read_full(connection: db.Connection) -> FullRead:
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        at = await read_clock(connection)
+        return FullRead(
+            at=at,
+            totals=await read_totals_by_preset(connection),
+            open=await read_open_first_builds(connection),
+            recent=await read_recent_first_builds(connection, at - OVERLAP),
+            labels=await read_preset_labels(connection),
+        )
+
+
+async def read_changes(connection: db.Connection, since: datetime, open_build_ids: set[UUID]) -> ChangesRead:
+    """What may have changed since the last refresh: `open_build_ids` are the builds open at that refresh."""
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        at = await read_clock(connection)
+        recent = await read_recent_first_builds(connection, since)
+        still_open = await read_open_first_builds(connection)
+        departed_ids = open_build_ids - {build.id for build in still_open} - {build.id for build in recent}
+        departed = await read_first_builds_by_id(connection, departed_ids) if departed_ids else []
+        return ChangesRead(
+            at=at, recent=recent, open=still_open, departed=departed, labels=await read_preset_labels(connection)
+        )
+
+
+async def refresh(connection: db.Connection, counters: PrebuildCounters) -> bool:
+    """Bring `counters` up to date; True when it read the whole history (start-up, then hourly)."""
+    if counters.full_read_due:
+        counters.reset(await read_full(connection))
+        return True
+    counters.apply(await read_changes(connection, counters.since, counters.open_build_ids()))
+    return False
