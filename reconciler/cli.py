@@ -526,7 +526,9 @@ async def _read_only_settings(
     """The settings a read-only command computes with (the daemon's recorded ones unless asked otherwise),
     said on standard error: which, from when and whom, and where the caller's environment differs."""
     recorded = await reads.read_recorded_settings(connection)
-    resolved = recorded_settings.resolve(os.environ, settings, recorded, recorded_settings.SettingsSource(requested))
+    resolved = recorded_settings.resolve(
+        os.environ, settings, recorded, recorded_settings.SettingsSource(requested), now=datetime.now(UTC)
+    )
     for line in resolved.messages():
         print(f"reconciler: {line}", file=sys.stderr)
     return resolved

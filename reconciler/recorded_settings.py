@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from reconciler.config import (
@@ -26,6 +26,10 @@ from reconciler.config import (
     load_settings,
     variable_name,
 )
+from reconciler.durations import parse_duration
+
+# Latest recorded pass older than this many of its intervals (and a minute): said to be stale.
+STALE_INTERVALS = 3
 
 
 def instance_name() -> str:
@@ -78,6 +82,9 @@ class ResolvedSettings:
     differences: tuple[Difference, ...]
     # Recorded values this version cannot use (unknown, or refused), each with why; the caller's apply.
     unusable: tuple[str, ...]
+    # The latest recorded pass is older than a few of its intervals: the daemon may be down, or restarted
+    # with other settings that no pass has recorded yet.
+    stale: bool = False
 
     @property
     def values(self) -> dict[str, str]:
@@ -112,6 +119,12 @@ class ResolvedSettings:
                 for difference in self.differences
             )
         lines.extend(f"warning: {problem}" for problem in self.unusable)
+        if self.stale and recorded is not None:
+            lines.append(
+                f"warning: the daemon's latest recorded pass was at {_when(recorded.last_pass_at)}, several of "
+                "its intervals ago: if it is down, or has been restarted with other settings since, these are "
+                "not what it will use"
+            )
         return lines
 
     def as_json(self) -> dict[str, Any]:
@@ -133,6 +146,7 @@ class ResolvedSettings:
                 for difference in self.differences
             ],
             "unusable": list(self.unusable),
+            "stale": self.stale,
         }
 
 
@@ -167,15 +181,18 @@ def resolve(
     caller: Settings,
     recorded: RecordedSettings | None,
     requested: SettingsSource,
+    now: datetime | None = None,
 ) -> ResolvedSettings:
     """The settings a read-only command uses: the recorded behaviour settings over the caller's, unless asked.
 
     `caller` is the settings loaded from `environ`. The recorded values are applied as the variables they
-    came from, so they are read, checked and bounded exactly as the daemon read them.
+    came from, so they are read, checked and bounded exactly as the daemon read them. With `now`, a record
+    whose latest pass is older than STALE_INTERVALS of its intervals (and a minute) is said to be stale.
     """
     differences: list[Difference] = []
     unusable: list[str] = []
     usable: dict[str, str] = {}
+    stale = False
     if recorded is not None:
         usable, unusable = _usable(recorded, environ)
         mine = behaviour_values(caller)
@@ -184,7 +201,14 @@ def resolve(
             theirs = usable.get(variable)
             if theirs is not None and theirs != mine[variable]:
                 differences.append(Difference(variable, theirs, mine[variable], field in caller.model_fields_set))
+        interval_text = usable.get(variable_name("reconciliation_interval"))
+        interval = parse_duration(interval_text) if interval_text else caller.reconciliation_interval
+        stale = now is not None and now - recorded.last_pass_at > STALE_INTERVALS * interval + timedelta(minutes=1)
     if requested is SettingsSource.ENVIRONMENT or recorded is None:
-        return ResolvedSettings(caller, requested, SettingsSource.ENVIRONMENT, recorded, tuple(differences), ())
+        return ResolvedSettings(
+            caller, requested, SettingsSource.ENVIRONMENT, recorded, tuple(differences), (), stale=stale
+        )
     settings = load_settings({**environ, **usable}, require_database=caller.database_url is not None)
-    return ResolvedSettings(settings, requested, SettingsSource.RECORDED, recorded, tuple(differences), tuple(unusable))
+    return ResolvedSettings(
+        settings, requested, SettingsSource.RECORDED, recorded, tuple(differences), tuple(unusable), stale=stale
+    )

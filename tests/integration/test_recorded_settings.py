@@ -114,6 +114,9 @@ async def test_plan_and_status_use_the_daemons_settings_and_warn_about_the_calle
     assert document["settings"]["values"]["RECONCILER_BACKOFF_INTERVAL"] == "10s"
     assert document["settings"]["recorded_by"] == instance_name()
     assert datetime.fromisoformat(document["settings"]["last_pass_at"]) == failed_at + seconds(5)
+    # That pass was 5 minutes ago, with a 1 minute interval: said, since the daemon may have moved on.
+    assert document["settings"]["stale"] is True
+    assert "reconciler: warning: the daemon's latest recorded pass was at" in status.stderr
     assert f"reconciler: settings: the daemon's, recorded by {instance_name()}" in status.stderr
     assert warning in status.stderr.splitlines()
     plan = await read_only_command(database_url, "plan", "--json", **caller)

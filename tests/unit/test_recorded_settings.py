@@ -151,3 +151,21 @@ def test_a_recorded_value_this_version_cannot_use_is_said_and_the_callers_applie
     assert resolved.settings.backoff_interval == settings.backoff_interval
     assert resolved.settings.failure_hard_limit == settings.failure_hard_limit
     assert any(problem in line for line in resolved.messages())
+
+
+def test_a_record_whose_latest_pass_is_several_intervals_old_is_said_to_be_stale() -> None:
+    environ, settings = caller()
+    # The daemon's interval is 5 s: its latest pass (04:05:00) is stale after 3 x 5 s and a minute.
+    last_pass = RECORDED_AT + timedelta(minutes=5)
+    fresh = resolve(environ, settings, recorded(), SettingsSource.RECORDED, now=last_pass + timedelta(seconds=75))
+    stale = resolve(environ, settings, recorded(), SettingsSource.RECORDED, now=last_pass + timedelta(seconds=76))
+    assert not fresh.stale
+    assert not any("latest recorded pass" in line for line in fresh.messages())
+    assert stale.stale
+    assert stale.as_json()["stale"] is True
+    assert (
+        "warning: the daemon's latest recorded pass was at 2026-12-01 04:05:00 UTC, several of its intervals "
+        "ago: if it is down, or has been restarted with other settings since, these are not what it will use"
+    ) in stale.messages()
+    # Stale or not, the recorded settings are still the best answer there is.
+    assert stale.settings.backoff_interval == timedelta(seconds=10)
