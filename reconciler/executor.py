@@ -22,6 +22,7 @@ import structlog
 from reconciler import db, schedule
 from reconciler.notify.outbox import StatusNotice, enqueue_notices
 from reconciler.plan import (
+    Action,
     BackoffAction,
     BudgetUse,
     CancelPendingAction,
@@ -72,8 +73,10 @@ class ExecutionSummary:
     status_changes: StatusChanges = field(default_factory=StatusChanges)
 
 
-# Observes each action as it completes: (kind, outcome, number of rows). The daemon counts metrics with it.
-ActionObserver = Callable[[str, ActionOutcome, int], None]
+# Observes each action as it completes, once per outcome it had: (kind, outcome, number of prebuilds,
+# reason). A create of 3 that the clamp cut to 2 is (create, success, 2, "") and (create, skipped, 1, "");
+# a delete's reason is its `DeleteReason` (empty for the other kinds). The daemon counts metrics with it.
+ActionObserver = Callable[[str, ActionOutcome, int, str], None]
 
 
 async def _budget_room(connection: db.Connection, budget: BudgetUse | None, template_id: UUID) -> int | None:
@@ -182,13 +185,31 @@ async def execute_preset(
 
     preset = preset_plan.preset
 
-    def record(kind: str, outcome: ActionOutcome, rows: int, **details: object) -> None:
+    def record(
+        kind: str, outcome: ActionOutcome, rows: int, *, planned: int, reason: str = "", **details: object
+    ) -> None:
         summary.actions[(kind, outcome)] += 1
         if observe is not None:
-            observe(kind, outcome, rows)
+            # Prebuilds, not actions: what was done, and the rest of what was planned as skipped.
+            if outcome is ActionOutcome.ERROR:
+                observe(kind, outcome, planned, reason)
+            else:
+                if rows:
+                    observe(kind, ActionOutcome.SUCCESS, rows, reason)
+                if planned > rows:
+                    observe(kind, ActionOutcome.SKIPPED, planned - rows, reason)
+        if reason:
+            details["reason"] = reason
         if outcome is not ActionOutcome.ERROR:
             # One line per preset and action: what was written, and what was planned but not done.
-            logger.info(f"prebuilds.{kind}", outcome=outcome.value, rows=rows, **preset_log_fields(preset), **details)
+            logger.info(
+                f"prebuilds.{kind}",
+                outcome=outcome.value,
+                rows=rows,
+                planned=planned,
+                **preset_log_fields(preset),
+                **details,
+            )
 
     for action in preset_plan.actions:
         try:
@@ -221,8 +242,18 @@ async def execute_preset(
                     clamped=clamped,
                 )
         except Exception:
-            record(action.type, ActionOutcome.ERROR, 0)
+            record(action.type, ActionOutcome.ERROR, 0, planned=_planned(action), reason=_reason(action))
             raise
+
+
+def _planned(action: Action) -> int:
+    if isinstance(action, DeleteAction):
+        return len(action.workspace_ids)
+    return action.count if isinstance(action, CancelPendingAction | CreateAction) else 0
+
+
+def _reason(action: Action) -> str:
+    return action.reason.value if isinstance(action, DeleteAction) else ""
 
 
 async def execute(

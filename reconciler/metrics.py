@@ -235,15 +235,24 @@ class Metrics:
             "Unix time of the pass that produced the per-preset series.",
             registry=registry,
         )
+        # Every tick, as Coder observes it, by outcome: a lock skip or a pause is quick, a failed pass
+        # may be slow, and a `sum by (le)` still gives the distribution of all of them.
         self.duration = Histogram(
             "coderd_prebuilds_reconciliation_duration_seconds",
-            "Duration of reconciliation passes.",
+            "Duration of reconciliation passes (every tick), by outcome.",
+            ["outcome"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
         self.passes = Counter("prebuilds_reconciler_passes", "Passes by outcome.", ["outcome"], registry=registry)
         for outcome in PASS_OUTCOMES:
             self.passes.labels(outcome)
+            self.duration.labels(outcome)
+        self.last_pass = Gauge(
+            "prebuilds_reconciler_last_pass_timestamp_seconds",
+            "Unix time at which the last pass ended, whatever its outcome.",
+            registry=registry,
+        )
         self.last_success = Gauge(
             "prebuilds_reconciler_last_successful_pass_timestamp_seconds",
             "Unix time at which the last successful pass ended.",
@@ -261,10 +270,17 @@ class Metrics:
         )
         self.actions = Counter(
             "prebuilds_reconciler_actions",
-            "Actions executed, by kind and outcome.",
-            ["kind", "outcome"],
+            "Prebuilds acted on, by kind, outcome and (deletes) reason.",
+            ["kind", "outcome", "reason"],
             registry=registry,
         )
+        self.oldest_pending_job_age = Gauge(
+            "prebuilds_reconciler_oldest_pending_prebuild_job_age_seconds",
+            "Age of the oldest prebuild job no provisioner has started, per organization (0 when none).",
+            ["organization_name"],
+            registry=registry,
+        )
+        self._pending_job_organizations: set[str] = set()
         self.database_errors = Counter(
             "prebuilds_reconciler_database_errors",
             "Database errors (failed passes, failed presets, failed probes).",
@@ -338,9 +354,18 @@ class Metrics:
         self.in_flight_withheld.labels("create").set(budget.creates_held if budget else 0)
         self.in_flight_withheld.labels("delete").set(budget.deletes_held if budget else 0)
 
-    def observe_action(self, kind: str, outcome: str, rows: int) -> None:
-        del rows
-        self.actions.labels(kind, outcome).inc()
+    def observe_action(self, kind: str, outcome: str, prebuilds: int, reason: str = "") -> None:
+        """`prebuilds` prebuilds created, deleted or canceled (or skipped, or failed) by one action."""
+        self.actions.labels(kind, outcome, reason).inc(prebuilds)
+
+    def set_oldest_pending_jobs(self, ages: Mapping[str, float]) -> None:
+        """The age of each organization's oldest pending prebuild job; organizations gone are dropped."""
+        gauge = self.oldest_pending_job_age
+        for organization in self._pending_job_organizations - set(ages):
+            gauge.remove(organization)
+        for organization, age in ages.items():
+            gauge.labels(organization).set(age)
+        self._pending_job_organizations = set(ages)
 
     def observe_memberships(self, added: Iterable[str], failures: int) -> None:
         """One pass's memberships step: the kinds of the rows it added (one entry per row), its failures."""
@@ -351,10 +376,11 @@ class Metrics:
 
     def observe_pass(self, outcome: str, duration_seconds: float, plan: Plan | None, paused: bool | None) -> None:
         self.passes.labels(outcome).inc()
+        self.duration.labels(outcome).observe(duration_seconds)
+        self.last_pass.set(time.time())
         if paused is not None:
             self.paused.set(1 if paused else 0)
         if outcome == "success":
-            self.duration.observe(duration_seconds)
             self.last_success.set(time.time())
         if plan is not None:
             self.presets.update_from_plan(plan)

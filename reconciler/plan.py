@@ -16,6 +16,8 @@ class DeleteReason(enum.StrEnum):
     EXPIRED = "expired"
     EXTRANEOUS = "extraneous"
     INACTIVE = "inactive"
+    # Within its time to live, but created before the preset's `last_invalidated_at`.
+    INVALIDATED = "invalidated"
 
 
 @dataclass(frozen=True, slots=True)

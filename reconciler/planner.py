@@ -285,10 +285,20 @@ def plan_preset(
             actions.append(DeleteAction(workspace_ids=ids, reason=DeleteReason.INACTIVE))
         return result(actions)
 
-    # 3. Active: expired first, then the oldest extraneous ones, then create what is missing.
+    # 3. Active: expired first, then the oldest extraneous ones, then create what is missing. The expired
+    # are told apart only for their delete's reason (the metrics' label): past their time to live, or
+    # within it but created before the operator's invalidation.
     if expired:
-        ids = tuple(prebuild.workspace_id for prebuild in _oldest_first(expired))
-        actions.append(DeleteAction(workspace_ids=ids, reason=DeleteReason.EXPIRED))
+        ttl = preset.invalidate_after_secs
+        ttl_cutoff = now - timedelta(seconds=ttl) if ttl is not None and ttl > 0 else None
+        by_reason: dict[DeleteReason, list[RunningPrebuild]] = {DeleteReason.EXPIRED: [], DeleteReason.INVALIDATED: []}
+        for prebuild in expired:
+            past_ttl = ttl_cutoff is not None and prebuild.created_at < ttl_cutoff
+            by_reason[DeleteReason.EXPIRED if past_ttl else DeleteReason.INVALIDATED].append(prebuild)
+        for reason, prebuilds in by_reason.items():
+            if prebuilds:
+                ids = tuple(prebuild.workspace_id for prebuild in _oldest_first(prebuilds))
+                actions.append(DeleteAction(workspace_ids=ids, reason=reason))
     if state.extraneous:
         ids = tuple(prebuild.workspace_id for prebuild in _oldest_first(fresh)[: state.extraneous])
         actions.append(DeleteAction(workspace_ids=ids, reason=DeleteReason.EXTRANEOUS))

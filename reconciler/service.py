@@ -41,7 +41,7 @@ from reconciler.notify.dispatcher import Dispatcher
 from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier
-from reconciler.store import totals
+from reconciler.store import reads, totals
 
 logger = structlog.get_logger(__name__)
 
@@ -400,9 +400,24 @@ class Daemon:
         self._pass_task = asyncio.current_task()
         try:
             result = await self.run_pass_now()
+            await self.refresh_pending_jobs()
         finally:
             self._pass_task = None
         del result
+
+    async def refresh_pending_jobs(self) -> None:
+        """The oldest unstarted prebuild job per organization, read after every pass (beside it, not in it:
+        it says what the provisioners do, not what the pass decides) with a deadline of its own."""
+        assert self._pool is not None
+        try:
+            async with asyncio.timeout(self.settings.statement_timeout.total_seconds()):
+                async with self._pool.acquire() as connection:
+                    ages = await reads.read_oldest_pending_prebuild_jobs(connection, self.clock())
+        except db.SURVIVABLE_ERRORS as error:
+            self.metrics.database_errors.inc()
+            logger.warning("metrics.pending_jobs_failed", error=db.describe_error(error))
+            return
+        self.metrics.set_oldest_pending_jobs(ages)
 
     async def run_pass_now(self) -> PassResult:
         """One pass with its metrics and listeners (the scheduler's job; tests call it directly)."""

@@ -1,7 +1,8 @@
 """The reads of a pass (`sql/queries/reads.sql`): the pass lock, the pause flag, and the snapshot.
 
 The lifetime totals behind the created/failed/claimed counters are read beside the passes, not in them
-(`reconciler.store.totals`).
+(`reconciler.store.totals`). So is the age of the oldest pending prebuild job
+(`read_oldest_pending_prebuild_jobs`).
 """
 
 from __future__ import annotations
@@ -300,3 +301,9 @@ async def read_recorded_settings(connection: db.Connection) -> RecordedSettings 
     return RecordedSettings.from_text(
         row["settings"], row["instance"], _aware(row["recorded_at"]), _aware(row["last_pass_at"])
     )
+
+
+async def read_oldest_pending_prebuild_jobs(connection: db.Connection, now: datetime) -> dict[str, float]:
+    """Per organization name, the age at `now` in seconds of its oldest unstarted prebuild job (0: none)."""
+    rows = await connection.fetch(_query("oldest_pending_prebuild_jobs"), now)
+    return {row["organization_name"]: row["age_seconds"] for row in rows}

@@ -306,3 +306,17 @@ from failures
 -- name: read_recorded_settings
 -- The daemon's behaviour settings as its last pass recorded them (no row: no pass yet).
 select settings::text as settings, instance, recorded_at, last_pass_at from reconciler_settings
+
+-- name: oldest_pending_prebuild_jobs
+-- Per organization, the oldest prebuild job that no provisioner has started yet (the waiting-jobs alert),
+-- as seconds before $1 (the daemon's now); 0 for an organization with none. Few jobs are ever unfinished:
+-- the partial index provisioner_jobs_unfinished_idx holds them. Not part of a pass.
+select o.name as organization_name,
+       coalesce(greatest(extract(epoch from ($1::timestamptz - min(j.created_at))), 0), 0)::float8 as age_seconds
+from organizations o
+left join provisioner_jobs j
+    on j.organization_id = o.id
+    and j.job_status = 'pending'
+    and j.type = 'workspace_build'
+    and j.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+group by o.name

@@ -605,7 +605,7 @@ async def test_an_invalidation_a_minute_ahead_is_obeyed_as_coder_does(
 
     (delete, _create) = plan_of(result, preset).actions
     assert isinstance(delete, DeleteAction)
-    assert (delete.reason, delete.workspace_ids) == (DeleteReason.EXPIRED, (built.id,))
+    assert (delete.reason, delete.workspace_ids) == (DeleteReason.INVALIDATED, (built.id,))
     assert not events_named(events, "preset.invalidation_ignored")
 
 

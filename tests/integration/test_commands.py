@@ -91,7 +91,7 @@ def check_action(action: Any) -> None:
         assert isinstance(action["workspace_ids"], list)
         assert action["workspace_ids"]
         assert all(is_uuid(workspace_id) for workspace_id in action["workspace_ids"])
-        assert action["reason"] in ("expired", "extraneous", "inactive")
+        assert action["reason"] in ("expired", "invalidated", "extraneous", "inactive")
     else:
         raise AssertionError(f"unknown action type {kind!r}")
 

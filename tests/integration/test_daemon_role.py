@@ -603,6 +603,9 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     await run("totals_recent_first_builds", now - timedelta(days=365))
     assert len(await run("totals_first_builds_by_id", [row["id"] for row in open_builds])) == len(open_builds)
     assert ids["preset"] in {row["id"] for row in await run("totals_preset_labels")}
+    waiting = {row["organization_name"]: row["age_seconds"] for row in await run("oldest_pending_prebuild_jobs", now)}
+    assert waiting
+    assert all(age >= 0 for age in waiting.values())
 
     # The behaviour settings each pass records, and the read-only commands read.
     assert await run("read_recorded_settings") == []

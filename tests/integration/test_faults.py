@@ -230,9 +230,9 @@ async def test_a_create_past_the_statement_timeout_fails_only_its_preset(
         assert "statement timeout" in failed["error"]
         assert (
             metrics.registry.get_sample_value(
-                "prebuilds_reconciler_actions_total", {"kind": "create", "outcome": "error"}
+                "prebuilds_reconciler_actions_total", {"kind": "create", "outcome": "error", "reason": ""}
             )
-            == 1
+            == 2  # the prebuilds of the failed create, not the action
         )
         assert await live_prebuilds(outsider) == {preset.id: 2 for preset in others}
 
@@ -283,9 +283,9 @@ async def test_a_disk_full_insert_fails_one_preset_and_the_rest_are_created(
         assert result.execution.actions[("create", ActionOutcome.SUCCESS)] == 3
         assert (
             metrics.registry.get_sample_value(
-                "prebuilds_reconciler_actions_total", {"kind": "create", "outcome": "error"}
+                "prebuilds_reconciler_actions_total", {"kind": "create", "outcome": "error", "reason": ""}
             )
-            == 1
+            == 2  # the prebuilds of the failed create, not the action
         )
         (failed,) = [event for event in events if event["event"] == "reconcile.preset_failed"]
         assert failed["preset_id"] == str(full.id)

@@ -214,7 +214,7 @@ async def test_invalidation_expires_prebuilds_created_before_it(factory: Factory
     # Expired prebuilds are in `actual`, not in `extraneous`: max(3 - 1 - 1, 0) = 1.
     assert preset_plan.state == PresetState(desired=1, actual=3, eligible=2, extraneous=1, expired=1)
     assert preset_plan.actions == (
-        DeleteAction(ids(before), DeleteReason.EXPIRED),
+        DeleteAction(ids(before), DeleteReason.INVALIDATED),
         DeleteAction(ids(at_instant), DeleteReason.EXTRANEOUS),
     )
 

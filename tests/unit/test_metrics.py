@@ -56,7 +56,7 @@ def test_per_preset_gauges_have_exact_values() -> None:
     assert value("coderd_prebuilt_workspaces_preset_hard_limited", labels("small")) is None
     assert value("coderd_prebuilt_workspaces_reconciliation_paused") == 0
     assert value("prebuilds_reconciler_passes_total", {"outcome": "success"}) == 1
-    assert value("coderd_prebuilds_reconciliation_duration_seconds_count") == 1
+    assert value("coderd_prebuilds_reconciliation_duration_seconds_count", {"outcome": "success"}) == 1
 
 
 def test_presets_off_the_active_version_or_of_deleted_templates_are_not_exported() -> None:
@@ -119,8 +119,54 @@ def test_validation_failed_gauge_and_pause() -> None:
     metrics.observe_pass("paused", 0.01, None, paused=True)
     assert metrics.registry.get_sample_value("coderd_prebuilt_workspaces_reconciliation_paused") == 1
     assert metrics.registry.get_sample_value("prebuilds_reconciler_passes_total", {"outcome": "paused"}) == 1
-    # A paused pass is not a reconciliation: the duration histogram only counts passes that reconciled.
-    assert metrics.registry.get_sample_value("coderd_prebuilds_reconciliation_duration_seconds_count") == 1
+    # Every tick is observed, under its outcome (as Coder observes every tick).
+    duration_count = "coderd_prebuilds_reconciliation_duration_seconds_count"
+    assert metrics.registry.get_sample_value(duration_count, {"outcome": "success"}) == 1
+    assert metrics.registry.get_sample_value(duration_count, {"outcome": "paused"}) == 1
+
+
+def test_every_tick_is_timed_and_ends_a_pass_whatever_its_outcome() -> None:
+    metrics = Metrics(CollectorRegistry(), process_metrics=False)
+    for outcome, seconds in (("failed", 31.0), ("skipped_lock", 0.002), ("success", 0.3)):
+        metrics.observe_pass(outcome, seconds, None, paused=None)
+    value = metrics.registry.get_sample_value
+    assert value("coderd_prebuilds_reconciliation_duration_seconds_sum", {"outcome": "failed"}) == 31.0
+    assert value("coderd_prebuilds_reconciliation_duration_seconds_count", {"outcome": "skipped_lock"}) == 1
+    assert value("coderd_prebuilds_reconciliation_duration_seconds_bucket", {"outcome": "failed", "le": "30.0"}) == 0
+    assert value("prebuilds_reconciler_last_pass_timestamp_seconds") > 0  # type: ignore[operator]
+    # Only a success is a successful pass.
+    metrics.observe_pass("failed", 1.0, None, paused=None)
+    last_success = value("prebuilds_reconciler_last_successful_pass_timestamp_seconds")
+    last_pass = value("prebuilds_reconciler_last_pass_timestamp_seconds")
+    assert last_success is not None
+    assert last_pass is not None
+    assert last_success <= last_pass
+
+
+def test_actions_count_prebuilds_with_the_reason_of_deletes() -> None:
+    metrics = Metrics(CollectorRegistry(), process_metrics=False)
+    metrics.observe_action("create", "success", 10)
+    metrics.observe_action("delete", "success", 3, "expired")
+    metrics.observe_action("delete", "success", 2, "invalidated")
+
+    def value(kind: str, reason: str) -> float | None:
+        labels = {"kind": kind, "outcome": "success", "reason": reason}
+        return metrics.registry.get_sample_value("prebuilds_reconciler_actions_total", labels)
+
+    assert value("create", "") == 10
+    assert value("delete", "expired") == 3
+    assert value("delete", "invalidated") == 2
+
+
+def test_oldest_pending_job_per_organization_and_gone_organizations_dropped() -> None:
+    metrics = Metrics(CollectorRegistry(), process_metrics=False)
+    name = "prebuilds_reconciler_oldest_pending_prebuild_job_age_seconds"
+    metrics.set_oldest_pending_jobs({"acme": 120.0, "other": 0.0})
+    assert metrics.registry.get_sample_value(name, {"organization_name": "acme"}) == 120.0
+    assert metrics.registry.get_sample_value(name, {"organization_name": "other"}) == 0.0
+    metrics.set_oldest_pending_jobs({"acme": 180.0})
+    assert metrics.registry.get_sample_value(name, {"organization_name": "acme"}) == 180.0
+    assert metrics.registry.get_sample_value(name, {"organization_name": "other"}) is None
 
 
 def test_exposition_declares_the_coder_metric_types() -> None:

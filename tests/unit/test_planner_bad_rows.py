@@ -67,7 +67,7 @@ def test_an_invalidation_within_the_tolerance_is_obeyed_as_coder_does() -> None:
         (preset_plan,) = plan.presets
         assert preset_plan.state.expired == 2
         assert preset_plan.actions == (
-            DeleteAction((old.workspace_id, new.workspace_id), DeleteReason.EXPIRED),
+            DeleteAction((old.workspace_id, new.workspace_id), DeleteReason.INVALIDATED),
             CreateAction(count=2),
         )
         assert plan.problems == ()
