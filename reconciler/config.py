@@ -288,6 +288,8 @@ class Settings(BaseSettings):
     capacity_error_codes: ErrorCodes = frozenset({"INSUFFICIENT_QUOTA"})
     statement_timeout: Annotated[Duration, between(SECOND, HOUR)] = 30 * SECOND
     connect_timeout: Annotated[Duration, between(SECOND, 5 * MINUTE)] = 10 * SECOND
+    # A pass that has not finished after this is ended: cancelled, then its connections cut.
+    pass_timeout: Annotated[Duration, between(2 * SECOND, DAY)] = 5 * MINUTE
     pool_max_size: int = Field(default=10, ge=2, le=500)
     webhooks: tuple[WebhookSink, ...] = ()
     smtp_host: str | None = None
@@ -345,6 +347,13 @@ class Settings(BaseSettings):
                 f"RECONCILER_NOTIFICATION_LEASE: must exceed the longest sink timeout by at least "
                 f"{format_duration(NOTIFICATION_LEASE_MARGIN)} "
                 f"(at least {format_duration(self.longest_sink_timeout + NOTIFICATION_LEASE_MARGIN)})"
+            )
+        # A pass reads its snapshot, then writes: each may take a statement timeout, one after the other.
+        if self.pass_timeout < 2 * self.statement_timeout:
+            problems.append(
+                f"RECONCILER_PASS_TIMEOUT: must be at least twice RECONCILER_STATEMENT_TIMEOUT "
+                f"(at least {format_duration(2 * self.statement_timeout)}): a pass reads its snapshot and then "
+                "writes, and each statement may take up to the statement timeout"
             )
         # The pass holds one connection for its lock; the executor and the outbox need their own.
         if self.pool_max_size < self.executor_concurrency + 2:

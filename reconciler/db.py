@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import structlog
@@ -43,6 +45,11 @@ def describe_error(error: BaseException) -> str:
 # fires first and says why; the client's covers a server that stopped answering (a frozen network, a
 # stopped server), where the server's own timeout never reaches us.
 REPLY_MARGIN = timedelta(seconds=5)
+
+# How long the database may leave a connection idle inside a transaction before it ends the session. No
+# connection of ours is idle in a transaction for long: each write is one short transaction, and the pass
+# lock is a session lock held outside any transaction (see `reconcile`).
+IDLE_IN_TRANSACTION_TIMEOUT = timedelta(seconds=60)
 
 # Advisory lock keys, fixed so that every replica and every `reconciler migrate` agree.
 MIGRATIONS_LOCK_KEY = 7_236_001
@@ -296,18 +303,27 @@ async def _initialize_connection(connection: asyncpg.Connection) -> None:
     await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-def connection_options(statement_timeout: timedelta, application_name: str) -> dict[str, Any]:
+def connection_options(
+    statement_timeout: timedelta,
+    application_name: str,
+    *,
+    idle_in_transaction_timeout: timedelta = IDLE_IN_TRANSACTION_TIMEOUT,
+) -> dict[str, Any]:
     return {
+        # The client-side deadline of every call that names none (queries, transactions, the pool's reset
+        # of a released connection, and the cancel request asyncpg sends for a query cut short): the
+        # server's statement timeout cannot reach us from a server that stopped answering.
+        "command_timeout": (statement_timeout + REPLY_MARGIN).total_seconds(),
         "server_settings": {
             "application_name": application_name,
-            "statement_timeout": str(int(statement_timeout.total_seconds() * 1000)),
+            "statement_timeout": _milliseconds(statement_timeout),
             # A pass must never hang on a lock held by another component.
             "lock_timeout": "10000",
-            "idle_in_transaction_session_timeout": "60000",
+            "idle_in_transaction_session_timeout": _milliseconds(idle_in_transaction_timeout),
             # The snapshot statement's cost estimate crosses jit_above_cost at a few thousand presets, and
             # compiling it takes longer (~0.7 s measured at 10,000 presets) than running it.
             "jit": "off",
-        }
+        },
     }
 
 
@@ -317,11 +333,14 @@ async def connect(
     statement_timeout: timedelta = timedelta(seconds=30),
     connect_timeout: timedelta = timedelta(seconds=10),
     application_name: str = "reconciler",
+    idle_in_transaction_timeout: timedelta = IDLE_IN_TRANSACTION_TIMEOUT,
 ) -> asyncpg.Connection:
     connection: asyncpg.Connection = await asyncpg.connect(
         dsn,
         timeout=connect_timeout.total_seconds(),
-        **connection_options(statement_timeout, application_name),
+        **connection_options(
+            statement_timeout, application_name, idle_in_transaction_timeout=idle_in_transaction_timeout
+        ),
     )
     await _initialize_connection(connection)
     return connection
@@ -334,6 +353,7 @@ async def create_pool(
     statement_timeout: timedelta = timedelta(seconds=30),
     connect_timeout: timedelta = timedelta(seconds=10),
     application_name: str = "reconciler",
+    idle_in_transaction_timeout: timedelta = IDLE_IN_TRANSACTION_TIMEOUT,
 ) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn,
@@ -343,7 +363,53 @@ async def create_pool(
         # Recycle idle connections so a restarted server or a failover is picked up cleanly.
         max_inactive_connection_lifetime=300,
         init=_initialize_connection,
-        **connection_options(statement_timeout, application_name),
+        **connection_options(
+            statement_timeout, application_name, idle_in_transaction_timeout=idle_in_transaction_timeout
+        ),
     )
     assert pool is not None
     return pool
+
+
+class Acquirer(Protocol):
+    """What lends connections: a pool, or the `Connections` of one pass."""
+
+    def acquire(self) -> AbstractAsyncContextManager[Connection]: ...
+
+
+class Connections:
+    """The connections one pass borrows from the pool, so that they can all be cut at once.
+
+    Waiting for a free connection has a deadline (`acquire_timeout`), and `terminate()` closes every
+    connection still borrowed, without a word to the server: what ends a pass whose database stopped
+    answering, where a polite end (a rollback, the pool's reset, asyncpg's cancel request) would wait on
+    that database too. The server rolls back what a closed connection left open.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: timedelta) -> None:
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout.total_seconds()
+        self._borrowed: set[PoolConnectionProxy] = set()
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Connection]:
+        connection = await self._pool.acquire(timeout=self._acquire_timeout)
+        self._borrowed.add(connection)
+        try:
+            yield connection
+        finally:
+            # Borrowed until released: the release (a reset on the server) can hang as well.
+            try:
+                await self._pool.release(connection)
+            finally:
+                self._borrowed.discard(connection)
+
+    def terminate(self) -> int:
+        """Close every connection still borrowed; returns how many."""
+        cut = 0
+        for connection in list(self._borrowed):
+            # A connection released meanwhile is the pool's again: not ours to close.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                connection.terminate()
+                cut += 1
+        return cut

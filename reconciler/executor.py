@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
-import asyncpg
 import structlog
 
 from reconciler import db, schedule
@@ -257,7 +256,7 @@ def _reason(action: Action) -> str:
 
 
 async def execute(
-    pool: asyncpg.Pool,
+    pool: db.Acquirer,
     plan: Plan,
     now: datetime,
     *,
@@ -297,7 +296,7 @@ def _has_writes(preset_plan: PresetPlan) -> bool:
 _STATUS_CHANGE_ORDER = (StatusChangeKind.VALIDATION_FAILED, StatusChangeKind.HARD_LIMITED, StatusChangeKind.RECOVERED)
 
 
-async def write_status_changes(pool: asyncpg.Pool, plan: Plan, now: datetime) -> StatusChanges:
+async def write_status_changes(pool: db.Acquirer, plan: Plan, now: datetime) -> StatusChanges:
     """Write the plan's status changes and their notifications, in one transaction.
 
     The database decides who moves (only presets still in the status the snapshot saw), so two writers or

@@ -89,7 +89,7 @@ async def ensure_prebuilds_memberships(connection: db.Connection) -> Memberships
     return MembershipsOutcome(missing=missing, added=tuple(added))
 
 
-async def ensure_prebuilds_memberships_in(pool: asyncpg.Pool) -> MembershipsOutcome:
+async def ensure_prebuilds_memberships_in(pool: db.Acquirer) -> MembershipsOutcome:
     """`ensure_prebuilds_memberships` on a connection of its own from `pool` (the pass's lock connection is
     in a read-only transaction); a connection that cannot be had is a failure of the step, not of the pass."""
     try:

@@ -7,24 +7,26 @@ pure planner (status changes included), and the executor writes the plan; `read_
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import enum
 import gc
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
-from asyncpg.transaction import Transaction
 
 from reconciler import db, executor, planner
 from reconciler.admission import Budget
 from reconciler.backoff import BackoffStrategy
 from reconciler.config import Settings, behaviour_values
+from reconciler.durations import format_duration
 from reconciler.executor import StatusChanges
 from reconciler.memberships import MembershipsOutcome, ensure_prebuilds_memberships_in
 from reconciler.plan import (
@@ -49,23 +51,73 @@ class LockLostError(Exception):
     """The connection holding the reconciliation lock broke during the pass."""
 
 
+class PassDeadlineError(Exception):
+    """The pass did not finish within its deadline (RECONCILER_PASS_TIMEOUT)."""
+
+
 # A pass that fails for one of these is an outcome (one line, no traceback), not a bug.
-_EXPECTED_FAILURES: tuple[type[Exception], ...] = (*db.SURVIVABLE_ERRORS, LockLostError)
+_EXPECTED_FAILURES: tuple[type[Exception], ...] = (*db.SURVIVABLE_ERRORS, LockLostError, PassDeadlineError)
+
+# A pass past its deadline, or cancelled (a shutdown past its grace), gets this long to end its
+# transactions itself; then the connections it still holds are closed, which ends it whatever the
+# database does (the server rolls back what they left open).
+CLEANUP_SECONDS = 3.0
+# While it holds the lock, the pass's lock connection is idle during the executor's writes; the server
+# ends that session once it has been idle for the pass's deadline and this margin, so that a replica
+# stopped mid-pass does not keep the lock forever. A running pass never reaches it: it ends by its deadline.
+LOCK_IDLE_MARGIN = timedelta(seconds=30)
+
+T = TypeVar("T")
 
 
-async def _end_lock_transaction(transaction: Transaction, body_raised: bool) -> None:
-    """Roll back the lock's transaction, which releases the lock.
+async def _release_lock(connection: db.Connection, body_raised: bool) -> None:
+    """Release the session's pass lock.
 
     When the connection broke meanwhile, the lock went with it (the server ends the session), so another
     replica may have started a pass: that is reported as a failed pass, unless the pass already failed
     for its own reason, which is then the one reported.
     """
     try:
-        await transaction.rollback()
+        held = await reads.release_reconciliation_lock(connection)
     except db.SURVIVABLE_ERRORS as error:
         if not body_raised:
             reason = f"{type(error).__name__}: {error}"
             raise LockLostError(f"the connection holding the reconciliation lock was lost: {reason}") from error
+        return
+    if not held and not body_raised:
+        raise LockLostError("the reconciliation lock was no longer held at the end of the pass")
+
+
+async def _within_deadline(work: Coroutine[Any, Any, T], connections: db.Connections, deadline: timedelta) -> T:
+    """Run `work` for at most `deadline`; then, or when the caller is cancelled, end it for sure.
+
+    Ending it: cancel it, give it `CLEANUP_SECONDS` to end its transactions, then close the connections it
+    still holds. Each step is bounded, so a pass ends by `deadline` plus twice `CLEANUP_SECONDS` whatever
+    the database does.
+    """
+    task = asyncio.create_task(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=deadline.total_seconds())
+    except asyncio.CancelledError:
+        await _end(task, connections)
+        raise
+    if task not in done:
+        await _end(task, connections)
+        raise PassDeadlineError(f"the pass did not finish within {format_duration(deadline)} (RECONCILER_PASS_TIMEOUT)")
+    return task.result()
+
+
+async def _end(task: asyncio.Task[Any], connections: db.Connections) -> None:
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=CLEANUP_SECONDS)
+    if not done:
+        logger.warning("reconcile.connections_terminated", connections=connections.terminate())
+        done, _ = await asyncio.wait({task}, timeout=CLEANUP_SECONDS)
+    if not done:
+        logger.error("reconcile.pass_abandoned", reason="still running after its connections were closed")
+    elif not task.cancelled():
+        # Retrieved, so that asyncio does not report it as never retrieved: the pass already failed.
+        task.exception()
 
 
 class PassOutcome(enum.StrEnum):
@@ -148,7 +200,7 @@ def as_read(plan: Plan) -> Plan:
     return dataclasses.replace(plan, presets=presets, status_changes=())
 
 
-async def _record_settings(pool: asyncpg.Pool, settings: Settings, now: datetime) -> None:
+async def _record_settings(pool: db.Acquirer, settings: Settings, now: datetime) -> None:
     """Record the behaviour settings this pass uses, for `plan`, `status` and the other read-only commands.
 
     Under the pass's lock (so replicas' records do not interleave), on a connection of its own: the lock's
@@ -307,50 +359,64 @@ async def _run_pass(
     bad_rows: list[reads.BadRowError] = []
     memberships: MembershipsOutcome | None = None
     # When this pass held the reconciliation lock, in wall-clock seconds: read after the lock was granted
-    # and before the transaction that holds it ends, so the interval lies within the real one. Logged,
-    # so that replicas' passes can be shown never to overlap (a pass's duration also covers waiting for
-    # a connection, and its event is written after the lock is released).
+    # and before it is released, so the interval lies within the real one. Logged, so that replicas'
+    # passes can be shown never to overlap (a pass's duration also covers waiting for a connection, and
+    # its event is written after the lock is released).
     lock_held_from = lock_held_until = 0.0
-    try:
-        async with pool.acquire() as connection:
-            # The lock lives as long as this transaction: it is released when the pass ends, and by the
-            # server if this process dies, so another replica can take over on its next tick.
-            transaction = connection.transaction(isolation="repeatable_read", readonly=True)
-            await transaction.start()
+    # Every connection of the pass, the executor's included, is borrowed through these, with a deadline
+    # on the wait for a free one, and can be closed at once when the pass must end.
+    connections = db.Connections(pool, acquire_timeout=settings.pass_timeout)
+
+    async def locked_pass() -> tuple[PassOutcome, Plan | None, executor.ExecutionSummary | None]:
+        nonlocal lock_held_from, lock_held_until, memberships
+        async with connections.acquire() as connection:
+            # A session lock on this connection, outside any transaction: it holds however long the
+            # executor writes on other connections (a transaction's lock would sit idle in its
+            # transaction meanwhile, and be ended by idle_in_transaction_session_timeout). It is released
+            # at the end of the pass, by the pool's reset if that release is skipped, and by the server
+            # when this process dies or the connection is closed, so another replica can take over.
+            if not await reads.try_reconciliation_lock(connection, settings.pass_timeout + LOCK_IDLE_MARGIN):
+                return PassOutcome.SKIPPED_LOCK, None, None
+            lock_held_from = time.time()
             body_raised = True
             try:
-                if not await reads.try_reconciliation_lock(connection):
-                    body_raised = False
-                    return result(PassOutcome.SKIPPED_LOCK)
-                lock_held_from = time.time()
                 paused = await reads.read_paused(connection)
                 if not paused:
                     # Paused, the daemon writes nothing: not even this record (issue 11.5).
-                    await _record_settings(pool, settings, now)
+                    await _record_settings(connections, settings, now)
                     # Before the snapshot, as Coder does, so that the prebuilds this pass creates in a new
                     # organization have an owner who belongs there. Confined: it never fails the pass.
-                    memberships = await ensure_prebuilds_memberships_in(pool)
-                plan = await read_plan(connection, settings, now, bad_rows=bad_rows)
+                    memberships = await ensure_prebuilds_memberships_in(connections)
+                async with connection.transaction(isolation="repeatable_read", readonly=True):
+                    plan = await read_plan(connection, settings, now, bad_rows=bad_rows)
                 _log_plan_problems(plan, problem_log)
                 if paused:
                     # Paused: read and plan as usual, so the gauges stay current, but write nothing.
                     body_raised = False
-                    return result(PassOutcome.PAUSED, plan=as_read(plan))
+                    return PassOutcome.PAUSED, as_read(plan), None
                 _log_plan_details(plan)
                 summary = await executor.execute(
-                    pool, plan, now, concurrency=settings.executor_concurrency, observe=observe_action
+                    connections, plan, now, concurrency=settings.executor_concurrency, observe=observe_action
                 )
                 body_raised = False
             finally:
                 lock_held_until = time.time()
-                await _end_lock_transaction(transaction, body_raised)
+                await _release_lock(connection, body_raised)
+        return PassOutcome.SUCCESS, plan, summary
+
+    try:
+        outcome, plan_read, execution = await _within_deadline(locked_pass(), connections, settings.pass_timeout)
     except _EXPECTED_FAILURES as error:
-        # The database is gone or refused: expected in an outage, so no traceback, one line per pass.
+        # The database is gone, refused or did not answer: expected in an outage, so no traceback, one
+        # line per pass.
         return result(PassOutcome.FAILED, error=f"{type(error).__name__}: {error}")
     except Exception as error:
         # A bug, not an outage: keep the traceback, fail this pass only.
         log.exception("reconcile.pass_crashed")
         return result(PassOutcome.FAILED, error=f"{type(error).__name__}: {error}")
+    if outcome is not PassOutcome.SUCCESS or plan_read is None or execution is None:
+        return result(outcome, plan=plan_read)
+    plan, summary = plan_read, execution
     outcome = PassOutcome.SUCCESS
     pass_result = result(outcome, plan=plan, execution=summary)
     changes = summary.status_changes

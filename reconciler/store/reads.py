@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
@@ -37,6 +37,8 @@ from reconciler.snapshot import (
 
 logger = structlog.get_logger(__name__)
 
+MILLISECOND = timedelta(milliseconds=1)
+
 
 def _query(name: str) -> str:
     return db.queries_in("reads.sql")[name]
@@ -59,9 +61,24 @@ class BadRowError(Exception):
         self.detail = detail
 
 
-async def try_reconciliation_lock(connection: db.Connection) -> bool:
-    """Take the pass lock for the current transaction; False when another replica holds it."""
-    return bool(await connection.fetchval(_query("try_reconciliation_lock"), db.RECONCILIATION_LOCK_KEY))
+async def try_reconciliation_lock(connection: db.Connection, idle_limit: timedelta) -> bool:
+    """Take the pass lock for this session; False when another replica holds it.
+
+    Until it is released, the server ends the session (and so releases the lock) once it has been idle
+    for `idle_limit` (set either way: the pool's reset of a released connection clears it).
+    """
+    row = await connection.fetchrow(
+        _query("try_reconciliation_lock"), db.RECONCILIATION_LOCK_KEY, str(max(int(idle_limit / MILLISECOND), 1))
+    )
+    assert row is not None
+    return bool(row["locked"])
+
+
+async def release_reconciliation_lock(connection: db.Connection) -> bool:
+    """Release the pass lock; False when this session no longer held it."""
+    row = await connection.fetchrow(_query("release_reconciliation_lock"), db.RECONCILIATION_LOCK_KEY)
+    assert row is not None
+    return bool(row["held"])
 
 
 async def read_paused(connection: db.Connection) -> bool:

@@ -1,10 +1,19 @@
--- The reads of one pass. All run in one REPEATABLE READ, read-only transaction; none is per preset.
+-- The reads of one pass, and its lock. The reads run in one REPEATABLE READ, read-only transaction; none
+-- is per preset.
 -- The prebuilds system user c42fdf75-3097-471c-8c33-fb52454d81c0 is written literally (not as a
 -- parameter) so that the planner can match the partial index workspaces_live_prebuilds_idx, which a
 -- generic plan for a parameter could not.
 
 -- name: try_reconciliation_lock
-select pg_try_advisory_xact_lock($1::bigint)
+-- The pass lock, held by the session (not a transaction), on the pass's own connection, so that it holds
+-- while that connection waits outside any transaction for the executor's writes. While it is held, the
+-- session ends after idling for $2 milliseconds (the pass's deadline and a margin): a replica stopped
+-- mid-pass (SIGSTOP, a frozen VM) does not keep the lock forever.
+select pg_try_advisory_lock($1::bigint) as locked, set_config('idle_session_timeout', $2::text, false)
+
+-- name: release_reconciliation_lock
+-- False when the session no longer held the lock. The idle limit goes back to the connection's own.
+select pg_advisory_unlock($1::bigint) as held, set_config('idle_session_timeout', '0', false)
 
 -- name: read_prebuilds_settings
 select value from site_configs where key = 'prebuilds_settings'

@@ -586,7 +586,8 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
         return await as_role.fetch(db.queries()[name], *arguments)
 
     # The snapshot and its companions.
-    assert (await run("try_reconciliation_lock", db.RECONCILIATION_LOCK_KEY))[0][0] is True
+    assert (await run("try_reconciliation_lock", db.RECONCILIATION_LOCK_KEY, "60000"))[0]["locked"] is True
+    assert (await run("release_reconciliation_lock", db.RECONCILIATION_LOCK_KEY))[0]["held"] is True
     assert json.loads((await run("read_prebuilds_settings"))[0]["value"]) == {"reconciliation_paused": False}
     assert {row["id"] for row in await run("snapshot_presets")} >= {ids["preset"], ids["limited_preset"]}
     await run("snapshot_schedules")

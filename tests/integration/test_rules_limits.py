@@ -378,7 +378,7 @@ async def test_a_pass_skips_while_another_holds_the_lock(
     finally:
         await other_replica.close()
 
-    # The lock is transaction-scoped: once the other replica's transaction ends, the next pass runs.
+    # Once the other replica releases the lock (its transaction ends), the next pass runs.
     result = await pass_at(pool, settings, factory.now)
     assert result.execution is not None
     assert result.execution.created == 2

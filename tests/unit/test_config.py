@@ -101,6 +101,7 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ),
     ("RECONCILER_STATEMENT_TIMEOUT", "2m", "statement_timeout", timedelta(minutes=2)),
     ("RECONCILER_CONNECT_TIMEOUT", "3s", "connect_timeout", timedelta(seconds=3)),
+    ("RECONCILER_PASS_TIMEOUT", "10m", "pass_timeout", timedelta(minutes=10)),
     ("RECONCILER_POOL_MAX_SIZE", "40", "pool_max_size", 40),
     ("RECONCILER_SMTP_HOST", "mail.example", "smtp_host", "mail.example"),
     ("RECONCILER_SMTP_PORT", "2525", "smtp_port", 2525),
@@ -157,6 +158,7 @@ def test_the_defaults_are_the_documented_ones() -> None:
     assert loaded.capacity_error_codes == frozenset({"INSUFFICIENT_QUOTA"})
     assert loaded.statement_timeout == timedelta(seconds=30)
     assert loaded.connect_timeout == timedelta(seconds=10)
+    assert loaded.pass_timeout == timedelta(minutes=5)
     assert loaded.pool_max_size == 10
     assert loaded.webhooks == ()
     assert (loaded.smtp_host, loaded.smtp_from, loaded.smtp_username, loaded.smtp_password) == (None,) * 4
@@ -271,7 +273,8 @@ BOUNDS: list[tuple[str, str, str, str, str, dict[str, str]]] = [
     ("RECONCILER_SHUTDOWN_GRACE", "0s", "-1s", "1h", "3601", {}),
     ("RECONCILER_MAX_DESIRED_INSTANCES", "1", "0", "100000", "100001", {}),
     ("RECONCILER_EXECUTOR_CONCURRENCY", "1", "0", "256", "257", {"RECONCILER_POOL_MAX_SIZE": "258"}),
-    ("RECONCILER_STATEMENT_TIMEOUT", "1s", "0", "1h", "61m", {}),
+    ("RECONCILER_STATEMENT_TIMEOUT", "1s", "0", "1h", "61m", {"RECONCILER_PASS_TIMEOUT": "2h"}),
+    ("RECONCILER_PASS_TIMEOUT", "2s", "1s", "1d", "1d1s", {"RECONCILER_STATEMENT_TIMEOUT": "1s"}),
     ("RECONCILER_CONNECT_TIMEOUT", "1s", "0s", "5m", "301s", {}),
     ("RECONCILER_POOL_MAX_SIZE", "3", "2", "500", "501", {"RECONCILER_EXECUTOR_CONCURRENCY": "1"}),
     ("RECONCILER_SMTP_PORT", "1", "0", "65535", "65536", {}),
@@ -321,6 +324,17 @@ def test_every_numeric_setting_has_a_bounds_test() -> None:
     bounded = {variable.removeprefix("RECONCILER_").lower() for variable, *_ in BOUNDS}
     assert numeric, "no numeric settings found: the introspection is broken"
     assert numeric <= bounded
+
+
+def test_the_pass_deadline_must_hold_a_read_and_a_write_at_the_statement_timeout() -> None:
+    problem = only_problem({"RECONCILER_STATEMENT_TIMEOUT": "1m", "RECONCILER_PASS_TIMEOUT": "119s"})
+    assert named(problem) == "RECONCILER_PASS_TIMEOUT"
+    assert "RECONCILER_STATEMENT_TIMEOUT" in problem
+    assert "2m" in problem
+    # The default deadline (5m) with a statement timeout above half of it: the pair is refused.
+    assert named(only_problem({"RECONCILER_STATEMENT_TIMEOUT": "3m"})) == "RECONCILER_PASS_TIMEOUT"
+    loaded = load({"RECONCILER_STATEMENT_TIMEOUT": "1m", "RECONCILER_PASS_TIMEOUT": "2m"})
+    assert loaded.pass_timeout == timedelta(minutes=2)
 
 
 def test_the_pool_must_hold_the_executor_and_two_more() -> None:

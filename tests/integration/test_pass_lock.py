@@ -1,0 +1,73 @@
+"""The pass lock holds for the whole pass, however long its writes take (issue 13.4)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from reconciler import db
+from reconciler.reconcile import PassOutcome, run_pass
+from tests.factories import Factory
+from tests.integration.reconcile_support import live_prebuilds, settings_for
+
+# Every build insert sleeps: the executor's create takes 2.5 s, while the pass's lock connection waits.
+SLOW_CREATES = """
+create function test_slow_create() returns trigger language plpgsql as $$
+begin
+    perform pg_sleep(2.5);
+    return new;
+end $$;
+create trigger test_slow_create before insert on workspace_builds
+    for each row execute function test_slow_create();
+"""
+# The server ends a session idle in its transaction for this long: scaled down from the daemon's 60 s.
+IDLE_IN_TRANSACTION = timedelta(seconds=1)
+
+SAMPLE = """
+select
+    (select count(*) from pg_locks
+     where locktype = 'advisory' and granted and classid = 0 and objid = $1 and objsubid = 1) as holders,
+    (select max(extract(epoch from clock_timestamp() - query_start))::float8 from pg_stat_activity
+     where application_name = 'reconciler' and wait_event = 'PgSleep') as sleeping_for
+"""
+LOCK_HOLDERS = """
+select l.pid from pg_locks l
+where l.locktype = 'advisory' and l.granted and l.classid = 0 and l.objid = $1 and l.objsubid = 1
+"""
+
+
+async def test_the_lock_holds_through_writes_longer_than_the_idle_in_transaction_timeout(
+    factory: Factory, database_url: str, connection: asyncpg.Connection
+) -> None:
+    preset = await factory.preset(desired=1)
+    await connection.execute(SLOW_CREATES)
+    settings = settings_for(database_url)
+    pool = await db.create_pool(database_url, max_size=12, idle_in_transaction_timeout=IDLE_IN_TRANSACTION)
+    try:
+        in_flight = asyncio.create_task(run_pass(pool, settings, datetime.now(UTC)))
+        # From another connection, throughout the pass: how many backends hold the lock, and for how long
+        # the executor's create has slept (null when it is not sleeping), both read at one instant. The
+        # lock connection went idle before the create began, so it has been idle at least that long.
+        samples: list[tuple[int, float | None]] = []
+        while not in_flight.done():
+            row = await connection.fetchrow(SAMPLE, db.RECONCILIATION_LOCK_KEY)
+            assert row is not None
+            samples.append((row["holders"], row["sleeping_for"]))
+            await asyncio.sleep(0.05)
+        result = in_flight.result()
+        assert result.outcome is PassOutcome.SUCCESS, result.error
+        assert result.execution is not None
+        assert result.execution.created == 1
+        during = [(holders, sleeping_for) for holders, sleeping_for in samples if sleeping_for is not None]
+        # Every sample taken while the create slept saw the lock held, including some taken well past the
+        # idle-in-transaction timeout.
+        assert during, samples
+        assert all(holders == 1 for holders, _ in during), samples
+        assert max(sleeping_for for _, sleeping_for in during) > 1.5 * IDLE_IN_TRANSACTION.total_seconds(), samples
+        assert await live_prebuilds(connection) == {preset.id: 1}
+        # Released at the end of the pass.
+        assert await connection.fetch(LOCK_HOLDERS, db.RECONCILIATION_LOCK_KEY) == []
+    finally:
+        await pool.close()
