@@ -416,6 +416,7 @@ OPERATIONAL_SETTINGS: frozenset[str] = frozenset(
         "shutdown_grace",
         "executor_concurrency",
         "statement_timeout",
+        "pass_timeout",
         "connect_timeout",
         "pool_max_size",
         "webhooks",
