@@ -44,6 +44,8 @@ class Readiness:
 class HealthState:
     readiness: Readiness
     heartbeat: Callable[[], float]
+    # Why the reconciliation loop is stuck, or None while it makes progress.
+    stuck: Callable[[], str | None] = lambda: None
 
 
 def build_application(metrics: Metrics, health: HealthState) -> web.Application:
@@ -58,6 +60,10 @@ def build_application(metrics: Metrics, health: HealthState) -> web.Application:
         age = time.time() - health.heartbeat()
         if age > HEARTBEAT_STALE_SECONDS:
             return web.json_response({"status": "stalled", "heartbeat_age_seconds": round(age, 1)}, status=503)
+        # The loop runs, but the passes may not: one waiting past its deadline, or every one cut by it.
+        stuck = health.stuck()
+        if stuck is not None:
+            return web.json_response({"status": "stuck", "reason": stuck}, status=503)
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:

@@ -138,6 +138,8 @@ class PassResult:
     error: str | None = None
     # The prebuilds user's memberships step (BEHAVIOR.md section 7); None when the pass did not get there.
     memberships: MembershipsOutcome | None = None
+    # The pass was ended by its deadline (the database did not answer in time), not by its own end.
+    deadline_exceeded: bool = False
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -334,6 +336,7 @@ async def _run_pass(
         plan: Plan | None = None,
         execution: executor.ExecutionSummary | None = None,
         error: str | None = None,
+        deadline_exceeded: bool = False,
     ) -> PassResult:
         pass_result = PassResult(
             run_id=run_id,
@@ -344,6 +347,7 @@ async def _run_pass(
             execution=execution,
             error=error,
             memberships=memberships,
+            deadline_exceeded=deadline_exceeded,
         )
         if outcome is not PassOutcome.SUCCESS:
             # The canonical event of a pass that did not reconcile; a lock skip is routine, hence debug.
@@ -409,7 +413,11 @@ async def _run_pass(
     except _EXPECTED_FAILURES as error:
         # The database is gone, refused or did not answer: expected in an outage, so no traceback, one
         # line per pass.
-        return result(PassOutcome.FAILED, error=f"{type(error).__name__}: {error}")
+        return result(
+            PassOutcome.FAILED,
+            error=f"{type(error).__name__}: {error}",
+            deadline_exceeded=isinstance(error, PassDeadlineError),
+        )
     except Exception as error:
         # A bug, not an outage: keep the traceback, fail this pass only.
         log.exception("reconcile.pass_crashed")

@@ -53,6 +53,16 @@ TOTALS_REFRESH_SECONDS = 60.0
 # ended starts the count afresh.
 TASK_RESTART_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 TASK_HEALTHY_SECONDS = 300.0
+# /healthz says the loop is stuck when no pass has ended by itself (succeeded, skipped, paused, or failed
+# with the database's answer) for the interval, the pass deadline and this: a pass waiting past its
+# deadline and its cleanup, a scheduler that stopped, or passes that are all cut by their deadline.
+STUCK_MARGIN_SECONDS = 10.0
+# A stop ends within the shutdown grace plus at most the sum of these, whatever the database does: the
+# work in flight, cancelled after the grace, ends its transactions (the pass closes its connections
+# after 3 s); the background tasks end; the pool closes, or is terminated; the HTTP server stops.
+STOP_CANCEL_SECONDS = 4.0
+STOP_TASKS_SECONDS = 2.0
+STOP_POOL_SECONDS = 2.0
 
 PassListener = Callable[[PassResult], None]
 TaskFactory = Callable[[], Coroutine[Any, Any, None]]
@@ -93,6 +103,8 @@ class Daemon:
         self.last_pass: PassResult | None = None
         self.pass_listeners: list[PassListener] = []
         self._heartbeat = time.time()
+        # When a pass last ended by itself (monotonic): see STUCK_MARGIN_SECONDS. None before the passes start.
+        self._last_progress: float | None = None
         self._pool: asyncpg.Pool | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._runner: web.AppRunner | None = None
@@ -120,7 +132,7 @@ class Daemon:
 
     async def start(self) -> None:
         """Start everything; waits (retrying) for the database. Raises HttpBindError if the port is taken."""
-        health = HealthState(readiness=self.readiness, heartbeat=lambda: self._heartbeat)
+        health = HealthState(readiness=self.readiness, heartbeat=lambda: self._heartbeat, stuck=self.stuck_reason)
         self._runner = await start_http(
             build_application(self.metrics, health), self.settings.http_host, self.settings.http_port
         )
@@ -161,11 +173,18 @@ class Daemon:
                 self._scheduler.shutdown(wait=False)
             for task in self._tasks.values():
                 task.cancel()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            tasks = [task for task in self._tasks.values() if not task.done()]
+            if tasks:
+                # A task cancelled amid a database call ends it politely (a cancel request, the pool's
+                # reset), which waits on a database that stopped answering: the pool's end cuts that.
+                _, pending = await asyncio.wait(tasks, timeout=STOP_TASKS_SECONDS)
+                if pending:
+                    logger.warning("daemon.tasks_not_stopped", tasks=sorted(task.get_name() for task in pending))
             if self._pool is not None:
                 try:
-                    await asyncio.wait_for(self._pool.close(), timeout=10)
-                except TimeoutError:
+                    await asyncio.wait_for(self._pool.close(), timeout=STOP_POOL_SECONDS)
+                except db.SURVIVABLE_ERRORS:  # TimeoutError among them
+                    # Closed without a word to the server, which rolls back what was left open.
                     self._pool.terminate()
             if self._runner is not None:
                 await self._runner.cleanup()
@@ -190,7 +209,7 @@ class Daemon:
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=10)
+            await asyncio.wait(pending, timeout=STOP_CANCEL_SECONDS)
 
     # --- supervision ----------------------------------------------------------------------------
 
@@ -304,6 +323,21 @@ class Daemon:
         else:
             self._set_not_ready(f"schema not ready: {reason}")
 
+    def stuck_reason(self, now: float | None = None) -> str | None:
+        """Why /healthz should say the reconciliation loop is stuck at `now` (monotonic), or None (see
+        STUCK_MARGIN_SECONDS)."""
+        if self._last_progress is None or self._stopping:
+            return None
+        limit = (
+            self.settings.reconciliation_interval.total_seconds()
+            + self.settings.pass_timeout.total_seconds()
+            + STUCK_MARGIN_SECONDS
+        )
+        since = (time.monotonic() if now is None else now) - self._last_progress
+        if since <= limit:
+            return None
+        return f"no pass has ended by itself for {since:.0f}s (limit {limit:.0f}s)"
+
     # --- background loops -----------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
@@ -382,6 +416,7 @@ class Daemon:
         scheduler.add_listener(self._on_scheduler_event, EVENT_JOB_MISSED | EVENT_JOB_ERROR | EVENT_JOB_MAX_INSTANCES)
         scheduler.start()
         self._scheduler = scheduler
+        self._last_progress = time.monotonic()
 
     def _on_scheduler_event(self, event: JobExecutionEvent) -> None:
         name = {EVENT_JOB_MISSED: "missed", EVENT_JOB_ERROR: "error", EVENT_JOB_MAX_INSTANCES: "max_instances"}.get(
@@ -445,6 +480,8 @@ class Daemon:
                 len(result.memberships.failures),
             )
         self.last_pass = result
+        if not result.deadline_exceeded:
+            self._last_progress = time.monotonic()
         for listener in self.pass_listeners:
             listener(result)
 

@@ -17,6 +17,7 @@ from tests.tcp_proxy import TcpProxy
 LOCK_HOLDERS = """
 select count(*) from pg_locks
 where locktype = 'advisory' and granted and classid = 0 and objid = $1 and objsubid = 1
+      and database = (select oid from pg_database where datname = current_database())
 """
 
 

@@ -25,16 +25,19 @@ create trigger test_slow_create before insert on workspace_builds
 # The server ends a session idle in its transaction for this long: scaled down from the daemon's 60 s.
 IDLE_IN_TRANSACTION = timedelta(seconds=1)
 
+# pg_locks is the whole server's: other databases (other tests') hold the same key, so only this one's count.
 SAMPLE = """
 select
     (select count(*) from pg_locks
-     where locktype = 'advisory' and granted and classid = 0 and objid = $1 and objsubid = 1) as holders,
+     where locktype = 'advisory' and granted and classid = 0 and objid = $1 and objsubid = 1
+      and database = (select oid from pg_database where datname = current_database())) as holders,
     (select max(extract(epoch from clock_timestamp() - query_start))::float8 from pg_stat_activity
      where application_name = 'reconciler' and wait_event = 'PgSleep') as sleeping_for
 """
 LOCK_HOLDERS = """
 select l.pid from pg_locks l
 where l.locktype = 'advisory' and l.granted and l.classid = 0 and l.objid = $1 and l.objsubid = 1
+    and l.database = (select oid from pg_database where datname = current_database())
 """
 
 
