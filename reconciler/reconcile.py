@@ -205,8 +205,8 @@ def as_read(plan: Plan) -> Plan:
 async def _record_settings(pool: db.Acquirer, settings: Settings, now: datetime) -> None:
     """Record the behaviour settings this pass uses, for `plan`, `status` and the other read-only commands.
 
-    Under the pass's lock (so replicas' records do not interleave), on a connection of its own: the lock's
-    transaction is read-only. A role that may not write them (its script not re-run after the upgrade)
+    Under the pass's lock (so replicas' records do not interleave), on a connection of its own, as the
+    pass's other writes are. A role that may not write them (its script not re-run after the upgrade)
     is a warning: the record informs operators, and must not stop reconciliation.
     """
     try:
