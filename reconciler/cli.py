@@ -215,12 +215,20 @@ def _parser() -> argparse.ArgumentParser:
     status = _command(
         commands,
         "status",
-        "show every preset's counts, status and backoff",
-        "Show a table of every preset that has prebuilds: template, version, preset, desired and actual "
-        "counts, its prebuild status (normal, hard_limited, validation_failed) and when its backoff ends. "
-        "Writes nothing. " + _READ_ONLY_SETTINGS,
+        "show every preset's pool, status and why it is not filling",
+        "Show a table of every preset that has prebuilds, at most 120 columns wide: a short preset id "
+        "(accepted by `presets describe` and `presets reset`), organization, template, version, preset, "
+        "eligible/desired prebuilds, those starting, its prebuild status (normal, hard_limited, "
+        "validation_failed), and for a pool that is not filling the most decisive reason (backoff, hard "
+        "limit, validation failure, creates withheld, schedule ignored, target capped, a pending job "
+        "waiting). Times are UTC. --wide shows every count and reason; --json everything. Writes nothing. "
+        + _READ_ONLY_SETTINGS,
     )
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status_format = status.add_mutually_exclusive_group()
+    status_format.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status_format.add_argument(
+        "--wide", action="store_true", help="every count, the status's time, the streak and every reason"
+    )
     _settings_option(status)
     _command(
         commands,
@@ -534,7 +542,7 @@ async def _read_only_settings(
     return resolved
 
 
-async def _plan_or_status(settings: Settings, as_json: bool, status: bool, requested: str) -> int:
+async def _plan_or_status(settings: Settings, as_json: bool, status: bool, requested: str, wide: bool = False) -> int:
     from reconciler import reports
     from reconciler.membership_report import memberships_json, memberships_lines
     from reconciler.memberships import missing_memberships
@@ -554,8 +562,12 @@ async def _plan_or_status(settings: Settings, as_json: bool, status: bool, reque
             document["memberships"] = memberships_json(missing)
             document["settings"] = resolved.as_json()
             print(json.dumps(document, indent=2))
+        elif status:
+            table = reports.status_wide_table if wide else reports.status_table
+            print(table(plan, paused=paused))
         else:
-            print(reports.status_table(plan, paused=paused) if status else reports.plan_table(plan, paused=paused))
+            print(reports.plan_table(plan, paused=paused))
+        if not as_json:
             for line in memberships_lines(missing, status=status):
                 print(line)
         return EXIT_OK
@@ -654,7 +666,9 @@ def _dispatch(arguments: argparse.Namespace) -> int:
         "migrate": lambda: _migrate(settings),
         "reconcile": lambda: _reconcile_once(settings),
         "plan": lambda: _plan_or_status(settings, arguments.json, status=False, requested=arguments.settings),
-        "status": lambda: _plan_or_status(settings, arguments.json, status=True, requested=arguments.settings),
+        "status": lambda: _plan_or_status(
+            settings, arguments.json, status=True, requested=arguments.settings, wide=arguments.wide
+        ),
         "pause": lambda: _set_paused(settings, True),
         "resume": lambda: _set_paused(settings, False),
         "presets": lambda: _reset_preset(settings, arguments.preset_id),

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from reconciler.store.memberships import OrganizationMemberships
+from reconciler.terminal import printable
 
 
 def memberships_json(missing: Sequence[OrganizationMemberships]) -> list[dict[str, Any]]:
@@ -29,7 +30,7 @@ def memberships_lines(missing: Sequence[OrganizationMemberships], *, status: boo
     lines = []
     for organization in missing:
         kinds = ", ".join(kind.value for kind in organization.missing)
-        name = _printable(organization.organization_name)
+        name = printable(organization.organization_name)
         if status:
             lines.append(
                 f"note: the prebuilds user is missing from organization {name} ({kinds}); the next pass adds it"
@@ -37,8 +38,3 @@ def memberships_lines(missing: Sequence[OrganizationMemberships], *, status: boo
         else:
             lines.append(f"memberships: would add {kinds} in organization {name}")
     return lines
-
-
-def _printable(text: str) -> str:
-    # Names come from another component: never let one move the cursor or fake a line on a terminal.
-    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)

@@ -10,6 +10,7 @@ from uuid import UUID
 
 from reconciler.admission import HoldReason
 from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
+from reconciler.target import TargetSource
 
 
 class DeleteReason(enum.StrEnum):
@@ -115,6 +116,17 @@ class PresetPlan:
     creates_held_by: HoldReason | None = None
     deletes_held: int = 0
     deletes_held_by: HoldReason | None = None
+    # What `status` and `presets describe` explain (the actions above do not depend on them):
+    # where `state.desired` came from, and the target before RECONCILER_MAX_DESIRED_INSTANCES cut it
+    # (None: not capped);
+    target_source: TargetSource = TargetSource.STATIC
+    uncapped_target: int | None = None
+    # why the preset's schedules were not used (None: they were, or it has none);
+    schedule_problem: str | None = None
+    # the failures behind backoff, hard limit and validation verdicts (streak, last error and code);
+    failures: PresetFailures | None = None
+    # when the oldest of its builds that no provisioner has picked up yet was created.
+    oldest_pending_at: datetime | None = None
 
     @property
     def prebuild_status(self) -> PrebuildStatus:

@@ -15,7 +15,6 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from reconciler import backoff as backoff_policy
-from reconciler import schedule
 from reconciler.admission import Admission, Budget, Wants, admit
 from reconciler.plan import (
     Action,
@@ -43,6 +42,7 @@ from reconciler.snapshot import (
     Snapshot,
     Transition,
 )
+from reconciler.target import TargetSource, scheduled_target
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,9 @@ def _group(snapshot: Snapshot) -> _Grouped:
 # setting, because no value changes what an invalidation does, only how long a broken clock churns.
 INVALIDATION_CLOCK_SKEW = timedelta(minutes=2)
 INVALIDATION_IGNORED = "preset.invalidation_ignored"
+
+
+_NO_CAP = 2**63
 
 
 def usable_invalidation(preset: Preset, now: datetime) -> datetime | None:
@@ -205,7 +208,12 @@ def plan_preset(
             fresh.append(prebuild)
             ready += prebuild.ready
     starting = stopping = deleting = 0
+    oldest_pending_at: datetime | None = None
     for row in inputs.in_progress:
+        if row.oldest_pending_at is not None and (
+            oldest_pending_at is None or row.oldest_pending_at < oldest_pending_at
+        ):
+            oldest_pending_at = row.oldest_pending_at
         if row.transition is Transition.START:
             starting += row.count
         elif row.transition is Transition.STOP:
@@ -214,23 +222,28 @@ def plan_preset(
             deleting += row.count
 
     desired = 0
+    target_source = TargetSource.INACTIVE
+    uncapped_target: int | None = None
+    schedule_problem: str | None = None
     if active:
-        desired = preset.desired_instances
-        if preset.schedules:
-            target = schedule.target(desired, preset.schedules, preset.scheduling_timezone, now)
-            if target.problem is not None:
-                problems.append(PlanProblem(preset.id, "preset.schedule_ignored", target.problem))
-            desired = target.instances
-        if desired > config.max_desired_instances:
-            problems.append(
-                PlanProblem(
-                    preset.id,
-                    "preset.desired_capped",
-                    f"target {desired} is above RECONCILER_MAX_DESIRED_INSTANCES; using {config.max_desired_instances}",
+        # Static or scheduled, capped: the same rules (and problem texts) as an expression's baseline.
+        target_source, desired, target_problems = scheduled_target(
+            preset.desired_instances,
+            preset.schedules,
+            preset.scheduling_timezone,
+            config.max_desired_instances,
+            now,
+        )
+        for event, detail in target_problems:
+            problems.append(PlanProblem(preset.id, event, detail))
+            if event == "preset.schedule_ignored":
+                schedule_problem = detail
+            elif event == "preset.desired_capped":
+                # Rare (a typo'd target): computed again without the cap, for `status` to show.
+                _, uncapped_target, _ = scheduled_target(
+                    preset.desired_instances, preset.schedules, preset.scheduling_timezone, _NO_CAP, now
                 )
-            )
-            desired = config.max_desired_instances
-        elif desired < 0:
+        if desired < 0:
             # The schema refuses it, but a component that relaxed the constraint may write it: no pool.
             problems.append(PlanProblem(preset.id, "preset.desired_capped", f"target {desired} is below 0; using 0"))
             desired = 0
@@ -257,6 +270,11 @@ def plan_preset(
             actions=tuple(actions),
             hard_limited=hard_limited,
             status_change=change,
+            target_source=target_source,
+            uncapped_target=uncapped_target,
+            schedule_problem=schedule_problem,
+            failures=inputs.failures,
+            oldest_pending_at=oldest_pending_at,
             **extra,  # type: ignore[arg-type]
         )
         return preset_plan, problems

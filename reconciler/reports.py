@@ -1,21 +1,38 @@
-"""What `plan` and `status` print: the contract's JSON shape, and tables for people."""
+"""What `plan` and `status` print: the contract's JSON shape, and tables for people.
+
+Every table goes through `table`, which shows control and bidirectional characters of the data as
+visible escapes (`reconciler.terminal`); JSON documents carry the raw text (JSON escapes it itself).
+Times in tables are UTC and say so; JSON times are ISO 8601 with `Z`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
+from reconciler.admission import HoldReason
+from reconciler.durations import format_duration
 from reconciler.plan import (
     Action,
     BackoffAction,
     BudgetUse,
     CancelPendingAction,
     CreateAction,
+    CreateBlock,
     DeleteAction,
     Plan,
     PresetPlan,
 )
+from reconciler.snapshot import PrebuildStatus
+from reconciler.terminal import printable
+
+# The default `status` table fits a terminal this wide (names and the reason are shortened, with "…");
+# `status --wide` shows everything, whatever its width.
+STATUS_WIDTH = 120
+# A short preset id: enough of the uuid to tell presets apart in practice, and accepted wherever a
+# command takes a preset (as a unique prefix).
+SHORT_ID_LENGTH = 8
 
 STATE_FIELDS = ("desired", "actual", "eligible", "extraneous", "expired", "starting", "stopping", "deleting")
 
@@ -117,18 +134,65 @@ def plan_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
     }
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain aligned text table (no dependency, copy-paste friendly)."""
-    cells = [[str(header) for header in headers], *[[str(value) for value in row] for row in rows]]
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    width: int | None = None,
+    shrink: Sequence[Mapping[int, int]] = (),
+) -> str:
+    """A plain aligned text table (no dependency, copy-paste friendly), its cells made safe to print.
+
+    With `width`, columns are shortened with "…" until the table fits: `shrink` is a list of stages, each
+    a mapping of column index to the narrowest that stage may make it; within a stage the widest column
+    gives a character first, and a stage is used up before the next one starts.
+    """
+    cells = [[printable(header) for header in headers], *[[printable(value) for value in row] for row in rows]]
     widths = [max(len(row[index]) for row in cells) for index in range(len(headers))]
-    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    if width is not None:
+        total = sum(widths) + 2 * (len(widths) - 1)
+        for stage in shrink:
+            while total > width:
+                candidates = [
+                    index for index, floor in stage.items() if widths[index] > max(floor, len(cells[0][index]))
+                ]
+                if not candidates:
+                    break
+                widest = max(candidates, key=lambda index: widths[index])
+                widths[widest] -= 1
+                total -= 1
+        cells = [[_shorten(value, size) for value, size in zip(row, widths, strict=True)] for row in cells]
+    lines = ["  ".join(value.ljust(size) for value, size in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * size for size in widths))
     return "\n".join(lines)
 
 
-def _describe_action(action: Action) -> str:
+def format_time(moment: datetime, now: datetime) -> str:
+    """A time for a table, in UTC and saying so: the time of day alone when it is today's."""
+    if moment.replace(tzinfo=None) >= datetime.max - timedelta(days=1):
+        return "the end of time"
+    utc = moment.astimezone(now.tzinfo) if now.tzinfo is not None and moment.tzinfo is not None else moment
+    if utc.date() == now.date():
+        return f"{utc:%H:%M:%S} UTC"
+    return f"{utc:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def format_age(since: datetime, now: datetime) -> str:
+    """How long ago, to the second (`4m12s`)."""
+    try:
+        seconds = max(int((now - since).total_seconds()), 0)
+    except OverflowError:
+        return "ever"
+    return format_duration(timedelta(seconds=seconds))
+
+
+def _describe_action(action: Action, now: datetime) -> str:
     if isinstance(action, BackoffAction):
-        return f"backoff until {action.until:%H:%M:%S} ({action.num_failed} failed)"
+        return f"backoff until {format_time(action.until, now)} ({action.num_failed} failed)"
     if isinstance(action, CancelPendingAction):
         return f"cancel {action.count} pending"
     if isinstance(action, DeleteAction):
@@ -157,7 +221,12 @@ def plan_table(plan: Plan, *, paused: bool) -> str:
             preset_plan.state.actual,
             preset_plan.state.starting,
             preset_plan.preset.prebuild_status.value,
-            "; ".join([*(_describe_action(action) for action in preset_plan.actions), *_describe_held(preset_plan)])
+            "; ".join(
+                [
+                    *(_describe_action(action, plan.generated_at) for action in preset_plan.actions),
+                    *_describe_held(preset_plan),
+                ]
+            )
             or "-",
         )
         for preset_plan in plan.presets
@@ -172,51 +241,212 @@ def plan_table(plan: Plan, *, paused: bool) -> str:
     return f"{header}\n{body}" if rows else f"{header}\nno presets with prebuilds"
 
 
+def _withheld_because(block: CreateBlock) -> str:
+    return "the preset is hard limited" if block is CreateBlock.HARD_LIMITED else "its template failed validation"
+
+
+def _count(count: int, noun: str) -> str:
+    return f"1 {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _failures(count: int) -> str:
+    return _count(count, "failure")
+
+
+_HELD_BECAUSE = {
+    HoldReason.MAX_IN_FLIGHT: "the in-flight budget (RECONCILER_MAX_IN_FLIGHT)",
+    HoldReason.MAX_IN_FLIGHT_PER_TEMPLATE: "the template's in-flight budget",
+    HoldReason.BREAKER_OPEN: "the open circuit breaker",
+    HoldReason.BREAKER_PROBING: "the circuit breaker's probe",
+}
+
+
+def reasons(preset_plan: PresetPlan, now: datetime, *, paused: bool) -> list[str]:
+    """Why the preset's pool is not (or may not be) at its target, most decisive first; [] when nothing
+    stands in its way. Derived from the plan alone, so `status` says what the pass decides."""
+    found: list[str] = []
+    preset = preset_plan.preset
+    failures = preset_plan.failures
+    wants_work = any(
+        isinstance(action, CreateAction | DeleteAction | CancelPendingAction) for action in preset_plan.actions
+    )
+    if paused and wants_work:
+        found.append("creates withheld because reconciliation is paused")
+    backoff = next((action for action in preset_plan.actions if isinstance(action, BackoffAction)), None)
+    if backoff is not None:
+        found.append(f"backoff until {format_time(backoff.until, now)} after {_failures(backoff.num_failed)}")
+    status = preset_plan.prebuild_status
+    since = preset.status_changed_at if preset_plan.status_change is None else None
+    since_text = f" since {format_time(since, now)}" if since is not None else ""
+    if status is PrebuildStatus.VALIDATION_FAILED:
+        code = failures.last_error_code if failures is not None and failures.last_error_code else "unknown"
+        # Its time is in SINCE (`--wide`): the error code is what the operator acts on, and long.
+        found.append(f"validation failed with error code {code}")
+    elif status is PrebuildStatus.HARD_LIMITED:
+        streak = f" after {_failures(failures.failure_streak)} in a row" if failures is not None else ""
+        if preset_plan.status_change is not None:
+            found.append(f"hard limit reached now{streak}")
+        else:
+            found.append(f"hard limited{since_text or ' (since unknown)'}{streak}")
+    if preset_plan.create_blocked is not None and preset_plan.creates_withheld:
+        creates = _count(preset_plan.creates_withheld, "create")
+        found.append(f"{creates} withheld because {_withheld_because(preset_plan.create_blocked)}")
+    for count, held_by, kind in (
+        (preset_plan.creates_held, preset_plan.creates_held_by, "create"),
+        (preset_plan.deletes_held, preset_plan.deletes_held_by, "delete"),
+    ):
+        if count and held_by is not None:
+            found.append(f"{_count(count, kind)} withheld because of {_HELD_BECAUSE[held_by]}")
+    if preset_plan.schedule_problem is not None:
+        found.append(f"schedule ignored because {preset_plan.schedule_problem}")
+    if preset_plan.uncapped_target is not None:
+        found.append(f"target capped at {preset_plan.state.desired} (asked {preset_plan.uncapped_target})")
+    if preset_plan.oldest_pending_at is not None:
+        found.append(f"oldest pending job waiting for {format_age(preset_plan.oldest_pending_at, now)}")
+    if not preset.active and not found and (preset_plan.state.actual or preset_plan.actions):
+        found.append("not the active version: its prebuilds are being removed")
+    return found
+
+
+def _target_source(preset_plan: PresetPlan) -> str:
+    if preset_plan.uncapped_target is not None:
+        return f"{preset_plan.target_source.value}, capped"
+    return preset_plan.target_source.value
+
+
 def status_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
+    now = plan.generated_at
+
+    def entry(preset_plan: PresetPlan) -> dict[str, Any]:
+        preset = preset_plan.preset
+        failures = preset_plan.failures
+        found = reasons(preset_plan, now, paused=paused)
+        pending_at = preset_plan.oldest_pending_at
+        return {
+            "preset_id": str(preset.id),
+            "organization_name": preset.organization_name,
+            "template_name": preset.template_name,
+            "template_version_name": preset.template_version_name,
+            "preset_name": preset.name,
+            "active": preset.active,
+            "prebuild_status": preset.prebuild_status.value,
+            "hard_limited": preset_plan.hard_limited,
+            "backoff_until": _iso(preset_plan.backoff_until) if preset_plan.backoff_until else None,
+            **{name: getattr(preset_plan.state, name) for name in STATE_FIELDS},
+            # Extensions (issue 11.6): why the pool is not filling, and the facts behind it.
+            "short_id": str(preset.id)[:SHORT_ID_LENGTH],
+            "reason": found[0] if found else None,
+            "reasons": found,
+            "status_changed_at": _iso(preset.status_changed_at) if preset.status_changed_at else None,
+            "status_change": preset_plan.status_change.value if preset_plan.status_change else None,
+            "failure_streak": failures.failure_streak if failures else 0,
+            "last_error": failures.last_error if failures else None,
+            "last_error_code": failures.last_error_code if failures else None,
+            "last_failed_at": _iso(failures.last_failed_at) if failures and failures.last_failed_at else None,
+            "create_blocked": preset_plan.create_blocked.value if preset_plan.create_blocked else None,
+            "creates_withheld": preset_plan.creates_withheld,
+            "target_source": preset_plan.target_source.value,
+            "uncapped_target": preset_plan.uncapped_target,
+            "schedule_problem": preset_plan.schedule_problem,
+            "oldest_pending_job_created_at": _iso(pending_at) if pending_at else None,
+            "oldest_pending_job_age_seconds": max((now - pending_at).total_seconds(), 0.0) if pending_at else None,
+            **held_json(preset_plan),
+        }
+
     return {
-        "generated_at": _iso(plan.generated_at),
+        "generated_at": _iso(now),
         "paused": paused,
-        "presets": [
-            {
-                "preset_id": str(preset_plan.preset.id),
-                "organization_name": preset_plan.preset.organization_name,
-                "template_name": preset_plan.preset.template_name,
-                "template_version_name": preset_plan.preset.template_version_name,
-                "preset_name": preset_plan.preset.name,
-                "active": preset_plan.preset.active,
-                "prebuild_status": preset_plan.preset.prebuild_status.value,
-                "hard_limited": preset_plan.hard_limited,
-                "backoff_until": _iso(preset_plan.backoff_until) if preset_plan.backoff_until else None,
-                **{name: getattr(preset_plan.state, name) for name in STATE_FIELDS},
-                **held_json(preset_plan),
-            }
-            for preset_plan in plan.presets
-        ],
+        "presets": [entry(preset_plan) for preset_plan in plan.presets],
         "in_flight_budget": budget_json(plan.budget),
     }
 
 
-def status_table(plan: Plan, *, paused: bool) -> str:
-    rows = [
-        (
-            preset_plan.preset.template_name,
-            preset_plan.preset.template_version_name,
-            preset_plan.preset.name,
-            "yes" if preset_plan.preset.active else "no",
-            *(getattr(preset_plan.state, name) for name in STATE_FIELDS),
-            preset_plan.preset.prebuild_status.value,
-            f"{preset_plan.backoff_until:%Y-%m-%d %H:%M:%S}" if preset_plan.backoff_until else "-",
+def _version(preset_plan: PresetPlan) -> str:
+    return preset_plan.preset.template_version_name + ("" if preset_plan.preset.active else " (old)")
+
+
+def _status_header(plan: Plan, paused: bool) -> str:
+    line = f"status at {format_time(plan.generated_at, plan.generated_at)}"
+    line += "  reconciliation is PAUSED (reconciler resume)" if paused else ""
+    # The in-flight budget's line, when one is set, ends with its own newline.
+    return line + ("\n" + budget_line(plan.budget).rstrip("\n") if plan.budget is not None else "")
+
+
+def status_table(plan: Plan, *, paused: bool, width: int = STATUS_WIDTH) -> str:
+    """One line per preset, at most `width` columns: READY is eligible/desired (`+N`: N starting), REASON
+    the most decisive reason the pool is not filling; the rest is in `status --wide`, `status --json` and
+    `presets describe`."""
+    now = plan.generated_at
+    rows = []
+    for preset_plan in plan.presets:
+        found = reasons(preset_plan, now, paused=paused)
+        state = preset_plan.state
+        starting = f" +{state.starting}" if state.starting else ""
+        rows.append(
+            (
+                str(preset_plan.preset.id)[:SHORT_ID_LENGTH],
+                preset_plan.preset.organization_name,
+                preset_plan.preset.template_name,
+                _version(preset_plan),
+                preset_plan.preset.name,
+                f"{state.eligible}/{state.desired}{starting}",
+                # The status is in the reason when it is not `normal` ("hard limited since ...").
+                found[0] if found else "-",
+            )
         )
-        for preset_plan in plan.presets
-    ]
+    headers = ("ID", "ORG", "TEMPLATE", "VERSION", "PRESET", "READY", "REASON")
+    if not rows:
+        return f"{_status_header(plan, paused)}\nno presets with prebuilds"
+    # Names give way first (to 12 characters), then the reason (to 40), then both to their floor.
+    names = (1, 2, 3, 4)
+    shrink = (
+        dict.fromkeys(names, 12),
+        {6: 40},
+        {**dict.fromkeys(names, 6), 6: 24},
+    )
+    body = table(headers, rows, width=width, shrink=shrink)
+    return f"{_status_header(plan, paused)}\n{body}"
+
+
+def status_wide_table(plan: Plan, *, paused: bool) -> str:
+    """Everything `status` knows, one line per preset, as wide as it takes."""
+    now = plan.generated_at
+    rows = []
+    for preset_plan in plan.presets:
+        preset = preset_plan.preset
+        failures = preset_plan.failures
+        rows.append(
+            (
+                preset.id,
+                preset.organization_name,
+                preset.template_name,
+                _version(preset_plan),
+                preset.name,
+                *(getattr(preset_plan.state, name) for name in STATE_FIELDS),
+                _target_source(preset_plan),
+                preset_plan.prebuild_status.value,
+                format_time(preset.status_changed_at, now) if preset.status_changed_at else "-",
+                format_time(preset_plan.backoff_until, now) if preset_plan.backoff_until else "-",
+                failures.failure_streak if failures else 0,
+                (failures.last_error_code or "-") if failures else "-",
+                "; ".join(reasons(preset_plan, now, paused=paused)) or "-",
+            )
+        )
     headers = (
+        "ID",
+        "ORG",
         "TEMPLATE",
         "VERSION",
         "PRESET",
-        "ACTIVE",
         *(name.upper() for name in STATE_FIELDS),
+        "TARGET",
         "STATUS",
+        "SINCE",
         "BACKOFF UNTIL",
+        "STREAK",
+        "LAST ERROR CODE",
+        "REASONS",
     )
-    paused_line = "reconciliation is PAUSED (reconciler resume)\n" if paused else ""
-    return paused_line + budget_line(plan.budget) + (table(headers, rows) if rows else "no presets with prebuilds")
+    if not rows:
+        return f"{_status_header(plan, paused)}\nno presets with prebuilds"
+    return f"{_status_header(plan, paused)}\n{table(headers, rows)}"

@@ -60,6 +60,8 @@ class Preset:
     schedules: tuple[Schedule, ...] = ()
     # Ours: how many failure episodes (hard limit, validation failure) the preset has had.
     failure_episode: int = 0
+    # Ours: when `prebuild_status` last changed (None: never, or by a component that does not say).
+    status_changed_at: datetime | None = None
 
     @property
     def active(self) -> bool:
@@ -124,6 +126,8 @@ class InProgress:
     template_version_id: UUID
     transition: Transition
     count: int
+    # When the oldest of these builds that no provisioner has picked up yet was created (None: none is).
+    oldest_pending_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

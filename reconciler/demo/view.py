@@ -21,6 +21,7 @@ from reconciler.plan import PresetPlan
 from reconciler.reconcile import PassOutcome, PassResult
 from reconciler.reports import table
 from reconciler.snapshot import PrebuildStatus
+from reconciler.terminal import printable
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class PresetRow:
     def plain(self) -> str:
         backoff = f"{self.backoff_until:%H:%M:%S}" if self.backoff_until else "-"
         return (
-            f"preset={self.name} version={self.version} active={'yes' if self.active else 'no'} "
+            f"preset={printable(self.name)} version={printable(self.version)} active={'yes' if self.active else 'no'} "
             f"desired={self.desired} running={self.running} eligible={self.eligible} starting={self.starting} "
             f"deleting={self.deleting} status={self.status} backoff_until={backoff}"
         )
@@ -298,7 +299,8 @@ class DemoView:
                 self.event(describe_message(message))
 
     def event(self, text: str) -> None:
-        line = f"{self.elapsed()}  {text}"
+        # Events quote names and error messages from the database: shown escaped, like every table.
+        line = f"{self.elapsed()}  {printable(text)}"
         self.events.append(line)
         del self.events[:-8]
         if not self.interactive:

@@ -150,6 +150,7 @@ def _preset_from_row(row: asyncpg.Record, schedules: Sequence[Schedule]) -> Pres
         template_deprecated=row["template_deprecated"],
         schedules=tuple(schedules),
         failure_episode=row["failure_episode"],
+        status_changed_at=_aware_or_none(row["prebuild_status_changed_at"]),
     )
 
 
@@ -191,6 +192,7 @@ class _SnapshotRows:
                     row["template_version_id"],
                     Transition(row["in_progress_transition"]),
                     row["in_progress_count"],
+                    oldest_pending_at=_aware_or_none(row["in_progress_oldest_pending_at"]),
                 )
             )
         elif kind == "pending":

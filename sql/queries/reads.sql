@@ -43,7 +43,10 @@ select
     t.active_version_id is not distinct from p.template_version_id as is_active_version,
     t.deleted as template_deleted,
     t.deprecated <> '' as template_deprecated,
-    p.failure_episode
+    p.failure_episode,
+    case when p.prebuild_status_changed_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
+         when p.prebuild_status_changed_at < '0001-01-01 00:00:00+00' then '-infinity'
+         else p.prebuild_status_changed_at end as prebuild_status_changed_at
 from template_version_presets p
 join template_versions tv on tv.id = p.template_version_id
 join templates t on t.id = tv.template_id
@@ -80,7 +83,8 @@ order by w.template_id
 -- prebuilds, whatever the length of the build history. Rows are tagged by `kind`, each kind with columns
 -- of its own (see the final select):
 --   running      per current preset and version: workspaces, readiness and created_at as arrays
---   in_progress  count of system-initiated pending/running builds per preset, version and transition
+--   in_progress  count of system-initiated pending/running builds per preset, version and transition,
+--                with the creation time of the oldest one still pending
 --   pending      count of pending first builds on a non-active version, per preset
 --   backoff      num_failed and last_build_at per preset in backoff (BEHAVIOR.md 3.1)
 --   failures     per preset: hard-limit verdict, newest failure's error and code, recent failure count
@@ -245,6 +249,7 @@ select 'running' as kind, live.current_preset_id as preset_id, live.template_ver
            order by live.workspace_created_at, live.workspace_id
        ) as created_ats,
        null::text as in_progress_transition, null::bigint as in_progress_count,
+       null::timestamptz as in_progress_oldest_pending_at,
        null::bigint as pending_count,
        null::bigint as num_failed, null::timestamptz as last_build_at,
        null::bool as hard_limited, null::bool as validation_failed, null::bigint as failure_streak,
@@ -265,6 +270,10 @@ union all
 select 'in_progress', live.preset_id, live.template_version_id,
        null, null, null,
        live.transition::text, count(*),
+       -- The oldest build still waiting for a provisioner (for `status`: a stuck queue shows its age).
+       min(case when live.build_created_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
+                when live.build_created_at < '0001-01-01 00:00:00+00' then '-infinity'
+                else live.build_created_at end) filter (where live.job_status = 'pending'),
        null,
        null, null,
        null, null, null, null, null, null, null
@@ -277,7 +286,7 @@ group by live.preset_id, live.template_version_id, live.transition
 union all
 select 'pending', live.preset_id, null,
        null, null, null,
-       null, null,
+       null, null, null,
        count(*),
        null, null,
        null, null, null, null, null, null, null
@@ -291,7 +300,7 @@ group by live.preset_id
 union all
 select 'backoff', preset_id, null,
        null, null, null,
-       null, null,
+       null, null, null,
        null,
        num_failed,
        case when last_build_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
@@ -302,7 +311,7 @@ from backoff
 union all
 select 'failures', preset_id, null,
        null, null, null,
-       null, null,
+       null, null, null,
        null,
        null, null,
        hard_limited, validation_failed, failure_streak, last_error, last_error_code,
