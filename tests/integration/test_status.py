@@ -15,6 +15,7 @@ from typing import Any
 
 from tests.acceptance.daemon_process import cli_environment
 from tests.factories import Factory, Preset, minutes, seconds
+from tests.integration.reconcile_support import complete_memberships
 
 # Backoff of an hour per failure, so that a preset that failed just now is still backing off when the
 # subprocess runs, whatever the machine's speed.
@@ -23,6 +24,11 @@ ENVIRONMENT = {"RECONCILER_BACKOFF_INTERVAL": "1h"}
 TIME = r"(\d{4}-\d\d-\d\d )?\d\d:\d\d:\d\d UTC"
 # What must never reach a terminal from the data: ESC, CR, BEL, the bidi override and isolates.
 FORBIDDEN = ("\x1b", "\r", "\x07", "\u202e", "\u2066", "\x9b")
+
+
+async def complete(factory: Factory) -> None:
+    """The prebuilds user's memberships made, as a pass would: `status` then prints its table alone."""
+    await complete_memberships(factory.connection)
 
 
 async def run(database_url: str, *arguments: str) -> tuple[int, str, str]:
@@ -97,6 +103,7 @@ async def test_status_gives_one_reason_per_preset_that_is_not_filling(factory: F
     presets["full"] = await preset(desired=1)
     await factory.prebuild(presets["full"], ago=minutes(5))
 
+    await complete(factory)
     code, out, err = await run(database_url, "status")
     assert code == 0, err
     header, *_ = out.splitlines()
@@ -139,6 +146,7 @@ async def test_status_gives_one_reason_per_preset_that_is_not_filling(factory: F
 async def test_status_shows_creates_withheld_while_paused(factory: Factory, database_url: str) -> None:
     preset = await factory.preset(desired=2)
     await factory.set_paused(True)
+    await complete(factory)
     code, out, err = await run(database_url, "status")
     assert code == 0, err
     assert "reconciliation is PAUSED" in out.splitlines()[0]
@@ -158,6 +166,7 @@ async def test_status_fits_120_columns_and_wide_and_json_keep_everything(factory
         schedules=[("* * * * *", 1)],
     )
     await factory.prebuild(preset, status="failed", ago=seconds(5))
+    await complete(factory)
     code, out, err = await run(database_url, "status")
     assert code == 0, err
     widths = [len(line) for line in out.splitlines()]
@@ -192,6 +201,7 @@ async def test_tables_escape_control_and_bidi_characters_and_json_keeps_them(
     template = await factory.template(name="t-" + HOSTILE)
     preset = await factory.preset(await factory.version(template, name="v-" + HOSTILE), name="p-" + HOSTILE, desired=1)
     await factory.prebuild(preset, status="failed", ago=seconds(5))
+    await complete(factory)
     for arguments in (("status",), ("status", "--wide"), ("plan",)):
         code, out, err = await run(database_url, *arguments)
         assert code == 0, err
