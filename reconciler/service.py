@@ -375,7 +375,10 @@ class Daemon:
         """One refresh of the lifetime counters (the loop's; tests call it). True when it read everything."""
         assert self._pool is not None
         started = time.perf_counter()
-        async with self._pool.acquire() as connection:
+        # A connection comes free within a statement's client-side deadline (every call has one): waiting
+        # longer means the database stopped answering.
+        acquire_timeout = (self.settings.statement_timeout + db.REPLY_MARGIN).total_seconds()
+        async with self._pool.acquire(timeout=acquire_timeout) as connection:
             full = await totals.refresh(connection, self.counters)
         self.metrics.presets.update_totals(self.counters.by_labels())
         logger.debug(
