@@ -310,6 +310,10 @@ class Settings(BaseSettings):
     # `migrate` behind another one waits this long for it; each migration may take `migration_timeout`.
     migration_lock_timeout: Annotated[Duration, between(timedelta(0), DAY)] = 10 * MINUTE
     migration_timeout: Annotated[Duration, between(SECOND, DAY)] = HOUR
+    # Change events (BEHAVIOR.md, "Change events"): react to the platform's notifications with a targeted
+    # pass, gathering what arrives within `event_coalesce` into one.
+    events_enabled: bool = True
+    event_coalesce: Annotated[Duration, between(timedelta(0), 10 * SECOND)] = timedelta(milliseconds=100)
 
     @classmethod
     def settings_customise_sources(
@@ -435,6 +439,9 @@ OPERATIONAL_SETTINGS: frozenset[str] = frozenset(
         "notification_batch_size",
         "migration_lock_timeout",
         "migration_timeout",
+        # When a pass runs, not what it decides.
+        "events_enabled",
+        "event_coalesce",
     }
 )
 

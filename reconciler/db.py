@@ -74,8 +74,15 @@ def sql_directory() -> Path:
     raise FileNotFoundError(f"no sql/ folder found beside {package_directory}")
 
 
+TARGETED_MARKER = "-- targeted"
+
+
 def parse_queries(text: str, source: str) -> dict[str, str]:
-    """Split a `.sql` file into its named statements (`-- name: verb_noun` starts each one)."""
+    """Split a `.sql` file into its named statements (`-- name: verb_noun` starts each one).
+
+    A statement with lines ending in `-- targeted` is two: `verb_noun` without those lines (the full
+    pass's) and `verb_noun_targeted` with them (a targeted pass's, restricted to some templates).
+    """
     matches = list(_QUERY_NAME.finditer(text))
     if not matches:
         raise ValueError(f"{source}: no '-- name:' blocks")
@@ -85,7 +92,11 @@ def parse_queries(text: str, source: str) -> dict[str, str]:
         body = text[match.end() : end].strip()
         if not body:
             raise ValueError(f"{source}: query {match.group(1)} is empty")
-        queries[match.group(1)] = body
+        lines = body.splitlines()
+        full = [line for line in lines if not line.rstrip().endswith(TARGETED_MARKER)]
+        queries[match.group(1)] = "\n".join(full)
+        if len(full) != len(lines):
+            queries[match.group(1) + "_targeted"] = body
     return queries
 
 

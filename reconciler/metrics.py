@@ -338,6 +338,7 @@ class Metrics:
         for kind in ("create", "delete"):
             self.in_flight_withheld.labels(kind)
         self.notifications = NotificationMetrics(registry)
+        self.events = EventMetrics(registry)
 
     def render(self) -> bytes:
         """What /metrics serves: the registry's text, with the per-preset series from the pass's cache."""
@@ -389,3 +390,52 @@ class Metrics:
         elif outcome == "skipped_lock":
             # Another replica reconciles now: its series are the current ones, ours would go stale.
             self.presets.withdraw()
+
+
+# Reactions to change events, from a few milliseconds to the seconds of a pass behind a busy lock.
+REACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+EVENT_KINDS = ("claim", "job", "template", "preset", "schedule", "settings", "other")
+
+
+class EventMetrics:
+    """Change events (BEHAVIOR.md, "Change events"): what arrived, the targeted passes, the reaction."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "prebuilds_reconciler_events_received",
+            "Change notifications received, by the kind of change the platform made.",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in EVENT_KINDS:
+            self.received.labels(kind)
+        self.listening = Gauge(
+            "prebuilds_reconciler_events_listening",
+            "1 while the daemon listens for change notifications.",
+            registry=registry,
+        )
+        self.reconnects = Counter(
+            "prebuilds_reconciler_events_connection_losses",
+            "Times the listening connection was lost (each is followed by a full pass once it is back).",
+            registry=registry,
+        )
+        self.targeted_passes = Counter(
+            "prebuilds_reconciler_targeted_passes",
+            "Targeted passes (the presets of the templates a change named) by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in PASS_OUTCOMES:
+            self.targeted_passes.labels(outcome)
+        self.targeted_duration = Histogram(
+            "prebuilds_reconciler_targeted_pass_duration_seconds",
+            "Duration of successful targeted passes.",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.reaction = Histogram(
+            "prebuilds_reconciler_event_reaction_seconds",
+            "From the arrival of a change notification to the end of the pass that acted on it.",
+            buckets=REACTION_BUCKETS,
+            registry=registry,
+        )

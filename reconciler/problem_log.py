@@ -12,8 +12,9 @@ replicas each one logs a problem once when it first sees it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from uuid import UUID
 
 from reconciler.plan import PlanProblem
 
@@ -48,8 +49,18 @@ class ProblemLog:
     def reported(self) -> tuple[PlanProblem, ...]:
         return self._reported
 
-    def update(self, current: Sequence[PlanProblem]) -> ProblemChanges:
-        """What to log for the plan whose problems are `current`; from now on, those are the reported ones."""
-        found = changes(self._reported, current)
-        self._reported = tuple(dict.fromkeys(current))
+    def update(self, current: Sequence[PlanProblem], *, scope: Collection[UUID] | None = None) -> ProblemChanges:
+        """What to log for the plan whose problems are `current`; from now on, those are the reported ones.
+
+        With `scope` (a targeted pass's presets), only the problems of those presets are compared; the
+        others' stay reported as they were.
+        """
+        if scope is None:
+            found = changes(self._reported, current)
+            self._reported = tuple(dict.fromkeys(current))
+            return found
+        inside = tuple(problem for problem in self._reported if problem.preset_id in scope)
+        found = changes(inside, current)
+        outside = tuple(problem for problem in self._reported if problem.preset_id not in scope)
+        self._reported = tuple(dict.fromkeys((*outside, *current)))
         return found

@@ -14,10 +14,11 @@ import enum
 import gc
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
+from uuid import UUID
 
 import asyncpg
 import structlog
@@ -175,8 +176,11 @@ async def read_plan(
     now: datetime,
     *,
     bad_rows: list[reads.BadRowError] | None = None,
+    template_ids: Sequence[UUID] | None = None,
 ) -> Plan:
     """What a pass at `now` decides: the snapshot read on `connection`, planned. Writes nothing.
+
+    With `template_ids`, only the presets of those templates are read and planned (a targeted pass).
 
     The daemon's pass, `reconciler plan`, `reconciler status` and the tests all read a plan here. The
     snapshot's statements must agree, so they run in the caller's REPEATABLE READ transaction (the pass's,
@@ -184,10 +188,10 @@ async def read_plan(
     """
     parameters = snapshot_parameters(settings, now)
     if connection.is_in_transaction():
-        snapshot = await reads.read_snapshot(connection, parameters, bad_rows=bad_rows)
+        snapshot = await reads.read_snapshot(connection, parameters, bad_rows=bad_rows, template_ids=template_ids)
     else:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
-            snapshot = await reads.read_snapshot(connection, parameters, bad_rows=bad_rows)
+            snapshot = await reads.read_snapshot(connection, parameters, bad_rows=bad_rows, template_ids=template_ids)
     return planner.plan(snapshot, planner_config(settings), now)
 
 
@@ -216,11 +220,17 @@ async def _record_settings(pool: db.Acquirer, settings: Settings, now: datetime)
         logger.warning("settings.record_failed", error=f"{type(error).__name__}: {error}")
 
 
-def _log_plan_problems(plan: Plan, problem_log: ProblemLog | None) -> None:
-    """Each problem once when it appears and once when it clears (every one, without a `problem_log`)."""
-    found = problem_log.update(plan.problems) if problem_log is not None else problem_changes((), plan.problems)
+def _log_plan_problems(plan: Plan, problem_log: ProblemLog | None, *, targeted: bool = False) -> None:
+    """Each problem once when it appears and once when it clears (every one, without a `problem_log`).
+
+    A targeted pass saw only some presets: the problems of the others are neither new nor cleared.
+    """
     # From the snapshot: a preset the planner failed on is not in the plan.
     presets = {preset.id: preset for preset in plan.snapshot.presets} if plan.snapshot is not None else {}
+    if problem_log is None:
+        found = problem_changes((), plan.problems)
+    else:
+        found = problem_log.update(plan.problems, scope=presets.keys() if targeted else None)
 
     def names(problem: PlanProblem) -> dict[str, str | None]:
         return preset_log_fields(presets.get(problem.preset_id) or PresetNames(problem.preset_id))
@@ -289,8 +299,12 @@ async def run_pass(
     run_id: str | None = None,
     observe_action: executor.ActionObserver | None = None,
     problem_log: ProblemLog | None = None,
+    template_ids: Sequence[UUID] | None = None,
 ) -> PassResult:
     """Run one pass. Never raises for database trouble: a failed pass is an outcome, retried next time.
+
+    With `template_ids` it is a targeted pass (BEHAVIOR.md, "Change events"): the same statements, rules
+    and lock as a full pass, for the presets of those templates only.
 
     Every event logged during the pass, by any module (the executor's included), carries its `run_id`.
     With a `problem_log` (the daemon keeps one), the plan's problems are logged when they appear and when
@@ -298,7 +312,7 @@ async def run_pass(
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     with structlog.contextvars.bound_contextvars(run_id=run_id), _cyclic_gc_paused():
-        return await _run_pass(pool, settings, now, run_id, observe_action, problem_log)
+        return await _run_pass(pool, settings, now, run_id, observe_action, problem_log, template_ids)
 
 
 @contextlib.contextmanager
@@ -326,8 +340,13 @@ async def _run_pass(
     run_id: str,
     observe_action: executor.ActionObserver | None,
     problem_log: ProblemLog | None,
+    template_ids: Sequence[UUID] | None,
 ) -> PassResult:
     started = time.perf_counter()
+    targeted = template_ids is not None
+    scope: dict[str, object] = {"scope": "full"}
+    if template_ids is not None:
+        scope = {"scope": "targeted", "templates": len(template_ids)}
     log = logger.bind(run_id=run_id)
 
     def result(
@@ -354,6 +373,7 @@ async def _run_pass(
             level = {PassOutcome.FAILED: log.error, PassOutcome.PAUSED: log.info}.get(outcome, log.debug)
             level(
                 "reconcile.pass",
+                **scope,
                 outcome=outcome.value,
                 error=pass_result.error,
                 duration_seconds=round(pass_result.duration_seconds, 4),
@@ -386,14 +406,16 @@ async def _run_pass(
             try:
                 paused = await reads.read_paused(connection)
                 if not paused:
-                    # Paused, the daemon writes nothing: not even this record (issue 11.5).
-                    await _record_settings(connections, settings, now)
+                    # Paused, the daemon writes nothing: not even this record (issue 11.5). A targeted pass
+                    # leaves it to the full ones: it uses the same settings.
+                    if not targeted:
+                        await _record_settings(connections, settings, now)
                     # Before the snapshot, as Coder does, so that the prebuilds this pass creates in a new
                     # organization have an owner who belongs there. Confined: it never fails the pass.
                     memberships = await ensure_prebuilds_memberships_in(connections)
                 async with connection.transaction(isolation="repeatable_read", readonly=True):
-                    plan = await read_plan(connection, settings, now, bad_rows=bad_rows)
-                _log_plan_problems(plan, problem_log)
+                    plan = await read_plan(connection, settings, now, bad_rows=bad_rows, template_ids=template_ids)
+                _log_plan_problems(plan, problem_log, targeted=targeted)
                 if paused:
                     # Paused: read and plan as usual, so the gauges stay current, but write nothing.
                     body_raised = False
@@ -430,6 +452,7 @@ async def _run_pass(
     changes = summary.status_changes
     log.info(
         "reconcile.pass",
+        **scope,
         outcome=outcome.value,
         duration_seconds=round(pass_result.duration_seconds, 4),
         lock_held_from=round(lock_held_from, 6),

@@ -19,6 +19,7 @@ import enum
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,7 @@ from reconciler import db
 from reconciler.clock import utc_now
 from reconciler.config import Settings
 from reconciler.counters import PrebuildCounters
+from reconciler.events import Batch, EventListener, PendingChanges
 from reconciler.http import HealthState, HttpBindError, Readiness, bound_port, build_application, start_http
 from reconciler.metrics import Metrics
 from reconciler.notify.dispatcher import Dispatcher
@@ -63,6 +65,9 @@ STUCK_MARGIN_SECONDS = 10.0
 STOP_CANCEL_SECONDS = 4.0
 STOP_TASKS_SECONDS = 2.0
 STOP_POOL_SECONDS = 2.0
+# A targeted pass that found the pass lock taken (another replica's pass) tries again after 0.05 s, then
+# twice as long each time, at most a second apart.
+EVENT_LOCK_RETRY_SECONDS = 0.05
 
 PassListener = Callable[[PassResult], None]
 TaskFactory = Callable[[], Coroutine[Any, Any, None]]
@@ -120,6 +125,15 @@ class Daemon:
         self.exit_code = 0
         self.dispatcher: Dispatcher | None = None
         self._stop_started = False
+        # Passes of this process, full and targeted, one at a time (the database's pass lock keeps
+        # replicas apart; this keeps a targeted pass from skipping behind our own full pass).
+        self._pass_lock = asyncio.Lock()
+        # Change events (BEHAVIOR.md, "Change events"): gathered here, run as targeted passes.
+        self.pending_changes = PendingChanges()
+        self.event_listener: EventListener | None = None
+        self._listening = False
+        # Told of every targeted pass (a partial plan: not for the per-preset series or `last_pass`).
+        self.targeted_pass_listeners: list[PassListener] = []
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -144,12 +158,15 @@ class Daemon:
         await self._connect_database()
         self._start_scheduler()
         self._start_notifications()
+        if self.settings.events_enabled:
+            self._start_events()
         self._spawn("readiness", self._readiness_loop, TaskPolicy.RESTART)
         self._spawn("totals", self._totals_loop, TaskPolicy.RESTART)
         logger.info(
             "daemon.started",
             http=self.http_url,
             interval_seconds=self.settings.reconciliation_interval.total_seconds(),
+            events=self.settings.events_enabled,
             pid=os.getpid(),
         )
         self.notifier.ready(status="reconciling")
@@ -198,7 +215,9 @@ class Daemon:
         grace = self.settings.shutdown_grace.total_seconds()
         pass_task = self._pass_task if self._pass_task is not None and not self._pass_task.done() else None
         dispatcher_task = self._tasks.get("notifications")
-        waiting = {task for task in (pass_task, dispatcher_task) if task is not None and not task.done()}
+        # The events task returns once its pass in flight (if any) is done.
+        events_task = self._tasks.get("events")
+        waiting = {task for task in (pass_task, dispatcher_task, events_task) if task is not None and not task.done()}
         if not waiting:
             return
         if pass_task is not None:
@@ -398,6 +417,7 @@ class Daemon:
         self.dispatcher = dispatcher
         enqueued = self.metrics.notifications.enqueued
         self.pass_listeners.append(lambda result: enqueued.inc(result.status_changes.notifications_enqueued))
+        self.targeted_pass_listeners.append(lambda result: enqueued.inc(result.status_changes.notifications_enqueued))
         self._spawn("notifications", lambda: dispatcher.run(self._stop_requested), TaskPolicy.RESTART)
 
     # --- passes ---------------------------------------------------------------------------------
@@ -460,15 +480,98 @@ class Daemon:
     async def run_pass_now(self) -> PassResult:
         """One pass with its metrics and listeners (the scheduler's job; tests call it directly)."""
         assert self._pool is not None
-        result = await run_pass(
-            self._pool,
-            self.settings,
-            self.clock(),
-            observe_action=self.metrics.observe_action,
-            problem_log=self.problem_log,
-        )
+        async with self._pass_lock:
+            result = await run_pass(
+                self._pool,
+                self.settings,
+                self.clock(),
+                observe_action=self.metrics.observe_action,
+                problem_log=self.problem_log,
+            )
         self.record_pass(result)
         return result
+
+    async def run_targeted_pass_now(self, template_ids: frozenset[uuid.UUID]) -> PassResult:
+        """A pass for the presets of these templates only, under the same locks as a full pass."""
+        assert self._pool is not None
+        async with self._pass_lock:
+            result = await run_pass(
+                self._pool,
+                self.settings,
+                self.clock(),
+                observe_action=self.metrics.observe_action,
+                problem_log=self.problem_log,
+                template_ids=sorted(template_ids),
+            )
+        events = self.metrics.events
+        events.targeted_passes.labels(result.outcome.value).inc()
+        if result.outcome is PassOutcome.SUCCESS:
+            events.targeted_duration.observe(result.duration_seconds)
+        if result.outcome is PassOutcome.FAILED:
+            self.metrics.database_errors.inc()
+        elif result.execution is not None and result.execution.presets_failed:
+            self.metrics.database_errors.inc(result.execution.presets_failed)
+        for listener in self.targeted_pass_listeners:
+            listener(result)
+        return result
+
+    # --- change events --------------------------------------------------------------------------
+
+    def _start_events(self) -> None:
+        events = self.metrics.events
+        self.event_listener = EventListener(
+            self.settings.database_url.get_secret_value() if self.settings.database_url else "",
+            self.pending_changes,
+            connect_timeout=self.settings.connect_timeout,
+            on_event=lambda kind: events.received.labels(kind).inc(),
+            on_listening=self._on_listening,
+        )
+        self._spawn("events-listener", self.event_listener.run, TaskPolicy.RESTART)
+        self._spawn("events", self._events_loop, TaskPolicy.RESTART)
+
+    def _on_listening(self, listening: bool) -> None:
+        events = self.metrics.events
+        if self._listening and not listening:
+            events.reconnects.inc()
+        self._listening = listening
+        events.listening.set(1 if listening else 0)
+
+    async def _events_loop(self) -> None:
+        """Run what the notifications asked for, gathered `event_coalesce` long; returns when stopping."""
+        coalesce = self.settings.event_coalesce.total_seconds()
+        retries = 0
+        while not self._stop_requested.is_set():
+            ready = asyncio.create_task(self.pending_changes.ready.wait())
+            stopping = asyncio.create_task(self._stop_requested.wait())
+            try:
+                await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+                stopping.cancel()
+            if self._stop_requested.is_set():
+                return
+            await asyncio.sleep(coalesce)
+            batch = self.pending_changes.take()
+            if batch is None or self._stop_requested.is_set() or self._pool is None:
+                continue
+            outcome = await self._run_batch(batch)
+            if outcome is PassOutcome.SKIPPED_LOCK:
+                # Another replica's pass holds the lock; it may have read before the change: try again.
+                self.pending_changes.put_back(batch)
+                retries += 1
+                await asyncio.sleep(min(EVENT_LOCK_RETRY_SECONDS * 2 ** min(retries - 1, 4), 1.0))
+            else:
+                retries = 0
+
+    async def _run_batch(self, batch: Batch) -> PassOutcome:
+        if batch.template_ids is None:
+            result = await self.run_pass_now()
+        else:
+            result = await self.run_targeted_pass_now(batch.template_ids)
+        if result.outcome is not PassOutcome.SKIPPED_LOCK:
+            # A failed or paused pass is an answer too: the periodic pass is the retry.
+            self.metrics.events.reaction.observe(time.monotonic() - batch.first_received)
+        return result.outcome
 
     def record_pass(self, result: PassResult) -> None:
         paused = {PassOutcome.PAUSED: True, PassOutcome.SUCCESS: False}.get(result.outcome)

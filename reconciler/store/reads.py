@@ -233,9 +233,16 @@ def _bad_row(preset_id: UUID | None, what: str, error: Exception) -> BadRowError
 
 
 async def read_snapshot(
-    connection: db.Connection, parameters: SnapshotParameters, *, bad_rows: list[BadRowError] | None = None
+    connection: db.Connection,
+    parameters: SnapshotParameters,
+    *,
+    bad_rows: list[BadRowError] | None = None,
+    template_ids: Sequence[UUID] | None = None,
 ) -> Snapshot:
     """Read a pass's snapshot: four statements, whatever the number of presets.
+
+    With `template_ids`, a targeted pass's: the same three statements restricted to the presets of those
+    templates (their `_targeted` variants, see sql/queries/reads.sql); None reads every preset.
 
     The caller runs this inside a REPEATABLE READ transaction so that the statements agree.
 
@@ -246,23 +253,25 @@ async def read_snapshot(
     Every other preset goes on.
     """
     problems: list[BadRowError] = []
+    suffix, targets = ("", ()) if template_ids is None else ("_targeted", (list(template_ids),))
     schedules: dict[UUID, list[Schedule]] = defaultdict(list)
-    for row in await connection.fetch(_query("snapshot_schedules")):
+    for row in await connection.fetch(_query("snapshot_schedules" + suffix), *targets):
         schedules[row["preset_id"]].append(Schedule(row["cron_expression"], row["desired_instances"]))
     presets: list[Preset] = []
     names: dict[UUID, asyncpg.Record] = {}
-    for row in await connection.fetch(_query("snapshot_presets")):
+    for row in await connection.fetch(_query("snapshot_presets" + suffix), *targets):
         names[row["id"]] = row
         try:
             presets.append(_preset_from_row(row, schedules.get(row["id"], ())))
         except (ValueError, TypeError) as error:
             problems.append(_bad_row(row["id"], "preset", error))
     rows = await connection.fetch(
-        _query("snapshot_prebuilds"),
+        _query("snapshot_prebuilds" + suffix),
         parameters.lookback_start,
         parameters.failure_hard_limit,
         sorted(parameters.non_retryable_error_codes),
         sorted(parameters.capacity_error_codes),
+        *targets,
     )
     # The in-flight budget's use. Every job counts, a bad preset's too: they occupy provisioners all the same.
     in_flight = tuple(

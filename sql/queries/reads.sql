@@ -3,6 +3,11 @@
 -- The prebuilds system user c42fdf75-3097-471c-8c33-fb52454d81c0 is written literally (not as a
 -- parameter) so that the planner can match the partial index workspaces_live_prebuilds_idx, which a
 -- generic plan for a parameter could not.
+--
+-- A targeted pass (BEHAVIOR.md, "Change events") runs the same statements restricted to some templates:
+-- a line ending in `-- targeted` is in its variant only, and names the template ids as an array (the
+-- last parameter). The full pass's statements do not have those lines at all, rather than a
+-- `$n is null or ...` that a generic plan would have to estimate for both uses.
 
 -- name: try_reconciliation_lock
 -- The pass lock, held by the session (not a transaction), on the pass's own connection, so that it holds
@@ -52,6 +57,7 @@ join template_versions tv on tv.id = p.template_version_id
 join templates t on t.id = tv.template_id
 join organizations o on o.id = t.organization_id
 where p.desired_instances is not null
+    and t.id = any($1::uuid[])  -- targeted
 order by t.name, tv.created_at, p.name, p.id
 
 -- name: snapshot_schedules
@@ -59,6 +65,7 @@ select s.preset_id, s.cron_expression, s.desired_instances
 from template_version_preset_prebuild_schedules s
 join template_version_presets p on p.id = s.preset_id
 where p.desired_instances is not null
+    and p.template_version_id in (select id from template_versions where template_id = any($1::uuid[]))  -- targeted
 order by s.preset_id, s.id
 
 -- name: snapshot_in_flight
@@ -89,7 +96,7 @@ order by w.template_id
 --   backoff      num_failed and last_build_at per preset in backoff (BEHAVIOR.md 3.1)
 --   failures     per preset: hard-limit verdict, newest failure's error and code, recent failure count
 -- Parameters: $1 start of the backoff lookback window, $2 failure hard limit (0 disables),
--- $3 non-retryable error codes, $4 capacity error codes (not the template's fault).
+-- $3 non-retryable error codes, $4 capacity error codes (not the template's fault); targeted: $5 template ids.
 --
 -- Shape matters here more than anywhere (see PERFORMANCE-NOTES): "is this the template's active
 -- version" is computed once per version and per preset as a column of two small sets (`versions`,
@@ -100,6 +107,7 @@ with versions as materialized (
     select tv.id as template_version_id, coalesce(t.active_version_id = tv.id, false) as is_active
     from template_versions tv
     left join templates t on t.id = tv.template_id
+    where tv.template_id = any($5::uuid[])  -- targeted
 ),
 preset_info as materialized (
     select p.id as preset_id, p.desired_instances, p.failure_reset_at, t.deleted as template_deleted,
@@ -108,6 +116,7 @@ preset_info as materialized (
     join template_versions tv on tv.id = p.template_version_id
     join templates t on t.id = tv.template_id
     where p.desired_instances is not null
+        and t.id = any($5::uuid[])  -- targeted
 ),
 live as materialized (
     select
@@ -152,6 +161,7 @@ live as materialized (
         end as id
     ) current_preset
     where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
+        and w.template_id = any($5::uuid[])  -- targeted
 ),
 -- Latest start builds of live prebuilds on their template's active version: the evidence for backoff
 -- and for the hard limit. `rank` 1 is the newest prebuild of the preset.

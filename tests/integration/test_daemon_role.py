@@ -607,6 +607,12 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     waiting = {row["organization_name"]: row["age_seconds"] for row in await run("oldest_pending_prebuild_jobs", now)}
     assert waiting
     assert all(age >= 0 for age in waiting.values())
+    # A targeted pass's variants (change events), for the preset's template.
+    targets = [ids["template"]]
+    assert {row["id"] for row in await run("snapshot_presets_targeted", targets)} == {ids["preset"]}
+    await run("snapshot_schedules_targeted", targets)
+    targeted = await run("snapshot_prebuilds_targeted", now - timedelta(hours=1), 3, ["X"], ["Y"], targets)
+    assert "running" in {row["kind"] for row in targeted}
 
     # The behaviour settings each pass records, and the read-only commands read.
     assert await run("read_recorded_settings") == []
@@ -620,8 +626,16 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
         now + minutes(1),
     )
 
-    # Pause and resume.
+    # Pause and resume; the role LISTENs for change events, and its own writes fire the triggers.
+    heard: asyncio.Queue[str] = asyncio.Queue()
+
+    def hear(*event: Any) -> None:
+        heard.put_nowait(event[3])
+
+    await as_role.add_listener("reconciler_events", hear)
     await run("write_prebuilds_settings", json.dumps({"reconciliation_paused": True}))
+    assert await asyncio.wait_for(heard.get(), timeout=10) == "settings:*"
+    await as_role.remove_listener("reconciler_events", hear)
     assert json.loads((await run("read_prebuilds_settings"))[0]["value"]) == {"reconciliation_paused": True}
 
     # Creates, under the in-flight budget's lock and the preset's.

@@ -80,3 +80,25 @@ async def test_the_counters_refresh_reads_no_history(
     assert not [node for node in nodes if node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "workspaces"]
     # By key, not by preset: the index of first builds by preset would read the whole history.
     assert "workspace_builds_first_by_preset_idx" not in {node.get("Index Name") for node in nodes}
+
+
+async def test_a_targeted_snapshot_reads_only_its_templates_prebuilds_through_the_index(
+    connection: asyncpg.Connection, generated_fleet: fleet.Fleet
+) -> None:
+    """A targeted pass's statements find the live prebuilds of its templates by the partial index's
+    template column, and scan neither the history nor every preset (issue 16: cheap whatever the fleet)."""
+    templates = await connection.fetchval("select array_agg(id) from (select id from templates limit 2) t")
+    arguments = (generated_fleet.now - timedelta(hours=1), 3, ["REQUIRED_TEMPLATE_VARIABLES"], ["INSUFFICIENT_QUOTA"])
+    nodes = await explain(connection, "snapshot_prebuilds_targeted", *arguments, templates)
+    scanned = {node.get("Relation Name") for node in nodes if node["Node Type"] == "Seq Scan"}
+    assert not scanned & (HISTORY_TABLES | {"workspaces", "template_version_presets"}), scanned
+    by_template = [
+        node
+        for node in nodes
+        if node.get("Index Name") == "workspaces_live_prebuilds_idx" and "template_id" in node.get("Index Cond", "")
+    ]
+    assert by_template, "live prebuilds not looked up by template"
+    for name in ("snapshot_presets_targeted", "snapshot_schedules_targeted"):
+        nodes = await explain(connection, name, templates)
+        scanned = {node.get("Relation Name") for node in nodes if node["Node Type"] == "Seq Scan"}
+        assert not scanned & (HISTORY_TABLES | {"workspaces"}), (name, scanned)

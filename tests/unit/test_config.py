@@ -118,6 +118,11 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("RECONCILER_MIGRATION_LOCK_TIMEOUT", "30m", "migration_lock_timeout", timedelta(minutes=30)),
     ("RECONCILER_MIGRATION_LOCK_TIMEOUT", "0", "migration_lock_timeout", timedelta(0)),
     ("RECONCILER_MIGRATION_TIMEOUT", "3h", "migration_timeout", timedelta(hours=3)),
+    ("RECONCILER_EVENTS_ENABLED", "false", "events_enabled", False),
+    ("RECONCILER_EVENTS_ENABLED", "0", "events_enabled", False),
+    ("RECONCILER_EVENTS_ENABLED", "true", "events_enabled", True),
+    ("RECONCILER_EVENT_COALESCE", "250ms", "event_coalesce", timedelta(milliseconds=250)),
+    ("RECONCILER_EVENT_COALESCE", "0", "event_coalesce", timedelta(0)),
 ]
 
 # What a variable needs beside it to be valid on its own.
@@ -169,6 +174,8 @@ def test_the_defaults_are_the_documented_ones() -> None:
     # Issue 15: no budget, and Coder's linear backoff, unless asked.
     assert (loaded.max_in_flight, loaded.max_in_flight_per_template) == (0, 0)
     assert (loaded.backoff_strategy, loaded.backoff_max) == ("linear", timedelta(hours=1))
+    assert loaded.events_enabled is True
+    assert loaded.event_coalesce == timedelta(milliseconds=100)
 
 
 def _documented_variables(text: str) -> set[str]:
@@ -290,6 +297,7 @@ BOUNDS: list[tuple[str, str, str, str, str, dict[str, str]]] = [
     ("RECONCILER_MAX_IN_FLIGHT", "0", "-1", "1000000", "1000001", {}),
     ("RECONCILER_MAX_IN_FLIGHT_PER_TEMPLATE", "0", "-1", "1000000", "1000001", {}),
     ("RECONCILER_BACKOFF_MAX", "1s", "0.5s", "30d", "30d1s", {}),
+    ("RECONCILER_EVENT_COALESCE", "0s", "-1s", "10s", "10001ms", {}),
     (
         "RECONCILER_WEBHOOK_0_TIMEOUT",
         "1s",
