@@ -106,8 +106,11 @@ async def test_changes_arriving_together_make_one_targeted_pass(
     async with running(daemon_settings(database_url, event_coalesce="1s")) as daemon:
         await settled(daemon)
         with capture_logs() as events:
-            for prebuild in prebuilds:
-                await factory.claim(prebuild)  # three transactions, three notifications
+            # Three statements, three notifications, delivered together at the commit (separate
+            # transactions would do as well, but a loaded machine could space them beyond the window).
+            async with connection.transaction():
+                for prebuild in prebuilds:
+                    await factory.claim(prebuild)
 
             async def all_replaced() -> bool:
                 return all([len(await live_prebuilds(connection, preset)) == 1 for preset in presets])
