@@ -134,6 +134,7 @@ class Daemon:
         self._listening = False
         # Told of every targeted pass (a partial plan: not for the per-preset series or `last_pass`).
         self.targeted_pass_listeners: list[PassListener] = []
+        self.last_targeted_pass: PassResult | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -513,6 +514,7 @@ class Daemon:
             self.metrics.database_errors.inc(result.execution.presets_failed)
         for listener in self.targeted_pass_listeners:
             listener(result)
+        self.last_targeted_pass = result
         return result
 
     # --- change events --------------------------------------------------------------------------

@@ -90,6 +90,8 @@ async def test_a_claim_is_replaced_within_seconds_not_at_the_next_interval(
 
         await eventually(replaced, "the claimed prebuild's replacement", seconds=5)
         reaction = asyncio.get_running_loop().time() - started
+        # The pass counts itself once its writes are done: a moment after the replacement is visible.
+        await eventually(lambda: _true(daemon.last_targeted_pass is not None), "the targeted pass to finish")
         # One full pass (at start-up): the replacement came from a targeted pass, long before the next.
         assert full_passes(daemon) == 1
         assert sample(daemon, "prebuilds_reconciler_targeted_passes_total", {"outcome": "success"}) >= 1
@@ -116,6 +118,7 @@ async def test_changes_arriving_together_make_one_targeted_pass(
                 return all([len(await live_prebuilds(connection, preset)) == 1 for preset in presets])
 
             await eventually(all_replaced, "three replacements", seconds=10)
+            await eventually(lambda: _true(daemon.last_targeted_pass is not None), "the targeted pass to finish")
         targeted = passes(events, "targeted")
         assert [(event["templates"], event["created"]) for event in targeted] == [(3, 3)]
         assert sample(daemon, "prebuilds_reconciler_events_received_total", {"kind": "claim"}) == 3
@@ -148,6 +151,7 @@ async def test_a_lost_listening_connection_reconnects_and_runs_a_full_pass(
             return len(await live_prebuilds(connection, preset) - {prebuild.id}) == 1
 
         await eventually(replaced, "a replacement after the reconnection", seconds=5)
+        await eventually(lambda: _true(daemon.last_targeted_pass is not None), "the targeted pass to finish")
         assert full_passes(daemon) == 2
 
 
@@ -171,6 +175,7 @@ async def test_with_events_off_nothing_listens_and_the_periodic_pass_does_the_wo
             return len(await live_prebuilds(connection, preset) - {prebuild.id}) == 1
 
         await eventually(replaced, "the replacement by a periodic pass", seconds=10)
+        await eventually(lambda: _true(full_passes(daemon) >= 2), "the periodic pass to finish")
         assert sample(daemon, "prebuilds_reconciler_events_received_total", {"kind": "claim"}) == 0
         assert (
             sum(
@@ -202,6 +207,8 @@ async def test_targeted_and_full_passes_of_two_replicas_never_hold_the_lock_at_o
                 return counts == [2] * len(presets)
 
             await eventually(all_replaced, "every claimed prebuild replaced", seconds=15)
+            await first.stop()
+            await second.stop()
     held = sorted(
         (event["lock_held_from"], event["lock_held_until"], event["scope"])
         for event in events
