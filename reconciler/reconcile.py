@@ -121,6 +121,40 @@ async def _end(task: asyncio.Task[Any], connections: db.Connections) -> None:
         task.exception()
 
 
+async def _while_lock_held(
+    work: Coroutine[Any, Any, T], lock_connection: db.Connection, connections: db.Connections
+) -> T:
+    """Run `work` (the writes) while the lock connection lives; stop it as soon as that connection is lost.
+
+    A lost lock connection (a terminated backend, a reset) means a lost lock, and another replica may
+    start a pass at once: the writes stop (each in-flight action's transaction is rolled back) instead of
+    going on beside it. The driver reports the loss the moment the server closes the connection; a
+    connection that merely stops answering is left to the pass's deadline.
+    """
+    lost = asyncio.Event()
+
+    def on_lost(_connection: object) -> None:
+        lost.set()
+
+    lock_connection.add_termination_listener(on_lost)
+    task = asyncio.create_task(work)
+    watcher = asyncio.create_task(lost.wait())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        await _end(task, connections)
+        raise
+    finally:
+        watcher.cancel()
+        # A lost connection has already dropped its listeners and left the pool.
+        with contextlib.suppress(asyncpg.InterfaceError):
+            lock_connection.remove_termination_listener(on_lost)
+    if task.done():
+        return task.result()
+    await _end(task, connections)
+    raise LockLostError("the connection holding the reconciliation lock was lost mid-pass; the writes were stopped")
+
+
 class PassOutcome(enum.StrEnum):
     SUCCESS = "success"
     FAILED = "failed"
@@ -421,8 +455,12 @@ async def _run_pass(
                     body_raised = False
                     return PassOutcome.PAUSED, as_read(plan), None
                 _log_plan_details(plan)
-                summary = await executor.execute(
-                    connections, plan, now, concurrency=settings.executor_concurrency, observe=observe_action
+                summary = await _while_lock_held(
+                    executor.execute(
+                        connections, plan, now, concurrency=settings.executor_concurrency, observe=observe_action
+                    ),
+                    connection,
+                    connections,
                 )
                 body_raised = False
             finally:

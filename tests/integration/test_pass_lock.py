@@ -74,3 +74,36 @@ async def test_the_lock_holds_through_writes_longer_than_the_idle_in_transaction
         assert await connection.fetch(LOCK_HOLDERS, db.RECONCILIATION_LOCK_KEY) == []
     finally:
         await pool.close()
+
+
+async def test_the_writes_stop_as_soon_as_the_lock_connection_is_lost(
+    factory: Factory, database_url: str, connection: asyncpg.Connection
+) -> None:
+    for _ in range(2):
+        await factory.preset(desired=1)
+    await connection.execute(SLOW_CREATES)
+    # One preset at a time: the second preset's create would start only after the first one's.
+    settings = settings_for(database_url, executor_concurrency="1")
+    pool = await db.create_pool(database_url, max_size=12)
+    try:
+        in_flight = asyncio.create_task(run_pass(pool, settings, datetime.now(UTC)))
+        while not await connection.fetchval(
+            "select count(*) > 0 from pg_stat_activity where application_name = 'reconciler' and wait_event = 'PgSleep'"
+        ):
+            assert not in_flight.done(), in_flight.result()
+            await asyncio.sleep(0.02)
+        # Another component (or a failover) ends the session that holds the lock, mid-write.
+        holder = await connection.fetchval(LOCK_HOLDERS, db.RECONCILIATION_LOCK_KEY)
+        assert await connection.fetchval("select pg_terminate_backend($1)", holder)
+        lost_at = asyncio.get_running_loop().time()
+        result = await in_flight
+        stopped_after = asyncio.get_running_loop().time() - lost_at
+        assert result.outcome is PassOutcome.FAILED
+        assert result.error is not None
+        assert result.error.startswith("LockLostError"), result.error
+        # Stopped at once, not after the sleeping create (2.5 s) and the next one: nothing was written
+        # after the lock was lost, and the create in flight was rolled back.
+        assert stopped_after < 2.0, stopped_after
+        assert await live_prebuilds(connection) == {}
+    finally:
+        await pool.close()
