@@ -32,6 +32,7 @@ from reconciler.config import (
 )
 from reconciler.durations import format_duration
 from reconciler.logs import configure_logging
+from reconciler.prebuilds_settings import MalformedSettingsError
 from reconciler.recorded_settings import SettingsSource
 from reconciler.store import reads, writes
 
@@ -554,7 +555,12 @@ async def _plan_or_status(settings: Settings, as_json: bool, status: bool, reque
         now = datetime.now(UTC)
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             resolved = await _read_only_settings(connection, settings, requested)
-            paused = await reads.read_paused(connection)
+            try:
+                paused = await reads.read_paused(connection)
+            except MalformedSettingsError as error:
+                # Shown as not paused; the daemon goes by the last value it could read (README, "Operations").
+                print(f"reconciler: prebuilds_settings is malformed: {error}", file=sys.stderr)
+                paused = False
             plan = await read_plan(connection, resolved.settings, now)
             missing = missing_memberships(await read_prebuilds_memberships(connection))
         if as_json:

@@ -287,6 +287,11 @@ class Metrics:
         for outcome in PASS_OUTCOMES:
             self.passes.labels(outcome)
             self.duration.labels(outcome)
+        self.settings_malformed = Gauge(
+            "prebuilds_reconciler_settings_malformed",
+            "1 while the stored prebuilds_settings cannot be read (the last readable value is used).",
+            registry=registry,
+        )
         self.last_pass = Gauge(
             "prebuilds_reconciler_last_pass_timestamp_seconds",
             "Unix time at which the last pass ended, whatever its outcome.",

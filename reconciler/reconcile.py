@@ -39,6 +39,7 @@ from reconciler.plan import (
     Plan,
     PlanProblem,
 )
+from reconciler.prebuilds_settings import SettingsKeeper, SettingsRead
 from reconciler.problem_log import ProblemLog
 from reconciler.problem_log import changes as problem_changes
 from reconciler.recorded_settings import instance_name
@@ -57,7 +58,16 @@ class PassDeadlineError(Exception):
 
 
 # A pass that fails for one of these is an outcome (one line, no traceback), not a bug.
-_EXPECTED_FAILURES: tuple[type[Exception], ...] = (*db.SURVIVABLE_ERRORS, LockLostError, PassDeadlineError)
+class SettingsUnreadableError(Exception):
+    """`prebuilds_settings` is malformed and this process never read it: there is nothing to go by."""
+
+
+_EXPECTED_FAILURES: tuple[type[Exception], ...] = (
+    *db.SURVIVABLE_ERRORS,
+    LockLostError,
+    PassDeadlineError,
+    SettingsUnreadableError,
+)
 
 # A pass past its deadline, or cancelled (a shutdown past its grace), gets this long to end its
 # transactions itself; then the connections it still holds are closed, which ends it whatever the
@@ -175,6 +185,8 @@ class PassResult:
     memberships: MembershipsOutcome | None = None
     # The pass was ended by its deadline (the database did not answer in time), not by its own end.
     deadline_exceeded: bool = False
+    # Whether `prebuilds_settings` was malformed; None when the pass did not read it (a lock skip).
+    settings_malformed: bool | None = None
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -293,6 +305,16 @@ def _log_plan_details(plan: Plan) -> None:
         logger.warning(event, **preset_log_fields(preset_plan.preset), creates_withheld=preset_plan.creates_withheld)
 
 
+def _log_malformed_settings(log: structlog.typing.FilteringBoundLogger, settings_read: SettingsRead) -> None:
+    """Every pass while it lasts, at error level: the operator wrote something and it is not obeyed."""
+    if settings_read.settings is None:
+        acting_on = "nothing read yet: not reconciling until it is readable"
+    else:
+        state = "paused" if settings_read.settings.reconciliation_paused else "not paused"
+        acting_on = f"the last value read successfully: {state}"
+    log.error("prebuilds_settings.malformed", detail=settings_read.malformed, acting_on=acting_on)
+
+
 def summarize(plan: Plan) -> dict[str, int]:
     counts = {
         "presets": len(plan.presets),
@@ -334,6 +356,7 @@ async def run_pass(
     observe_action: executor.ActionObserver | None = None,
     problem_log: ProblemLog | None = None,
     template_ids: Sequence[UUID] | None = None,
+    settings_keeper: SettingsKeeper | None = None,
 ) -> PassResult:
     """Run one pass. Never raises for database trouble: a failed pass is an outcome, retried next time.
 
@@ -342,11 +365,12 @@ async def run_pass(
 
     Every event logged during the pass, by any module (the executor's included), carries its `run_id`.
     With a `problem_log` (the daemon keeps one), the plan's problems are logged when they appear and when
-    they clear; without, every one is logged.
+    they clear; without, every one is logged. With a `settings_keeper` (the daemon keeps one), a malformed
+    `prebuilds_settings` falls back to the last value it read; without, the pass fails (nothing to go by).
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     with structlog.contextvars.bound_contextvars(run_id=run_id), _cyclic_gc_paused():
-        return await _run_pass(pool, settings, now, run_id, observe_action, problem_log, template_ids)
+        return await _run_pass(pool, settings, now, run_id, observe_action, problem_log, template_ids, settings_keeper)
 
 
 @contextlib.contextmanager
@@ -375,6 +399,7 @@ async def _run_pass(
     observe_action: executor.ActionObserver | None,
     problem_log: ProblemLog | None,
     template_ids: Sequence[UUID] | None,
+    settings_keeper: SettingsKeeper | None,
 ) -> PassResult:
     started = time.perf_counter()
     targeted = template_ids is not None
@@ -401,6 +426,7 @@ async def _run_pass(
             error=error,
             memberships=memberships,
             deadline_exceeded=deadline_exceeded,
+            settings_malformed=settings_malformed,
         )
         if outcome is not PassOutcome.SUCCESS:
             # The canonical event of a pass that did not reconcile; a lock skip is routine, hence debug.
@@ -416,6 +442,7 @@ async def _run_pass(
 
     bad_rows: list[reads.BadRowError] = []
     memberships: MembershipsOutcome | None = None
+    settings_malformed: bool | None = None
     # When this pass held the reconciliation lock, in wall-clock seconds: read after the lock was granted
     # and before it is released, so the interval lies within the real one. Logged, so that replicas'
     # passes can be shown never to overlap (a pass's duration also covers waiting for a connection, and
@@ -426,7 +453,7 @@ async def _run_pass(
     connections = db.Connections(pool, acquire_timeout=settings.pass_timeout)
 
     async def locked_pass() -> tuple[PassOutcome, Plan | None, executor.ExecutionSummary | None]:
-        nonlocal lock_held_from, lock_held_until, memberships
+        nonlocal lock_held_from, lock_held_until, memberships, settings_malformed
         async with connections.acquire() as connection:
             # A session lock on this connection, outside any transaction: it holds however long the
             # executor writes on other connections (a transaction's lock would sit idle in its
@@ -438,7 +465,19 @@ async def _run_pass(
             lock_held_from = time.time()
             body_raised = True
             try:
-                paused = await reads.read_paused(connection)
+                settings_read = (settings_keeper or SettingsKeeper()).read(
+                    await reads.read_prebuilds_settings(connection)
+                )
+                settings_malformed = settings_read.malformed is not None
+                if settings_read.malformed is not None:
+                    _log_malformed_settings(log, settings_read)
+                if settings_read.settings is None:
+                    body_raised = False
+                    raise SettingsUnreadableError(
+                        f"prebuilds_settings is malformed ({settings_read.malformed}) and no earlier value "
+                        "was read: not reconciling until it is readable"
+                    )
+                paused = settings_read.settings.reconciliation_paused
                 if not paused:
                     # Paused, the daemon writes nothing: not even this record (issue 11.5). A targeted pass
                     # leaves it to the full ones: it uses the same settings.

@@ -40,6 +40,7 @@ from reconciler.events import Batch, EventListener, PendingChanges
 from reconciler.http import HealthState, HttpBindError, Readiness, bound_port, build_application, start_http
 from reconciler.metrics import Metrics
 from reconciler.notify.dispatcher import Dispatcher
+from reconciler.prebuilds_settings import SettingsKeeper
 from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier
@@ -103,6 +104,8 @@ class Daemon:
         self.readiness = Readiness()
         # The plan's data problems this process has logged: each is logged once, not on every pass.
         self.problem_log = ProblemLog()
+        # The last `prebuilds_settings` read successfully, for the passes to fall back on.
+        self.settings_keeper = SettingsKeeper()
         # The created/failed/claimed counters, kept across refreshes (they never go down in a process).
         self.counters = PrebuildCounters()
         self.last_pass: PassResult | None = None
@@ -488,6 +491,7 @@ class Daemon:
                 self.clock(),
                 observe_action=self.metrics.observe_action,
                 problem_log=self.problem_log,
+                settings_keeper=self.settings_keeper,
             )
         self.record_pass(result)
         return result
@@ -503,6 +507,7 @@ class Daemon:
                 observe_action=self.metrics.observe_action,
                 problem_log=self.problem_log,
                 template_ids=sorted(template_ids),
+                settings_keeper=self.settings_keeper,
             )
         events = self.metrics.events
         events.targeted_passes.labels(result.outcome.value).inc()
@@ -578,7 +583,9 @@ class Daemon:
     def record_pass(self, result: PassResult) -> None:
         paused = {PassOutcome.PAUSED: True, PassOutcome.SUCCESS: False}.get(result.outcome)
         self.metrics.observe_pass(result.outcome.value, result.duration_seconds, result.plan, paused)
-        if result.outcome is PassOutcome.FAILED:
+        if result.settings_malformed is not None:
+            self.metrics.settings_malformed.set(1 if result.settings_malformed else 0)
+        if result.outcome is PassOutcome.FAILED and not result.settings_malformed:
             self.metrics.database_errors.inc()
         elif result.execution is not None and result.execution.presets_failed:
             self.metrics.database_errors.inc(result.execution.presets_failed)

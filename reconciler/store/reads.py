@@ -7,7 +7,6 @@ The lifetime totals behind the created/failed/claimed counters are read beside t
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from reconciler import db
+from reconciler import db, prebuilds_settings
 from reconciler.recorded_settings import RecordedSettings
 from reconciler.snapshot import (
     Backoff,
@@ -81,16 +80,15 @@ async def release_reconciliation_lock(connection: db.Connection) -> bool:
     return bool(row["held"])
 
 
-async def read_paused(connection: db.Connection) -> bool:
+async def read_prebuilds_settings(connection: db.Connection) -> str | None:
+    """The stored `prebuilds_settings` text (None: no row); `reconciler.prebuilds_settings` reads it."""
     value = await connection.fetchval(_query("read_prebuilds_settings"))
-    if value is None:
-        return False
-    try:
-        settings = json.loads(value)
-    except ValueError:
-        # An unreadable setting must not stop reconciliation; the pass logs it through the caller.
-        return False
-    return isinstance(settings, dict) and settings.get("reconciliation_paused") is True
+    return None if value is None else str(value)
+
+
+async def read_paused(connection: db.Connection) -> bool:
+    """Whether reconciliation is paused. Raises MalformedSettingsError for a value that says neither."""
+    return prebuilds_settings.parse(await read_prebuilds_settings(connection)).reconciliation_paused
 
 
 def _aware(moment: datetime) -> datetime:

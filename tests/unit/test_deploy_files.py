@@ -187,6 +187,7 @@ def test_every_alert_has_severity_summary_description_runbook_and_a_test() -> No
         "ReconcilerPassesStalled",
         "ReconcilerInstancePassesStalled",
         "PrebuildJobsWaiting",
+        "ReconcilerSettingsMalformed",
         "ReconcilerNotificationsFailing",
         "ReconcilerNotificationsPilingUp",
     } <= names
