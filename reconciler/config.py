@@ -283,6 +283,16 @@ class Settings(BaseSettings):
     # a cap (`backoff_max`) and deterministic jitter.
     backoff_strategy: Annotated[Literal["linear", "exponential"], BeforeValidator(_lower)] = "linear"
     backoff_max: Annotated[Duration, between(SECOND, 30 * DAY)] = HOUR
+    # The global breaker for shared outages (issue 15.2); off by default (Coder has none).
+    breaker_enabled: bool = False
+    # Share of the prebuild builds completed in the window that failed, from which it opens.
+    breaker_failure_threshold: float = Field(default=0.5, gt=0, le=1)
+    breaker_min_builds: int = Field(default=10, ge=1, le=1_000_000)
+    breaker_min_presets: int = Field(default=3, ge=1, le=1_000_000)
+    breaker_window: Annotated[Duration, between(MINUTE, DAY)] = 10 * MINUTE
+    breaker_open_duration: Annotated[Duration, between(SECOND, DAY)] = 5 * MINUTE
+    breaker_open_duration_max: Annotated[Duration, between(SECOND, 7 * DAY)] = HOUR
+    breaker_probes: int = Field(default=3, ge=1, le=1000)
     executor_concurrency: int = Field(default=8, ge=1, le=256)
     non_retryable_error_codes: ErrorCodes = frozenset({"REQUIRED_TEMPLATE_VARIABLES"})
     capacity_error_codes: ErrorCodes = frozenset({"INSUFFICIENT_QUOTA"})
@@ -365,6 +375,10 @@ class Settings(BaseSettings):
                 f"RECONCILER_POOL_MAX_SIZE: must be at least RECONCILER_EXECUTOR_CONCURRENCY + 2 "
                 f"({self.executor_concurrency + 2}), or a pass could wait on itself for connections"
             )
+        if self.breaker_open_duration_max < self.breaker_open_duration:
+            problems.append(
+                "RECONCILER_BREAKER_OPEN_DURATION_MAX: must not be shorter than RECONCILER_BREAKER_OPEN_DURATION"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -408,6 +422,14 @@ BEHAVIOUR_SETTINGS: tuple[str, ...] = (
     "max_in_flight_per_template",
     "backoff_strategy",
     "backoff_max",
+    "breaker_enabled",
+    "breaker_failure_threshold",
+    "breaker_min_builds",
+    "breaker_min_presets",
+    "breaker_window",
+    "breaker_open_duration",
+    "breaker_open_duration_max",
+    "breaker_probes",
 )
 
 # How this process connects, logs, serves and delivers: the caller's own, never recorded.

@@ -12,14 +12,15 @@ import asyncio
 import enum
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from uuid import UUID
 
 import structlog
 
 from reconciler import db, schedule
-from reconciler.notify.outbox import StatusNotice, enqueue_notices
+from reconciler.breaker import BreakerEvent, BreakerRecord
+from reconciler.notify.outbox import StatusNotice, enqueue_breaker_notice, enqueue_notices
 from reconciler.plan import (
     Action,
     BackoffAction,
@@ -62,6 +63,10 @@ class ExecutionSummary:
     # Creates withheld at write time by the fresh clamp, and deletes refused (claimed meanwhile).
     creates_clamped: int = 0
     deletes_skipped: int = 0
+    # The breaker's change this pass, as written (None: none, or another writer moved it first), and the
+    # notification rows it enqueued.
+    breaker_event: BreakerEvent | None = None
+    breaker_notifications: int = 0
     # Creates and deletes the in-flight budget held back at write time (other replicas or passes spent
     # the room since the snapshot); creates among them are also in `creates_clamped`.
     budget_held: int = 0
@@ -265,8 +270,21 @@ async def execute(
 ) -> ExecutionSummary:
     """Write the plan: its status changes first (a database error there fails the whole execution), then
     every preset's actions (an error there fails that preset only)."""
+    breaker_written, breaker_notifications = await write_breaker(pool, plan, now)
     summary = ExecutionSummary(status_changes=await write_status_changes(pool, plan, now))
+    summary.breaker_event = plan.breaker.event if plan.breaker is not None and breaker_written else None
+    summary.breaker_notifications = breaker_notifications
     semaphore = asyncio.Semaphore(concurrency)
+    if not breaker_written:
+        # Another writer moved the breaker since this plan's snapshot: its creates were admitted under a
+        # state that no longer holds, so none is written; the next pass plans them again.
+        plan = replace(
+            plan,
+            presets=tuple(
+                replace(preset_plan, actions=tuple(a for a in preset_plan.actions if not isinstance(a, CreateAction)))
+                for preset_plan in plan.presets
+            ),
+        )
 
     async def run(preset_plan: PresetPlan) -> None:
         preset = preset_plan.preset
@@ -286,6 +304,53 @@ async def execute(
     work = [preset_plan for preset_plan in plan.presets if _has_writes(preset_plan)]
     await asyncio.gather(*(run(preset_plan) for preset_plan in work))
     return summary
+
+
+async def write_breaker(pool: db.Acquirer, plan: Plan, now: datetime) -> tuple[bool, int]:
+    """Write the breaker's change, with its episode row and, when an episode opens or closes, its one
+    notification, in one transaction. Returns (whether the plan's breaker holds, notification rows).
+
+    Only from the state the snapshot read: when another replica or pass moved the breaker first, nothing
+    is written and the plan's breaker no longer holds.
+    """
+    decision = plan.breaker
+    if decision is None or decision.event is None:
+        return True, 0
+    read = plan.snapshot.breaker if plan.snapshot is not None else BreakerRecord()
+    new = decision.record
+    event = decision.event
+    notifications = 0
+    async with pool.acquire() as connection, connection.transaction():
+        if not await writes.write_breaker(connection, read, new):
+            logger.info("breaker.changed_elsewhere", state=read.state.value, episode=read.episode)
+            return False, 0
+        opened_at = read.opened_at
+        if event is BreakerEvent.OPENED:
+            opened_at = new.opened_at or now
+            failures_since = new.failures_since or now
+            await writes.open_breaker_episode(connection, new.episode, opened_at, failures_since, decision.reason)
+        elif event is BreakerEvent.CLOSED:
+            opened_at = await writes.close_breaker_episode(connection, new.episode, now) or opened_at
+        if event.notifies and new.episode > 0:
+            notifications = await enqueue_breaker_notice(
+                connection,
+                opened=event is BreakerEvent.OPENED,
+                episode=new.episode,
+                reason=decision.reason,
+                at=now,
+                opened_at=opened_at,
+                open_until=new.open_until,
+            )
+    log = logger.warning if event in (BreakerEvent.OPENED, BreakerEvent.REOPENED) else logger.info
+    log(
+        f"breaker.{event.value}",
+        episode=new.episode,
+        state=new.state.value,
+        reason=decision.reason,
+        open_until=new.open_until.isoformat() if new.open_until else None,
+        notifications_enqueued=notifications,
+    )
+    return True, notifications
 
 
 def _has_writes(preset_plan: PresetPlan) -> bool:

@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from reconciler.breaker import BreakerState
 from reconciler.notify.metrics import NotificationMetrics
 from reconciler.plan import Plan
 from reconciler.snapshot import PrebuildStatus, PrebuildTotals
@@ -377,6 +378,19 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.breaker_state = Gauge(
+            "prebuilds_reconciler_breaker_state",
+            "The global breaker: 1 for its current state (closed, open, half_open), 0 for the others.",
+            ["state"],
+            registry=registry,
+        )
+        self.breaker_episode = Gauge(
+            "prebuilds_reconciler_breaker_episode",
+            "Breaker episodes so far (the current one while open or half-open).",
+            registry=registry,
+        )
+        for state in BreakerState:
+            self.breaker_state.labels(state.value).set(1 if state is BreakerState.CLOSED else 0)
         for scope in ("total", "per_template"):
             self.in_flight_budget.labels(scope)
         for kind in ("create", "delete"):
@@ -404,6 +418,13 @@ class Metrics:
             self.in_flight_jobs.set(plan.snapshot.in_flight_total)
         self.in_flight_withheld.labels("create").set(budget.creates_held if budget else 0)
         self.in_flight_withheld.labels("delete").set(budget.deletes_held if budget else 0)
+        record = plan.breaker.record if plan.breaker is not None else None
+        if record is None and plan.snapshot is not None:
+            record = plan.snapshot.breaker
+        if record is not None:
+            for state in BreakerState:
+                self.breaker_state.labels(state.value).set(1 if state is record.state else 0)
+            self.breaker_episode.set(record.episode)
 
     def observe_action(self, kind: str, outcome: str, prebuilds: int, reason: str = "") -> None:
         """`prebuilds` prebuilds created, deleted or canceled (or skipped, or failed) by one action."""

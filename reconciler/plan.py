@@ -9,6 +9,7 @@ from datetime import datetime
 from uuid import UUID
 
 from reconciler.admission import HoldReason
+from reconciler.breaker import BreakerDecision
 from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
 from reconciler.target import TargetSource
 
@@ -170,6 +171,9 @@ class Plan:
     status_changes: tuple[StatusChange, ...] = ()
     # The in-flight budget, when one is set (None: unlimited, nothing was admitted or held).
     budget: BudgetUse | None = None
+    # The global breaker's decision this pass (None: disabled and closed). The executor writes its
+    # record when it changed, with one notification per episode.
+    breaker: BreakerDecision | None = None
     # The snapshot the plan was computed from (not part of the plan's value: two plans of different
     # snapshots can be equal).
     snapshot: Snapshot | None = field(default=None, repr=False, compare=False)

@@ -16,6 +16,7 @@ from uuid import UUID
 
 from reconciler import backoff as backoff_policy
 from reconciler.admission import Admission, Budget, Wants, admit
+from reconciler.breaker import BreakerSettings, BreakerState, decide
 from reconciler.plan import (
     Action,
     BackoffAction,
@@ -55,6 +56,8 @@ class PlannerConfig:
     backoff_max: timedelta = timedelta(hours=1)
     # RECONCILER_MAX_IN_FLIGHT and RECONCILER_MAX_IN_FLIGHT_PER_TEMPLATE (issue 15.1); unlimited by default.
     budget: Budget = field(default_factory=Budget)
+    # The global breaker (issue 15.2); disabled by default.
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
     @property
     def backoff(self) -> backoff_policy.BackoffPolicy:
@@ -360,9 +363,27 @@ def plan(snapshot: Snapshot, config: PlannerConfig, now: datetime) -> Plan:
             continue
         presets.append(preset_plan)
         problems.extend(preset_problems)
+    breaker = None
+    if config.breaker.enabled or snapshot.breaker.state is not BreakerState.CLOSED:
+        creates_wanted = any(
+            isinstance(action, CreateAction) for preset_plan in presets for action in preset_plan.actions
+        )
+        breaker = decide(
+            config.breaker, snapshot.breaker, snapshot.breaker_observation, now, creates_wanted=creates_wanted
+        )
+        if breaker.record.state is not BreakerState.CLOSED:
+            presets, status_changes = _without_outage_hard_limits(presets, status_changes)
     budget = None
-    if not config.budget.unlimited:
-        presets, budget = apply_admission(presets, snapshot, config.budget)
+    creates_allowed = breaker.creates_allowed if breaker is not None else None
+    if not config.budget.unlimited or creates_allowed is not None:
+        presets, use = apply_admission(
+            presets,
+            snapshot,
+            config.budget,
+            creates_allowed=creates_allowed,
+            probing=breaker is not None and breaker.probing,
+        )
+        budget = None if config.budget.unlimited else use
     return Plan(
         generated_at=now,
         presets=tuple(presets),
@@ -370,7 +391,25 @@ def plan(snapshot: Snapshot, config: PlannerConfig, now: datetime) -> Plan:
         status_changes=tuple(status_changes),
         snapshot=snapshot,
         budget=budget,
+        breaker=breaker,
     )
+
+
+def _without_outage_hard_limits(
+    presets: Sequence[PresetPlan], status_changes: Sequence[StatusChange]
+) -> tuple[list[PresetPlan], list[StatusChange]]:
+    """While the breaker is open or half-open, no preset becomes hard limited (issue 15.2): a shared
+    outage is nobody's template's fault, and one breaker notification replaces N preset ones. The
+    episode's failures stop counting in the snapshot once its row exists; this covers the pass that
+    opens it, whose snapshot was read before."""
+    kept = [change for change in status_changes if change.kind is not StatusChangeKind.HARD_LIMITED]
+    adjusted = [
+        replace(preset_plan, status_change=None, hard_limited=False, create_blocked=None, creates_withheld=0)
+        if preset_plan.status_change is StatusChangeKind.HARD_LIMITED
+        else preset_plan
+        for preset_plan in presets
+    ]
+    return adjusted, kept
 
 
 def wants_of(preset_plan: PresetPlan) -> Wants:

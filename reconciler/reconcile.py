@@ -26,6 +26,7 @@ import structlog
 from reconciler import db, executor, planner
 from reconciler.admission import Budget
 from reconciler.backoff import BackoffStrategy
+from reconciler.breaker import BreakerSettings
 from reconciler.config import Settings, behaviour_values
 from reconciler.durations import format_duration
 from reconciler.executor import StatusChanges
@@ -204,6 +205,16 @@ def planner_config(settings: Settings) -> planner.PlannerConfig:
         backoff_strategy=BackoffStrategy(settings.backoff_strategy),
         backoff_max=settings.backoff_max,
         budget=Budget(settings.max_in_flight, settings.max_in_flight_per_template),
+        breaker=BreakerSettings(
+            enabled=settings.breaker_enabled,
+            failure_threshold=settings.breaker_failure_threshold,
+            min_builds=settings.breaker_min_builds,
+            min_presets=settings.breaker_min_presets,
+            window=settings.breaker_window,
+            open_duration=settings.breaker_open_duration,
+            open_duration_max=settings.breaker_open_duration_max,
+            probes=settings.breaker_probes,
+        ),
     )
 
 
@@ -213,6 +224,8 @@ def snapshot_parameters(settings: Settings, now: datetime) -> reads.SnapshotPara
         failure_hard_limit=settings.failure_hard_limit,
         non_retryable_error_codes=settings.non_retryable_error_codes,
         capacity_error_codes=settings.capacity_error_codes,
+        # Read whether or not the breaker is enabled: one disabled during an episode is closed, and told.
+        breaker_window_start=now - settings.breaker_window,
     )
 
 
@@ -541,6 +554,7 @@ async def _run_pass(
         creates_clamped=summary.creates_clamped,
         deletes_skipped=summary.deletes_skipped,
         budget_held=summary.budget_held,
+        breaker_state=plan.breaker.record.state.value if plan.breaker is not None else "closed",
         presets_failed=summary.presets_failed,
         newly_hard_limited=len(changes.hard_limited),
         newly_validation_failed=len(changes.validation_failed),

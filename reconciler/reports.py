@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from reconciler.admission import HoldReason
+from reconciler.breaker import BreakerDecision, BreakerState
 from reconciler.durations import format_duration
 from reconciler.plan import (
     Action,
@@ -106,6 +107,32 @@ def budget_json(budget: BudgetUse | None) -> dict[str, Any] | None:
     }
 
 
+def breaker_json(breaker: BreakerDecision | None) -> dict[str, Any] | None:
+    """The global breaker after this plan (issue 15.2); None when it is disabled and closed."""
+    if breaker is None:
+        return None
+    record = breaker.record
+    return {
+        "state": record.state.value,
+        "episode": record.episode,
+        "changed_at": _iso(record.changed_at) if record.changed_at else None,
+        "open_until": _iso(record.open_until) if record.open_until else None,
+        "event": breaker.event.value if breaker.event else None,
+        # Creates allowed this pass across the deployment: null = no limit from the breaker.
+        "creates_allowed": breaker.creates_allowed,
+        "reason": breaker.reason,
+    }
+
+
+def breaker_line(breaker: BreakerDecision | None) -> str:
+    """One line for people while the breaker is open or half-open ('' otherwise)."""
+    if breaker is None or breaker.record.state is BreakerState.CLOSED:
+        return ""
+    record = breaker.record
+    until = f" until {_iso(record.open_until)}" if record.open_until else ""
+    return f"breaker {record.state.value}{until} (episode {record.episode}): {breaker.reason}\n"
+
+
 def budget_line(budget: BudgetUse | None) -> str:
     """One line for people: the budget, its use, and what it held back ('' when unlimited)."""
     if budget is None:
@@ -127,6 +154,7 @@ def plan_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
         "paused": paused,
         "presets": [preset_json(preset_plan) for preset_plan in plan.presets],
         "in_flight_budget": budget_json(plan.budget),
+        "breaker": breaker_json(plan.breaker),
         "problems": [
             {"preset_id": str(problem.preset_id), "event": problem.event, "detail": problem.detail}
             for problem in plan.problems
@@ -234,7 +262,7 @@ def plan_table(plan: Plan, *, paused: bool) -> str:
     header = f"plan at {_iso(plan.generated_at)}" + (
         "  (reconciliation is PAUSED: nothing would run)" if paused else ""
     )
-    header = budget_line(plan.budget) + header
+    header = budget_line(plan.budget) + breaker_line(plan.breaker) + header
     body = table(
         ("TEMPLATE", "VERSION", "PRESET", "ACTIVE", "DESIRED", "RUNNING", "STARTING", "STATUS", "ACTIONS"), rows
     )
@@ -358,6 +386,7 @@ def status_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
         "paused": paused,
         "presets": [entry(preset_plan) for preset_plan in plan.presets],
         "in_flight_budget": budget_json(plan.budget),
+        "breaker": breaker_json(plan.breaker),
     }
 
 
@@ -369,7 +398,10 @@ def _status_header(plan: Plan, paused: bool) -> str:
     line = f"status at {format_time(plan.generated_at, plan.generated_at)}"
     line += "  reconciliation is PAUSED (reconciler resume)" if paused else ""
     # The in-flight budget's line, when one is set, ends with its own newline.
-    return line + ("\n" + budget_line(plan.budget).rstrip("\n") if plan.budget is not None else "")
+    line += ("\n" + budget_line(plan.budget).rstrip("\n")) if plan.budget is not None else ""
+    # The outage breaker's line while it is open or half-open.
+    breaker = breaker_line(plan.breaker)
+    return line + ("\n" + breaker.rstrip("\n") if breaker else "")
 
 
 def status_table(plan: Plan, *, paused: bool, width: int = STATUS_WIDTH) -> str:

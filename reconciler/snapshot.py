@@ -12,6 +12,8 @@ from datetime import datetime
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
+from reconciler.breaker import BreakerObservation, BreakerRecord
+
 # The prebuilds system user: owner of every prebuilt workspace until it is claimed.
 PREBUILDS_SYSTEM_USER_ID = UUID("c42fdf75-3097-471c-8c33-fb52454d81c0")
 
@@ -184,6 +186,9 @@ class Snapshot:
     failures: tuple[PresetFailures, ...] = ()
     # The in-flight budget's use, per template (templates with none are absent).
     in_flight: tuple[InFlight, ...] = ()
+    # The global breaker as the database holds it, and its evidence (issue 15.2).
+    breaker: BreakerRecord = field(default_factory=BreakerRecord)
+    breaker_observation: BreakerObservation = field(default_factory=BreakerObservation)
 
     @property
     def in_flight_total(self) -> int:

@@ -89,6 +89,40 @@ async def enqueue_notices(connection: db.Connection, notices: list[StatusNotice]
     return len(rows)
 
 
+# The breaker's notifications (migration 0005): one when an episode opens, one when it closes.
+BREAKER_OPENED_TEMPLATE_ID = UUID("f045ca47-72a8-4ca6-9606-5a0120f177ed")
+BREAKER_CLOSED_TEMPLATE_ID = UUID("23683045-4e77-431a-bb8b-208c0f5fe506")
+
+
+async def enqueue_breaker_notice(
+    connection: db.Connection,
+    *,
+    opened: bool,
+    episode: int,
+    reason: str,
+    at: datetime,
+    opened_at: datetime | None,
+    open_until: datetime | None,
+) -> int:
+    """The breaker's notice of one episode (inside the caller's transaction); returns rows written."""
+    kind = "breaker_opened" if opened else "breaker_closed"
+    payload = {
+        "kind": kind,
+        "episode": episode,
+        "reason": reason,
+        "opened_at": opened_at.isoformat() if opened_at else None,
+        "open_until": open_until.isoformat() if open_until else None,
+        "at": at.isoformat(),
+    }
+    return await notifications.enqueue_breaker_notification(
+        connection,
+        template_id=BREAKER_OPENED_TEMPLATE_ID if opened else BREAKER_CLOSED_TEMPLATE_ID,
+        kind=kind,
+        episode=episode,
+        payload=json.dumps(payload),
+    )
+
+
 async def reset_preset(
     connection: db.Connection, preset_id: UUID, *, actor: str, now: datetime
 ) -> PrebuildStatus | None:

@@ -43,6 +43,14 @@ async def enqueue_notifications(
     return [EnqueuedNotification(row["id"], row["user_id"], row["kind"], row["preset_id"]) for row in rows]
 
 
+async def enqueue_breaker_notification(
+    connection: db.Connection, *, template_id: UUID, kind: str, episode: int, payload: str
+) -> int:
+    """The breaker's notification of one episode, to every site template administrator; rows written."""
+    rows = await connection.fetch(_query("enqueue_breaker_notification"), template_id, kind, episode, payload)
+    return len(rows)
+
+
 @dataclass(frozen=True, slots=True)
 class NotificationRow:
     id: UUID

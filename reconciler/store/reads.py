@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 
 from reconciler import db, prebuilds_settings
+from reconciler.breaker import BreakerObservation, BreakerRecord, BreakerState
 from reconciler.recorded_settings import RecordedSettings
 from reconciler.snapshot import (
     Backoff,
@@ -49,6 +50,8 @@ class SnapshotParameters:
     failure_hard_limit: int
     non_retryable_error_codes: frozenset[str]
     capacity_error_codes: frozenset[str]
+    # The start of the breaker's window (now - RECONCILER_BREAKER_WINDOW); None: the breaker is not read.
+    breaker_window_start: datetime | None = None
 
 
 class BadRowError(Exception):
@@ -277,6 +280,9 @@ async def read_snapshot(
         for row in await connection.fetch(_query("snapshot_in_flight"))
         if row["template_id"] is not None
     )
+    breaker, observation = BreakerRecord(), BreakerObservation()
+    if parameters.breaker_window_start is not None:
+        breaker, observation = await read_breaker(connection, parameters.breaker_window_start)
     converted = _SnapshotRows()
     for row in rows:
         try:
@@ -313,10 +319,38 @@ async def read_snapshot(
         pending_non_active=tuple(row for row in converted.pending if keep(row.preset_id)),
         backoffs=tuple(row for row in converted.backoffs if keep(row.preset_id)),
         in_flight=in_flight,
+        breaker=breaker,
+        breaker_observation=observation,
         hard_limited_preset_ids=frozenset(f.preset_id for f in failures if f.hard_limited),
         validation_failed_preset_ids=frozenset(f.preset_id for f in failures if f.validation_failed),
         failures=tuple(failures),
     )
+
+
+async def read_breaker(connection: db.Connection, window_start: datetime) -> tuple[BreakerRecord, BreakerObservation]:
+    """The breaker's row, its current episode and its evidence (`snapshot_breaker`)."""
+    row = await connection.fetchrow(_query("snapshot_breaker"), window_start)
+    if row is None:
+        # The row is the migration's; without it the breaker is simply closed.
+        return BreakerRecord(), BreakerObservation()
+    record = BreakerRecord(
+        state=BreakerState(row["state"]),
+        episode=row["episode"],
+        changed_at=_aware_or_none(row["changed_at"]),
+        open_until=_aware_or_none(row["open_until"]),
+        open_duration=row["open_duration"],
+        opened_at=_aware_or_none(row["opened_at"]),
+        failures_since=_aware_or_none(row["failures_since"]),
+    )
+    observation = BreakerObservation(
+        completed=row["completed"],
+        failed=row["failed"],
+        failed_presets=row["failed_presets"],
+        probes_succeeded=row["probes_succeeded"],
+        probes_failed=row["probes_failed"],
+        probes_in_flight=row["probes_in_flight"],
+    )
+    return record, observation
 
 
 async def read_recorded_settings(connection: db.Connection) -> RecordedSettings | None:

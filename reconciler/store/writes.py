@@ -14,6 +14,7 @@ from datetime import datetime
 from uuid import UUID
 
 from reconciler import db
+from reconciler.breaker import BreakerRecord
 from reconciler.snapshot import PrebuildStatus, Schedule
 
 
@@ -142,3 +143,30 @@ async def reset_preset(connection: db.Connection, preset_id: UUID, now: datetime
 async def record_settings(connection: db.Connection, values: Mapping[str, str], instance: str, now: datetime) -> None:
     """Record the behaviour settings a pass at `now` uses (`reconciler_settings`, one row)."""
     await connection.execute(_query("record_settings"), json.dumps(dict(values)), instance, now)
+
+
+async def write_breaker(connection: db.Connection, read: BreakerRecord, new: BreakerRecord) -> bool:
+    """Move the breaker from the state read to `new`; False when another writer moved it first."""
+    episode = await connection.fetchval(
+        _query("write_breaker"),
+        read.state.value,
+        read.episode,
+        new.state.value,
+        new.episode,
+        new.changed_at,
+        new.open_until,
+        new.open_duration,
+    )
+    return episode is not None
+
+
+async def open_breaker_episode(
+    connection: db.Connection, episode: int, opened_at: datetime, failures_since: datetime, reason: str
+) -> None:
+    await connection.execute(_query("open_breaker_episode"), episode, opened_at, failures_since, reason)
+
+
+async def close_breaker_episode(connection: db.Connection, episode: int, now: datetime) -> datetime | None:
+    """Close the episode; returns when it opened (None: it was closed already, or never recorded)."""
+    row = await connection.fetchrow(_query("close_breaker_episode"), episode, now)
+    return None if row is None else row["opened_at"]

@@ -49,6 +49,29 @@ from addressed
 on conflict (dedupe_key) do nothing
 returning id, user_id, kind, preset_id
 
+-- name: enqueue_breaker_notification
+-- One notification per breaker episode when it opens, one when it closes (issue 15.2), to the site's
+-- template administrators (active, non-deleted, non-system users with the site role template-admin),
+-- or, with nobody to tell, recorded with no user; webhooks get it either way. About no preset.
+-- `dedupe_key` makes a second enqueue of the same episode and kind a no-op.
+-- $1 notification template, $2 kind, $3 episode, $4 payload (JSON text).
+with recipients as (
+    select u.id as user_id
+    from users u
+    where u.status = 'active' and not u.deleted and not u.is_system and 'template-admin' = any(u.rbac_roles)
+),
+addressed as (
+    select user_id from recipients
+    union all
+    select null::uuid where not exists (select 1 from recipients)
+)
+insert into notification_messages (notification_template_id, user_id, payload, kind, preset_id, episode, dedupe_key)
+select $1::uuid, user_id, $4::jsonb, $2::text, null, $3::integer,
+       $2::text || ':breaker:' || $3::integer || ':' || coalesce(user_id::text, 'nobody')
+from addressed
+on conflict (dedupe_key) do nothing
+returning id, user_id
+
 -- name: list_notifications
 select m.id, m.kind, m.status, m.created_at, m.sent_at, m.attempts, m.last_error, m.payload, m.preset_id,
        m.episode, u.username, u.email, nt.name as template_name

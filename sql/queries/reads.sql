@@ -84,6 +84,50 @@ where job.job_status in ('pending', 'running')
 group by w.template_id
 order by w.template_id
 
+-- name: snapshot_breaker
+-- The global breaker (issue 15.2): its row, its current episode (while open or half-open), and its
+-- evidence. $1 the start of the window (now - RECONCILER_BREAKER_WINDOW); the window never starts before
+-- the breaker last changed state, so the failures that opened it cannot open it again once it closes.
+-- Evidence: first (create) builds of prebuilds that completed in the window, succeeded or failed (a
+-- canceled one is neither), from the partial index on prebuild jobs' completion. Probes: while
+-- half-open, the create builds created since it turned half-open, by outcome; otherwise not read.
+with breaker as (
+    select b.*, greatest($1::timestamptz, coalesce(b.changed_at, '-infinity')) as window_start
+    from prebuild_breaker b
+),
+completed as (
+    select job.job_status, build.template_version_preset_id as preset_id, job.created_at
+    from provisioner_jobs job
+    join workspace_builds build on build.job_id = job.id
+    where job.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and job.completed_at is not null
+        and job.completed_at >= (select window_start from breaker)
+        and job.job_status in ('succeeded', 'failed')
+        and build.transition = 'start' and build.build_number = 1
+        and build.template_version_preset_id is not null
+),
+probes as (
+    select job.job_status
+    from provisioner_jobs job
+    join workspace_builds build on build.job_id = job.id
+    where (select state from breaker) = 'half_open'
+        and job.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+        and job.created_at >= (select changed_at from breaker)
+        and job.job_status in ('pending', 'running', 'succeeded', 'failed')
+        and build.transition = 'start' and build.build_number = 1
+        and build.template_version_preset_id is not null
+)
+select
+    b.state, b.episode, b.changed_at, b.open_until, b.open_duration,
+    e.opened_at, e.failures_since,
+    (select count(*) from completed)::integer as completed,
+    (select count(*) from completed where job_status = 'failed')::integer as failed,
+    (select count(distinct preset_id) from completed where job_status = 'failed')::integer as failed_presets,
+    (select count(*) from probes where job_status = 'succeeded')::integer as probes_succeeded,
+    (select count(*) from probes where job_status = 'failed')::integer as probes_failed,
+    (select count(*) from probes where job_status in ('pending', 'running'))::integer as probes_in_flight
+from breaker b
+left join prebuild_breaker_episodes e on e.episode = b.episode and b.state <> 'closed'
+
 -- name: snapshot_prebuilds
 -- One statement, so that the latest build of each live prebuild is looked up once (the materialized
 -- CTE `live`) and every other figure is derived from that small set: its size is the number of live
@@ -177,7 +221,14 @@ starts as materialized (
         preset_info.failure_reset_at,
         preset_info.template_deleted,
         row_number() over (partition by live.preset_id order by live.build_created_at desc, live.workspace_id)
-            as rank
+            as rank,
+        -- A failure of a build created during a breaker episode is the shared outage's, not the preset's
+        -- (issue 15.2): it counts for neither backoff nor the hard limit.
+        live.job_status = 'failed' and exists (
+            select 1 from prebuild_breaker_episodes episode
+            where live.build_created_at >= episode.failures_since
+                and (episode.closed_at is null or live.build_created_at < episode.closed_at)
+        ) as outage
     from live
     join preset_info on preset_info.preset_id = live.preset_id
     where live.transition = 'start' and preset_info.on_active_version
@@ -188,16 +239,19 @@ starts as materialized (
 backoff as (
     select
         starts.preset_id,
-        count(*) filter (where starts.job_status = 'failed' and starts.build_created_at >= $1) as num_failed,
+        count(*) filter (
+            where starts.job_status = 'failed' and not starts.outage and starts.build_created_at >= $1
+        ) as num_failed,
         max(starts.build_created_at) filter (
             where starts.rank <= starts.desired_instances
-                and starts.job_status = 'failed' and starts.build_created_at >= $1
+                and starts.job_status = 'failed' and not starts.outage and starts.build_created_at >= $1
         ) as last_build_at
     from starts
     where not starts.template_deleted
     group by starts.preset_id
     having bool_or(
-        starts.rank <= starts.desired_instances and starts.job_status = 'failed' and starts.build_created_at >= $1
+        starts.rank <= starts.desired_instances and starts.job_status = 'failed' and not starts.outage
+            and starts.build_created_at >= $1
     )
 ),
 -- For the hard limit, failures caused by capacity (quota) are neither a failure nor a success, and
@@ -212,6 +266,7 @@ limit_evidence as (
     from starts
     -- coalesce: a failure without a code is a plain failure (null = any(...) would drop the row).
     where not (starts.job_status = 'failed' and coalesce(starts.error_code, '') = any($4::text[]))
+        and not starts.outage
         and (starts.failure_reset_at is null or starts.build_created_at > starts.failure_reset_at)
 ),
 failures as (

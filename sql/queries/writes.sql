@@ -238,3 +238,23 @@ on conflict (id) do update set
         else excluded.recorded_at
     end,
     last_pass_at = excluded.last_pass_at
+
+-- name: write_breaker
+-- The breaker's next state (issue 15.2), only from the state and episode the pass read: a pass working
+-- from an older snapshot, or a second replica, changes nothing (no row returned). $1 state read,
+-- $2 episode read, $3 new state, $4 new episode, $5 changed_at, $6 open_until, $7 open_duration.
+update prebuild_breaker
+set state = $3, episode = $4, changed_at = $5, open_until = $6, open_duration = $7
+where state = $1 and episode = $2
+returning episode
+
+-- name: open_breaker_episode
+-- $1 episode, $2 opened_at, $3 failures_since, $4 reason. In the transaction that opened the breaker.
+insert into prebuild_breaker_episodes (episode, opened_at, failures_since, reason)
+values ($1, $2, $3, $4)
+on conflict (episode) do nothing
+
+-- name: close_breaker_episode
+-- $1 episode, $2 closed_at. From then on, failed builds are the presets' own again.
+update prebuild_breaker_episodes set closed_at = $2 where episode = $1 and closed_at is null
+returning opened_at, reason

@@ -240,24 +240,49 @@ create policy prebuilds_reconciler_own_outbox on notification_messages as restri
     using (notification_template_id in (
         '414d9331-c1fc-4761-b40c-d1f4702279eb',  -- hard_limited: Prebuild Failure Limit Reached
         '9ab56367-21d6-438e-9e48-0cf94beca3d8',  -- validation_failed: Prebuild Validation Failed
-        '3612b174-7ca6-431d-8222-8b9dcc23a45b'   -- recovered: Prebuild Failure Limit Recovered
+        '3612b174-7ca6-431d-8222-8b9dcc23a45b',  -- recovered: Prebuild Failure Limit Recovered
+        'f045ca47-72a8-4ca6-9606-5a0120f177ed',  -- breaker_opened: Prebuild Provisioning Outage
+        '23683045-4e77-431a-bb8b-208c0f5fe506'   -- breaker_closed: Prebuild Provisioning Recovered
     ))
     with check (notification_template_id in (
         '414d9331-c1fc-4761-b40c-d1f4702279eb',
         '9ab56367-21d6-438e-9e48-0cf94beca3d8',
-        '3612b174-7ca6-431d-8222-8b9dcc23a45b'
+        '3612b174-7ca6-431d-8222-8b9dcc23a45b',
+        'f045ca47-72a8-4ca6-9606-5a0120f177ed',
+        '23683045-4e77-431a-bb8b-208c0f5fe506'
     ));
 create policy prebuilds_reconciler_notifies_template_admins on notification_messages as restrictive for insert
     to prebuilds_reconciler
     with check (
-        (kind, notification_template_id) in (
-            ('hard_limited', '414d9331-c1fc-4761-b40c-d1f4702279eb'::uuid),
-            ('validation_failed', '9ab56367-21d6-438e-9e48-0cf94beca3d8'::uuid),
-            ('recovered', '3612b174-7ca6-431d-8222-8b9dcc23a45b'::uuid)
+        (
+            (kind, notification_template_id) in (
+                ('hard_limited', '414d9331-c1fc-4761-b40c-d1f4702279eb'::uuid),
+                ('validation_failed', '9ab56367-21d6-438e-9e48-0cf94beca3d8'::uuid),
+                ('recovered', '3612b174-7ca6-431d-8222-8b9dcc23a45b'::uuid)
+            )
+            and preset_id is not null
+            or
+            -- The breaker's (enqueue_breaker_notification): about no preset, to the site's template
+            -- administrators only (no organization's: the outage is the deployment's).
+            (kind, notification_template_id) in (
+                ('breaker_opened', 'f045ca47-72a8-4ca6-9606-5a0120f177ed'::uuid),
+                ('breaker_closed', '23683045-4e77-431a-bb8b-208c0f5fe506'::uuid)
+            )
+            and preset_id is null
+            and (
+                notification_messages.user_id is null
+                or exists (
+                    select 1 from users u
+                    where u.id = notification_messages.user_id
+                        and u.status = 'active' and not u.deleted and not u.is_system
+                        and 'template-admin' = any (u.rbac_roles)
+                )
+            )
         )
-        and preset_id is not null
         and (
-            notification_messages.user_id is null
+            -- A preset's notice: to nobody, or to a template administrator of its organization or the site.
+            notification_messages.preset_id is null
+            or notification_messages.user_id is null
             or exists (
                 select 1 from users u
                 where u.id = notification_messages.user_id
@@ -344,5 +369,16 @@ create policy prebuilds_reconciler_joins_prebuilds_group on group_members as res
 grant select, insert (settings, instance, recorded_at, last_pass_at),
     update (settings, instance, recorded_at, last_pass_at)
     on reconciler_settings to prebuilds_reconciler;
+
+-- ---------------------------------------------------------------------------------------------------
+-- prebuild_breaker, prebuild_breaker_episodes: the global breaker (migration 0005), tables only the
+-- daemon writes: grants only. Read by every pass (snapshot_breaker; snapshot_prebuilds reads the
+-- episodes to leave the outage's failures out of the presets' evidence); the one breaker row updated by
+-- write_breaker (not `id`); an episode inserted when the breaker opens (open_breaker_episode: on
+-- conflict do nothing, which needs no other privilege) and closed when it closes (close_breaker_episode).
+grant select, update (state, episode, changed_at, open_until, open_duration)
+    on prebuild_breaker to prebuilds_reconciler;
+grant select, insert (episode, opened_at, failures_since, reason), update (closed_at)
+    on prebuild_breaker_episodes to prebuilds_reconciler;
 
 commit;

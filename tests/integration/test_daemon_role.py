@@ -595,6 +595,9 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     assert "running" in kinds
     in_flight = {row["template_id"]: row["jobs"] for row in await run("snapshot_in_flight")}
     assert in_flight[ids["template"]] == 2  # the pending prebuild and the one a provisioner took
+    breaker = (await run("snapshot_breaker", now - timedelta(minutes=10)))[0]
+    # Completed create builds in the window: the running prebuild's and the claimed one's.
+    assert (breaker["state"], breaker["episode"], breaker["completed"]) == ("closed", 0, 2)
     # The lifetime counters' reads, beside the passes.
     await run("totals_clock")
     totals = {row["preset_id"]: row for row in await run("totals_by_preset")}
@@ -691,6 +694,25 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
         assert len(finished) == 1
     assert (await run("notification_backlog"))[0]["pending"] == 0
     assert await owner.fetchval("select count(*) from notification_deliveries") == 3
+
+    # The breaker: opened (its episode and its one notification, to the site's template administrator),
+    # then closed; a second writer from the same state changes nothing.
+    async with as_role.transaction():
+        assert (
+            await run("write_breaker", "closed", 0, "open", 1, now, now + timedelta(minutes=5), timedelta(minutes=5))
+        )[0]["episode"] == 1
+        await run("open_breaker_episode", 1, now, now - timedelta(minutes=10), "4 of 6 builds failed")
+        breaker_messages = await run(
+            "enqueue_breaker_notification",
+            uuid.UUID("f045ca47-72a8-4ca6-9606-5a0120f177ed"),
+            "breaker_opened",
+            1,
+            json.dumps({"reason": "x"}),
+        )
+        assert [row["user_id"] for row in breaker_messages] == [ids["admin"]]
+    assert await run("write_breaker", "closed", 0, "open", 1, now, now, timedelta(minutes=5)) == []
+    assert (await run("close_breaker_episode", 1, now))[0]["reason"] == "4 of 6 builds failed"
+    await owner.execute("delete from notification_messages where kind like 'breaker_%'")
 
     # The prebuilds user's memberships: in the hard-limited preset's organization, which has none yet.
     memberships = {row["organization_id"]: row for row in await run("read_prebuilds_memberships")}
@@ -821,6 +843,7 @@ SNAPSHOT_STATEMENTS = (
     "totals_by_preset",
     "totals_open_first_builds",
     "totals_recent_first_builds",
+    "snapshot_breaker",
 )
 
 
@@ -840,6 +863,7 @@ async def test_the_snapshot_plans_as_the_role_are_the_owners(connection: asyncpg
     arguments: dict[str, tuple[object, ...]] = {
         "snapshot_prebuilds": (generated.now - timedelta(hours=1), 3, ["X"], ["Y"]),
         "totals_recent_first_builds": (generated.now - timedelta(hours=1),),
+        "snapshot_breaker": (generated.now - timedelta(minutes=10),),
     }
     role = await db.connect(role_dsn)
     try:

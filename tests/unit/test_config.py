@@ -91,6 +91,15 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("RECONCILER_BACKOFF_STRATEGY", "Exponential", "backoff_strategy", "exponential"),
     ("RECONCILER_BACKOFF_STRATEGY", "linear", "backoff_strategy", "linear"),
     ("RECONCILER_BACKOFF_MAX", "30m", "backoff_max", timedelta(minutes=30)),
+    ("RECONCILER_BREAKER_ENABLED", "true", "breaker_enabled", True),
+    ("RECONCILER_BREAKER_ENABLED", "0", "breaker_enabled", False),
+    ("RECONCILER_BREAKER_FAILURE_THRESHOLD", "0.8", "breaker_failure_threshold", 0.8),
+    ("RECONCILER_BREAKER_MIN_BUILDS", "20", "breaker_min_builds", 20),
+    ("RECONCILER_BREAKER_MIN_PRESETS", "5", "breaker_min_presets", 5),
+    ("RECONCILER_BREAKER_WINDOW", "15m", "breaker_window", timedelta(minutes=15)),
+    ("RECONCILER_BREAKER_OPEN_DURATION", "2m", "breaker_open_duration", timedelta(minutes=2)),
+    ("RECONCILER_BREAKER_OPEN_DURATION_MAX", "2h", "breaker_open_duration_max", timedelta(hours=2)),
+    ("RECONCILER_BREAKER_PROBES", "5", "breaker_probes", 5),
     ("RECONCILER_NON_RETRYABLE_ERROR_CODES", "A, B,,C ", "non_retryable_error_codes", frozenset({"A", "B", "C"})),
     ("RECONCILER_NON_RETRYABLE_ERROR_CODES", "", "non_retryable_error_codes", frozenset()),
     (
@@ -176,6 +185,20 @@ def test_the_defaults_are_the_documented_ones() -> None:
     assert (loaded.backoff_strategy, loaded.backoff_max) == ("linear", timedelta(hours=1))
     assert loaded.events_enabled is True
     assert loaded.event_coalesce == timedelta(milliseconds=100)
+    assert loaded.breaker_enabled is False
+    assert (loaded.breaker_failure_threshold, loaded.breaker_min_builds, loaded.breaker_min_presets) == (0.5, 10, 3)
+    assert (loaded.breaker_window, loaded.breaker_open_duration, loaded.breaker_open_duration_max) == (
+        timedelta(minutes=10),
+        timedelta(minutes=5),
+        timedelta(hours=1),
+    )
+    assert loaded.breaker_probes == 3
+
+
+def test_the_breakers_longest_open_duration_is_not_shorter_than_its_first() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load({"RECONCILER_BREAKER_OPEN_DURATION": "10m", "RECONCILER_BREAKER_OPEN_DURATION_MAX": "5m"})
+    assert any(problem.startswith("RECONCILER_BREAKER_OPEN_DURATION_MAX:") for problem in raised.value.problems)
 
 
 def _documented_variables(text: str) -> set[str]:
@@ -298,6 +321,13 @@ BOUNDS: list[tuple[str, str, str, str, str, dict[str, str]]] = [
     ("RECONCILER_MAX_IN_FLIGHT_PER_TEMPLATE", "0", "-1", "1000000", "1000001", {}),
     ("RECONCILER_BACKOFF_MAX", "1s", "0.5s", "30d", "30d1s", {}),
     ("RECONCILER_EVENT_COALESCE", "0s", "-1s", "10s", "10001ms", {}),
+    ("RECONCILER_BREAKER_FAILURE_THRESHOLD", "0.01", "0", "1", "1.01", {}),
+    ("RECONCILER_BREAKER_MIN_BUILDS", "1", "0", "1000000", "1000001", {}),
+    ("RECONCILER_BREAKER_MIN_PRESETS", "1", "0", "1000000", "1000001", {}),
+    ("RECONCILER_BREAKER_WINDOW", "1m", "59s", "1d", "1d1s", {}),
+    ("RECONCILER_BREAKER_OPEN_DURATION", "1s", "0s", "1d", "1d1s", {"RECONCILER_BREAKER_OPEN_DURATION_MAX": "7d"}),
+    ("RECONCILER_BREAKER_OPEN_DURATION_MAX", "1s", "0s", "7d", "7d1s", {"RECONCILER_BREAKER_OPEN_DURATION": "1s"}),
+    ("RECONCILER_BREAKER_PROBES", "1", "0", "1000", "1001", {}),
     (
         "RECONCILER_WEBHOOK_0_TIMEOUT",
         "1s",
