@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -248,7 +247,8 @@ def _parser() -> argparse.ArgumentParser:
         commands,
         "presets",
         "operator actions on presets",
-        "Operator actions on presets (reset) and checks (check-expression). See `reconciler presets ACTION --help`.",
+        "Operator actions on presets (reset), what one preset is doing (describe) and checks "
+        "(check-expression). See `reconciler presets ACTION --help`.",
     )
     preset_commands = presets.add_subparsers(dest="presets_command", metavar="ACTION", required=True)
     reset = _command(
@@ -259,7 +259,20 @@ def _parser() -> argparse.ArgumentParser:
         "preset gets RECONCILER_FAILURE_HARD_LIMIT fresh attempts. The failed prebuilds stay, as evidence, "
         "until you delete them.",
     )
-    reset.add_argument("preset_id", metavar="PRESET_ID", help="the preset's id (uuid)")
+    reset.add_argument("preset_id", metavar="PRESET", help=_PRESET_HELP)
+    describe = _command(
+        preset_commands,
+        "describe",
+        "everything about one preset: settings, target, counts, status history, recent prebuilds, next pass",
+        "Show everything about one preset in one place: the behaviour settings used, its target and where "
+        "it came from (static, schedule, cap), its counts, backoff, status and since when, the history of "
+        "its status changes (each notification, its recipients, and which sinks delivered it when), its "
+        "recent prebuilds with their outcome, error code and message, its oldest pending job, and the "
+        "actions the next pass would take. Writes nothing. " + _READ_ONLY_SETTINGS,
+    )
+    describe.add_argument("preset_id", metavar="PRESET", help=_PRESET_HELP)
+    describe.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _settings_option(describe)
     check = _command(
         preset_commands,
         "check-expression",
@@ -300,6 +313,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_demo_commands(commands)
     return parser
 
+
+_PRESET_HELP = (
+    "the preset: its id, a unique prefix of it (the short id `status` shows), template/preset (the "
+    "template's active version) or template/version/preset; an ambiguous one is refused (exit 2) with "
+    "the candidates"
+)
 
 _READ_ONLY_SETTINGS = (
     "Computes with the behaviour settings the daemon's last pass recorded in the database (interval, "
@@ -592,20 +611,80 @@ async def _set_paused(settings: Settings, paused: bool) -> int:
     return await _with_connection(settings, work)
 
 
-async def _reset_preset(settings: Settings, preset_id_text: str) -> int:
+async def _find_preset(connection: asyncpg.Connection, text: str) -> Any:
+    """The one preset an operator's PRESET names (`reconciler.describe.resolve`): exit 1 when none does,
+    exit 2 (usage) when several do, listing them."""
+    from reconciler import describe
+    from reconciler.store import describe as describe_store
+    from reconciler.terminal import printable
+
+    reference = describe_store.parse_reference(text)
+    if reference is None:
+        raise CommandError(f"not a preset id, id prefix or template/preset name: {printable(text)!r}")
+    candidates = await describe_store.find_presets(connection, reference)
     try:
-        preset_id = uuid.UUID(preset_id_text)
-    except ValueError:
-        raise CommandError(f"not a preset id (a uuid): {preset_id_text!r}") from None
+        return describe.resolve(reference, candidates)
+    except describe.NoSuchPresetError as error:
+        raise CommandError(str(error)) from None
+    except describe.AmbiguousPresetError as error:
+        raise UsageError(str(error)) from None
+
+
+async def _reset_preset(settings: Settings, preset_text: str) -> int:
+    from reconciler.terminal import printable
 
     async def work(connection: asyncpg.Connection) -> int:
         from reconciler.notify.outbox import reset_preset
 
         await _require_schema(connection)
-        result = await reset_preset(connection, preset_id, actor=_actor(), now=datetime.now(UTC))
+        candidate = await _find_preset(connection, preset_text)
+        result = await reset_preset(connection, candidate.id, actor=_actor(), now=datetime.now(UTC))
         if result is None:
-            raise CommandError(f"no preset with id {preset_id}")
-        print(f"preset {preset_id} reset to normal (was {result})")
+            raise CommandError(f"no preset with id {candidate.id}")
+        name = printable(f"{candidate.template_name}/{candidate.template_version_name}/{candidate.name}")
+        print(f"preset {candidate.id} ({name}) reset to normal (was {result})")
+        return EXIT_OK
+
+    return await _with_connection(settings, work)
+
+
+async def _describe_preset(settings: Settings, preset_text: str, as_json: bool, requested: str) -> int:
+    from reconciler import describe
+    from reconciler.reconcile import read_plan
+    from reconciler.store import describe as describe_store
+
+    async def work(connection: asyncpg.Connection) -> int:
+        await _require_schema(connection)
+        now = datetime.now(UTC)
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            candidate = await _find_preset(connection, preset_text)
+            resolved = await _read_only_settings(connection, settings, requested)
+            paused = await reads.read_paused(connection)
+            # The whole plan, as `status` computes it: what one preset gets can depend on the others
+            # (an in-flight budget), and it is the same computation a pass makes.
+            plan = await read_plan(connection, resolved.settings, now)
+            stored = await describe_store.read_preset(connection, candidate.id)
+            if stored is None:
+                raise CommandError(f"no preset with id {candidate.id}")
+            prebuilds = await describe_store.recent_prebuilds(connection, candidate.id, describe.RECENT_PREBUILDS)
+            notifications = await describe_store.preset_notifications(
+                connection, candidate.id, describe.RECENT_NOTIFICATIONS
+            )
+        description = describe.Description(
+            candidate=candidate,
+            settings=stored,
+            preset_plan=describe.preset_plan_of(plan.presets, candidate.id),
+            problems=tuple(problem for problem in plan.problems if problem.preset_id == candidate.id),
+            prebuilds=prebuilds,
+            notifications=notifications,
+            settings_used=resolved.as_json(),
+            paused=paused,
+            now=now,
+        )
+        if as_json:
+            print(json.dumps(describe.as_json(description), indent=2))
+        else:
+            print(describe.as_text(description))
         return EXIT_OK
 
     return await _with_connection(settings, work)
@@ -677,7 +756,11 @@ def _dispatch(arguments: argparse.Namespace) -> int:
         ),
         "pause": lambda: _set_paused(settings, True),
         "resume": lambda: _set_paused(settings, False),
-        "presets": lambda: _reset_preset(settings, arguments.preset_id),
+        "presets": lambda: (
+            _describe_preset(settings, arguments.preset_id, arguments.json, arguments.settings)
+            if arguments.presets_command == "describe"
+            else _reset_preset(settings, arguments.preset_id)
+        ),
         "notifications": lambda: _list_notifications(settings, arguments.limit, arguments.json),
     }
     return asyncio.run(runners[command]())

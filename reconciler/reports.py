@@ -218,7 +218,7 @@ def format_age(since: datetime, now: datetime) -> str:
     return format_duration(timedelta(seconds=seconds))
 
 
-def _describe_action(action: Action, now: datetime) -> str:
+def describe_action(action: Action, now: datetime) -> str:
     if isinstance(action, BackoffAction):
         return f"backoff until {format_time(action.until, now)} ({action.num_failed} failed)"
     if isinstance(action, CancelPendingAction):
@@ -251,7 +251,7 @@ def plan_table(plan: Plan, *, paused: bool) -> str:
             preset_plan.preset.prebuild_status.value,
             "; ".join(
                 [
-                    *(_describe_action(action, plan.generated_at) for action in preset_plan.actions),
+                    *(describe_action(action, plan.generated_at) for action in preset_plan.actions),
                     *_describe_held(preset_plan),
                 ]
             )

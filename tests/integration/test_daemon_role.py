@@ -34,8 +34,10 @@ HARD_LIMITED_TEMPLATE = uuid.UUID("414d9331-c1fc-4761-b40c-d1f4702279eb")
 VALIDATION_FAILED_TEMPLATE = uuid.UUID("9ab56367-21d6-438e-9e48-0cf94beca3d8")
 RECOVERED_TEMPLATE = uuid.UUID("3612b174-7ca6-431d-8222-8b9dcc23a45b")
 # sql/queries files of the test tools (the simulated provisioner, the demo's seeding), which run as the
-# schema's owner; every other named statement is the daemon's and must run as its role.
-TOOL_QUERY_FILES = {"platform.sql"}
+# schema's owner, and of operator commands the daemon never runs (`presets describe`: that it works with
+# the role's credentials is tested in test_describe.py); every other named statement is the daemon's and
+# must run as its role.
+TOOL_QUERY_FILES = {"platform.sql", "describe.sql"}
 # Tables whose every row is compared before and after an abuse.
 WATCHED_TABLES = (
     "workspaces",
