@@ -293,6 +293,10 @@ class Settings(BaseSettings):
     breaker_open_duration: Annotated[Duration, between(SECOND, DAY)] = 5 * MINUTE
     breaker_open_duration_max: Annotated[Duration, between(SECOND, 7 * DAY)] = HOUR
     breaker_probes: int = Field(default=3, ge=1, le=1000)
+    # A lower computed target deletes prebuilds once it has held this long (docs/DEMAND.md); 0 = at once.
+    target_stabilization_window: Annotated[Duration, between(timedelta(0), DAY)] = 5 * MINUTE
+    # Claim events older than this are purged; last week's demand needs 7 days and an hour.
+    prebuild_events_retention: Annotated[Duration, between(2 * HOUR, 365 * DAY)] = 8 * DAY
     executor_concurrency: int = Field(default=8, ge=1, le=256)
     non_retryable_error_codes: ErrorCodes = frozenset({"REQUIRED_TEMPLATE_VARIABLES"})
     capacity_error_codes: ErrorCodes = frozenset({"INSUFFICIENT_QUOTA"})
@@ -416,6 +420,7 @@ BEHAVIOUR_SETTINGS: tuple[str, ...] = (
     "backoff_lookback",
     "failure_hard_limit",
     "max_desired_instances",
+    "target_stabilization_window",
     "non_retryable_error_codes",
     "capacity_error_codes",
     "max_in_flight",
@@ -464,6 +469,8 @@ OPERATIONAL_SETTINGS: frozenset[str] = frozenset(
         # When a pass runs, not what it decides.
         "events_enabled",
         "event_coalesce",
+        # The purge runs beside the passes; it changes no plan.
+        "prebuild_events_retention",
     }
 )
 

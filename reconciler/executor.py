@@ -98,6 +98,21 @@ async def _budget_room(connection: db.Connection, budget: BudgetUse | None, temp
     return max(min(rooms), 0)
 
 
+def _fresh_target(preset_plan: PresetPlan, check: writes.CreateCheck, now: datetime) -> int:
+    """The target a create may fill to, from what the preset says under its lock.
+
+    A target computed by the preset's expression (or its fallback) stands while the expression is the one
+    the plan evaluated: it needs the pass's demand, which only the snapshot has. Otherwise the static or
+    scheduled target computed now, never above the plan's.
+    """
+    planned = preset_plan.target
+    expression = (check.desired_instances_expression or "").strip()
+    if planned is not None and planned.expression is not None and expression == planned.expression.strip():
+        return preset_plan.state.desired
+    fresh = schedule.target(check.desired_instances or 0, check.schedules, check.scheduling_timezone, now)
+    return min(preset_plan.state.desired, fresh.instances)
+
+
 async def _create(
     connection: db.Connection,
     preset_plan: PresetPlan,
@@ -123,8 +138,7 @@ async def _create(
         # Clamp to a target computed now from the preset's current desired count and schedules (a schedule
         # that covers `now` still decides), never above the plan's: a lowered desired count, or schedules
         # replaced after the snapshot, clamp the creates decided from the snapshot.
-        fresh = schedule.target(check.desired_instances, check.schedules, check.scheduling_timezone, now)
-        target = min(preset_plan.state.desired, fresh.instances)
+        target = _fresh_target(preset_plan, check, now)
         existing = await writes.count_preset_prebuilds(connection, preset.id, check.template_id)
         count = max(min(action.count, target - existing), 0)
         if room is not None and count > room:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import lark
 
@@ -355,3 +355,12 @@ def target_expression(text: str | None) -> CompiledExpression | InvalidExpressio
     if text is None or not text.strip():
         return None
     return compile_target_expression(text)
+
+
+def target_expressions(texts: Iterable[str | None]) -> dict[str, CompiledExpression | InvalidExpression]:
+    """Each distinct non-blank text, compiled (cached across passes): what the planner looks expressions up in."""
+    compiled: dict[str, CompiledExpression | InvalidExpression] = {}
+    for text in texts:
+        if text is not None and text not in compiled and text.strip():
+            compiled[text] = compile_target_expression(text)
+    return compiled

@@ -11,7 +11,7 @@ from uuid import UUID
 from reconciler.admission import HoldReason
 from reconciler.breaker import BreakerDecision
 from reconciler.snapshot import PrebuildStatus, Preset, PresetFailures, Snapshot
-from reconciler.target import TargetSource
+from reconciler.target import Target, TargetHold, TargetSource
 
 
 class DeleteReason(enum.StrEnum):
@@ -128,6 +128,9 @@ class PresetPlan:
     failures: PresetFailures | None = None
     # when the oldest of its builds that no provisioner has picked up yet was created.
     oldest_pending_at: datetime | None = None
+    # The target and where it came from (static, schedule, expression, ...): `state.desired` is its
+    # `desired`. None only in plans built by hand.
+    target: Target | None = None
 
     @property
     def prebuild_status(self) -> PrebuildStatus:
@@ -177,3 +180,12 @@ class Plan:
     # The snapshot the plan was computed from (not part of the plan's value: two plans of different
     # snapshots can be equal).
     snapshot: Snapshot | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def holds(self) -> dict[UUID, TargetHold]:
+        """What the next pass must remember of each expression preset's stabilization."""
+        return {
+            preset_plan.preset.id: preset_plan.target.hold
+            for preset_plan in self.presets
+            if preset_plan.target is not None and preset_plan.target.hold is not None
+        }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from uuid import UUID
@@ -17,6 +17,8 @@ from uuid import UUID
 from reconciler import backoff as backoff_policy
 from reconciler.admission import Admission, Budget, Wants, admit
 from reconciler.breaker import BreakerSettings, BreakerState, decide
+from reconciler.demand import NO_DEMAND, DemandCounts, PoolCounts
+from reconciler.expression import CompiledExpression, InvalidExpression
 from reconciler.plan import (
     Action,
     BackoffAction,
@@ -43,7 +45,13 @@ from reconciler.snapshot import (
     Snapshot,
     Transition,
 )
-from reconciler.target import TargetSource, scheduled_target
+from reconciler.target import TargetHold, TargetSettings, resolve_target, scheduled_target
+
+# Each distinct expression text of the snapshot, compiled (`expression_compiler.target_expressions`): the
+# planner does no parsing, and a fleet that shares a few expressions compiles each once.
+Expressions = Mapping[str, CompiledExpression | InvalidExpression]
+
+EXPRESSION_FAILED = "preset.expression_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,9 @@ class PlannerConfig:
     def backoff(self) -> backoff_policy.BackoffPolicy:
         return backoff_policy.BackoffPolicy(self.backoff_interval, self.backoff_strategy, self.backoff_max)
 
+    # How long a lower computed target holds off deletes (expression presets only; 0 = Coder's at once).
+    stabilization_window: timedelta = timedelta(minutes=5)
+
 
 @dataclass(frozen=True, slots=True)
 class PresetInputs:
@@ -75,6 +86,10 @@ class PresetInputs:
     at_hard_limit: bool = False
     validation_failed: bool = False
     failures: PresetFailures | None = None
+    # The preset's compiled expression (None: none, or blank), its demand, and what the last pass held.
+    expression: CompiledExpression | InvalidExpression | None = None
+    demand: DemandCounts = NO_DEMAND
+    hold: TargetHold | None = None
 
 
 @dataclass(slots=True)
@@ -84,6 +99,7 @@ class _Grouped:
     pending: dict[UUID, int] = field(default_factory=lambda: defaultdict(int))
     backoffs: dict[UUID, Backoff] = field(default_factory=dict)
     failures: dict[UUID, PresetFailures] = field(default_factory=dict)
+    demand: dict[UUID, DemandCounts] = field(default_factory=dict)
 
 
 def _group(snapshot: Snapshot) -> _Grouped:
@@ -98,6 +114,8 @@ def _group(snapshot: Snapshot) -> _Grouped:
         grouped.backoffs[backoff.preset_id] = backoff
     for failures in snapshot.failures:
         grouped.failures[failures.preset_id] = failures
+    for demand in snapshot.demand:
+        grouped.demand[demand.preset_id] = demand.counts
     return grouped
 
 
@@ -224,37 +242,50 @@ def plan_preset(
         else:
             deleting += row.count
 
-    desired = 0
-    target_source = TargetSource.INACTIVE
+    # A preset new to the process (a restart, a failover, a new expression) is held at its pool's size:
+    # a drop deletes only after a full window, never earlier than a process that had watched it.
+    hold = inputs.hold if inputs.hold is not None else TargetHold(retained=len(fresh))
+    target = resolve_target(
+        active=active,
+        desired_instances=preset.desired_instances,
+        schedules=preset.schedules,
+        timezone=preset.scheduling_timezone,
+        expression=inputs.expression,
+        pool=PoolCounts(
+            running=len(fresh),
+            eligible=ready,
+            starting=starting,
+            stopping=stopping,
+            deleting=deleting,
+            expired=len(expired),
+        ),
+        demand=inputs.demand,
+        previous_hold=hold,
+        settings=TargetSettings(config.max_desired_instances, config.stabilization_window),
+        now=now,
+    )
+    problems.extend(PlanProblem(preset.id, event, detail) for event, detail in target.problems)
+    if target.error is not None:
+        # The detail is the error alone (never `now`), so the same failure is logged once (problem_log).
+        problems.append(PlanProblem(preset.id, EXPRESSION_FAILED, f"{target.error.kind.value}: {target.error}"))
+    desired = target.desired
+    target_source = target.source
     uncapped_target: int | None = None
     schedule_problem: str | None = None
-    if active:
-        # Static or scheduled, capped: the same rules (and problem texts) as an expression's baseline.
-        target_source, desired, target_problems = scheduled_target(
-            preset.desired_instances,
-            preset.schedules,
-            preset.scheduling_timezone,
-            config.max_desired_instances,
-            now,
-        )
-        for event, detail in target_problems:
-            problems.append(PlanProblem(preset.id, event, detail))
-            if event == "preset.schedule_ignored":
-                schedule_problem = detail
-            elif event == "preset.desired_capped":
-                # Rare (a typo'd target): computed again without the cap, for `status` to show.
-                _, uncapped_target, _ = scheduled_target(
-                    preset.desired_instances, preset.schedules, preset.scheduling_timezone, _NO_CAP, now
-                )
-        if desired < 0:
-            # The schema refuses it, but a component that relaxed the constraint may write it: no pool.
-            problems.append(PlanProblem(preset.id, "preset.desired_capped", f"target {desired} is below 0; using 0"))
-            desired = 0
+    for event, detail in target.problems:
+        if event == "preset.schedule_ignored":
+            schedule_problem = detail
+        elif event == "preset.desired_capped" and "above" in detail:
+            # Rare (a typo'd target): computed again without the cap, for `status` to show.
+            _, uncapped_target, _ = scheduled_target(
+                preset.desired_instances, preset.schedules, preset.scheduling_timezone, _NO_CAP, now
+            )
     state = PresetState(
         desired=desired,
         actual=len(running),
         eligible=ready if active else 0,
-        extraneous=max(len(fresh) - desired, 0) if active else 0,
+        # Above `retained`, which a stabilizing drop keeps above `desired` for a while.
+        extraneous=max(len(fresh) - target.retained, 0) if active else 0,
         expired=len(expired),
         starting=starting,
         stopping=stopping,
@@ -278,6 +309,7 @@ def plan_preset(
             schedule_problem=schedule_problem,
             failures=inputs.failures,
             oldest_pending_at=oldest_pending_at,
+            target=target,
             **extra,  # type: ignore[arg-type]
         )
         return preset_plan, problems
@@ -333,9 +365,30 @@ def plan_preset(
     return result(actions)
 
 
-def plan(snapshot: Snapshot, config: PlannerConfig, now: datetime) -> Plan:
+def preset_expression(preset: Preset, expressions: Expressions) -> CompiledExpression | InvalidExpression | None:
+    """The preset's compiled expression; None when it has none or a blank one (the expression does not apply)."""
+    text = preset.desired_instances_expression
+    if text is None or not text.strip():
+        return None
+    return expressions[text]
+
+
+def plan(
+    snapshot: Snapshot,
+    config: PlannerConfig,
+    now: datetime,
+    *,
+    expressions: Expressions | None = None,
+    holds: Mapping[UUID, TargetHold] | None = None,
+) -> Plan:
     """Every preset of the snapshot, in snapshot order, skipped ones included (with no actions), each with the
-    status change this pass makes, if any."""
+    status change this pass makes, if any.
+
+    `expressions` has every non-blank expression text of the snapshot compiled; `holds` is what the last
+    pass's plan remembered of each preset's stabilization (`Plan.holds`; none: every pool held at its size).
+    """
+    expressions = expressions or {}
+    holds = holds or {}
     grouped = _group(snapshot)
     presets: list[PresetPlan] = []
     problems: list[PlanProblem] = []
@@ -349,8 +402,13 @@ def plan(snapshot: Snapshot, config: PlannerConfig, now: datetime) -> Plan:
             at_hard_limit=preset.id in snapshot.hard_limited_preset_ids,
             validation_failed=preset.id in snapshot.validation_failed_preset_ids,
             failures=grouped.failures.get(preset.id),
+            demand=grouped.demand.get(preset.id, NO_DEMAND),
+            hold=holds.get(preset.id),
         )
         try:
+            if preset.desired_instances_expression is not None:
+                # Inside the try: a text missing from `expressions` is a bug that fails this preset only.
+                inputs = replace(inputs, expression=preset_expression(preset, expressions))
             change = status_change(preset, inputs)
             if change is not None:
                 # Kept when planning the actions fails below: the status follows from the failures alone.

@@ -14,7 +14,7 @@ import enum
 import gc
 import time
 import uuid
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -30,6 +30,7 @@ from reconciler.breaker import BreakerSettings
 from reconciler.config import Settings, behaviour_values
 from reconciler.durations import format_duration
 from reconciler.executor import StatusChanges
+from reconciler.expression_compiler import target_expressions
 from reconciler.memberships import MembershipsOutcome, ensure_prebuilds_memberships_in
 from reconciler.plan import (
     BackoffAction,
@@ -46,6 +47,7 @@ from reconciler.problem_log import changes as problem_changes
 from reconciler.recorded_settings import instance_name
 from reconciler.snapshot import PresetNames, Snapshot, preset_log_fields
 from reconciler.store import reads, writes
+from reconciler.target import TargetHold
 
 logger = structlog.get_logger(__name__)
 
@@ -215,11 +217,13 @@ def planner_config(settings: Settings) -> planner.PlannerConfig:
             open_duration_max=settings.breaker_open_duration_max,
             probes=settings.breaker_probes,
         ),
+        stabilization_window=settings.target_stabilization_window,
     )
 
 
 def snapshot_parameters(settings: Settings, now: datetime) -> reads.SnapshotParameters:
     return reads.SnapshotParameters(
+        now=now,
         lookback_start=now - settings.backoff_lookback,
         failure_hard_limit=settings.failure_hard_limit,
         non_retryable_error_codes=settings.non_retryable_error_codes,
@@ -236,6 +240,7 @@ async def read_plan(
     *,
     bad_rows: list[reads.BadRowError] | None = None,
     template_ids: Sequence[UUID] | None = None,
+    holds: Mapping[UUID, TargetHold] | None = None,
 ) -> Plan:
     """What a pass at `now` decides: the snapshot read on `connection`, planned. Writes nothing.
 
@@ -244,6 +249,9 @@ async def read_plan(
     The daemon's pass, `reconciler plan`, `reconciler status` and the tests all read a plan here. The
     snapshot's statements must agree, so they run in the caller's REPEATABLE READ transaction (the pass's,
     under its lock), or in one of their own when the caller has none.
+
+    `holds` is what the daemon's last plan remembered of stabilizing targets (`Plan.holds`); without it
+    (the read-only commands), every pool is held at its current size.
     """
     parameters = snapshot_parameters(settings, now)
     if connection.is_in_transaction():
@@ -251,7 +259,8 @@ async def read_plan(
     else:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await reads.read_snapshot(connection, parameters, bad_rows=bad_rows, template_ids=template_ids)
-    return planner.plan(snapshot, planner_config(settings), now)
+    expressions = target_expressions(preset.desired_instances_expression for preset in snapshot.presets)
+    return planner.plan(snapshot, planner_config(settings), now, expressions=expressions, holds=holds)
 
 
 def as_read(plan: Plan) -> Plan:
@@ -277,6 +286,16 @@ async def _record_settings(pool: db.Acquirer, settings: Settings, now: datetime)
             await writes.record_settings(connection, behaviour_values(settings), instance_name(), now)
     except asyncpg.InsufficientPrivilegeError as error:
         logger.warning("settings.record_failed", error=f"{type(error).__name__}: {error}")
+
+
+def remember_holds(holds: dict[UUID, TargetHold], plan: Plan, *, targeted: bool) -> None:
+    """Keep what the plan holds for its presets' stabilizing targets; a full pass also forgets the rest
+    (presets gone), a targeted one leaves the other templates' holds alone."""
+    if not targeted:
+        holds.clear()
+    for preset_plan in plan.presets:
+        holds.pop(preset_plan.preset.id, None)
+    holds.update(plan.holds)
 
 
 def _log_plan_problems(plan: Plan, problem_log: ProblemLog | None, *, targeted: bool = False) -> None:
@@ -370,6 +389,7 @@ async def run_pass(
     problem_log: ProblemLog | None = None,
     template_ids: Sequence[UUID] | None = None,
     settings_keeper: SettingsKeeper | None = None,
+    holds: dict[UUID, TargetHold] | None = None,
 ) -> PassResult:
     """Run one pass. Never raises for database trouble: a failed pass is an outcome, retried next time.
 
@@ -380,10 +400,14 @@ async def run_pass(
     With a `problem_log` (the daemon keeps one), the plan's problems are logged when they appear and when
     they clear; without, every one is logged. With a `settings_keeper` (the daemon keeps one), a malformed
     `prebuilds_settings` falls back to the last value it read; without, the pass fails (nothing to go by).
+    With `holds` (the daemon keeps them too), stabilizing targets are remembered from one pass to the
+    next: the plan reads them and the pass keeps the plan's.
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     with structlog.contextvars.bound_contextvars(run_id=run_id), _cyclic_gc_paused():
-        return await _run_pass(pool, settings, now, run_id, observe_action, problem_log, template_ids, settings_keeper)
+        return await _run_pass(
+            pool, settings, now, run_id, observe_action, problem_log, template_ids, settings_keeper, holds
+        )
 
 
 @contextlib.contextmanager
@@ -413,6 +437,7 @@ async def _run_pass(
     problem_log: ProblemLog | None,
     template_ids: Sequence[UUID] | None,
     settings_keeper: SettingsKeeper | None,
+    holds: dict[UUID, TargetHold] | None,
 ) -> PassResult:
     started = time.perf_counter()
     targeted = template_ids is not None
@@ -500,7 +525,11 @@ async def _run_pass(
                     # organization have an owner who belongs there. Confined: it never fails the pass.
                     memberships = await ensure_prebuilds_memberships_in(connections)
                 async with connection.transaction(isolation="repeatable_read", readonly=True):
-                    plan = await read_plan(connection, settings, now, bad_rows=bad_rows, template_ids=template_ids)
+                    plan = await read_plan(
+                        connection, settings, now, bad_rows=bad_rows, template_ids=template_ids, holds=holds
+                    )
+                if holds is not None:
+                    remember_holds(holds, plan, targeted=targeted)
                 _log_plan_problems(plan, problem_log, targeted=targeted)
                 if paused:
                     # Paused: read and plan as usual, so the gauges stay current, but write nothing.

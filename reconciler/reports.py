@@ -26,6 +26,7 @@ from reconciler.plan import (
     PresetPlan,
 )
 from reconciler.snapshot import PrebuildStatus
+from reconciler.target import Target
 from reconciler.terminal import printable
 
 # The default `status` table fits a terminal this wide (names and the reason are shortened, with "…");
@@ -80,6 +81,7 @@ def preset_json(preset_plan: PresetPlan) -> dict[str, Any]:
         # The status change this pass would write (`prebuild_status` is the status as stored now).
         "status_change": preset_plan.status_change.value if preset_plan.status_change else None,
         **held_json(preset_plan),
+        "target": target_json(preset_plan.target),
     }
 
 
@@ -146,6 +148,38 @@ def budget_line(budget: BudgetUse | None) -> str:
         f"in-flight budget {', '.join(limits)}: {budget.in_flight} in flight, {budget.admitted} admitted, "
         f"held back {budget.creates_held} creates and {budget.deletes_held} deletes\n"
     )
+
+
+def target_json(target: Target | None) -> dict[str, Any] | None:
+    """Where the target came from, and for an expression what it read and gave (docs/DEMAND.md)."""
+    if target is None:
+        return None
+    return {
+        "source": target.source.value,
+        "desired": target.desired,
+        # Extraneous prebuilds are those above this (more than `desired` while a drop stabilizes).
+        "retained": target.retained,
+        "scheduled_target": target.scheduled_target,
+        "expression": target.expression,
+        "inputs": dict(target.inputs),
+        "result": target.result,
+        "error": {"kind": target.error.kind.value, "message": target.error.message} if target.error else None,
+        "cold_start": target.cold_start,
+    }
+
+
+def target_label(target: Target | None) -> str:
+    """The source for a table: `expression`, `expression_fallback (division_by_zero)`, `static`..."""
+    if target is None:
+        return "-"
+    label = target.source.value
+    if target.error is not None:
+        label += f" ({target.error.kind.value})"
+    elif target.cold_start:
+        label += " (cold start)"
+    if target.retained > target.desired:
+        label += f", holding {target.retained}"
+    return label
 
 
 def plan_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
@@ -337,9 +371,11 @@ def reasons(preset_plan: PresetPlan, now: datetime, *, paused: bool) -> list[str
 
 
 def _target_source(preset_plan: PresetPlan) -> str:
+    # With the expression's outcome when there is one: `expression_fallback (division_by_zero)`.
+    label = target_label(preset_plan.target) if preset_plan.target is not None else preset_plan.target_source.value
     if preset_plan.uncapped_target is not None:
-        return f"{preset_plan.target_source.value}, capped"
-    return preset_plan.target_source.value
+        return f"{label}, capped"
+    return label
 
 
 def status_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
@@ -376,6 +412,7 @@ def status_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
             "target_source": preset_plan.target_source.value,
             "uncapped_target": preset_plan.uncapped_target,
             "schedule_problem": preset_plan.schedule_problem,
+            "target": target_json(preset_plan.target),
             "oldest_pending_job_created_at": _iso(pending_at) if pending_at else None,
             "oldest_pending_job_age_seconds": max((now - pending_at).total_seconds(), 0.0) if pending_at else None,
             **held_json(preset_plan),

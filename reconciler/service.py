@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import structlog
@@ -44,7 +45,8 @@ from reconciler.prebuilds_settings import SettingsKeeper
 from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier
-from reconciler.store import reads, totals
+from reconciler.store import reads, totals, writes
+from reconciler.target import TargetHold
 
 logger = structlog.get_logger(__name__)
 
@@ -52,6 +54,9 @@ HEARTBEAT_SECONDS = 1.0
 READINESS_PROBE_SECONDS = 5.0
 DATABASE_RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)
 TOTALS_REFRESH_SECONDS = 60.0
+# How often old claim events are purged (RECONCILER_PREBUILD_EVENTS_RETENTION): the retention is days,
+# so minutes of delay cost nothing, and each round deletes whatever accumulated meanwhile.
+EVENTS_PURGE_SECONDS = 300.0
 # A restarted task waits 1, 2, 4 ... seconds, at most a minute; a task that ran this long before it
 # ended starts the count afresh.
 TASK_RESTART_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
@@ -108,6 +113,9 @@ class Daemon:
         self.settings_keeper = SettingsKeeper()
         # The created/failed/claimed counters, kept across refreshes (they never go down in a process).
         self.counters = PrebuildCounters()
+        # Stabilizing targets, from one pass to the next (BEHAVIOR.md 2.1); lost on restart, which holds
+        # every pool at its size for one window.
+        self.target_holds: dict[UUID, TargetHold] = {}
         self.last_pass: PassResult | None = None
         self.pass_listeners: list[PassListener] = []
         self._heartbeat = time.time()
@@ -166,6 +174,7 @@ class Daemon:
             self._start_events()
         self._spawn("readiness", self._readiness_loop, TaskPolicy.RESTART)
         self._spawn("totals", self._totals_loop, TaskPolicy.RESTART)
+        self._spawn("events_purge", self._events_purge_loop, TaskPolicy.RESTART)
         logger.info(
             "daemon.started",
             http=self.http_url,
@@ -412,6 +421,27 @@ class Daemon:
         )
         return full
 
+    async def _events_purge_loop(self) -> None:
+        while True:
+            await self.purge_events_now()
+            await asyncio.sleep(EVENTS_PURGE_SECONDS)
+
+    async def purge_events_now(self) -> int:
+        """Purge claim events older than the retention (the loop's job; tests call it directly)."""
+        if self._pool is None:
+            return 0
+        older_than = self.clock() - self.settings.prebuild_events_retention
+        try:
+            async with self._pool.acquire() as connection:
+                purged = await writes.purge_prebuild_events(connection, older_than)
+        except db.SURVIVABLE_ERRORS as error:
+            self.metrics.database_errors.inc()
+            logger.warning("events.purge_failed", error=db.describe_error(error))
+            return 0
+        if purged:
+            logger.info("events.purged", purged=purged, older_than=older_than.isoformat())
+        return purged
+
     def _start_notifications(self) -> None:
         """Deliver the outbox beside the passes. `stop()` sets the stop event: the poll in flight finishes
         within the shutdown grace, or is cancelled then (a message in flight keeps its lease and is retried
@@ -492,6 +522,7 @@ class Daemon:
                 observe_action=self.metrics.observe_action,
                 problem_log=self.problem_log,
                 settings_keeper=self.settings_keeper,
+                holds=self.target_holds,
             )
         self.record_pass(result)
         return result
@@ -508,6 +539,7 @@ class Daemon:
                 problem_log=self.problem_log,
                 template_ids=sorted(template_ids),
                 settings_keeper=self.settings_keeper,
+                holds=self.target_holds,
             )
         events = self.metrics.events
         events.targeted_passes.labels(result.outcome.value).inc()

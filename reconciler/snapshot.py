@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol
 from uuid import UUID
 
 from reconciler.breaker import BreakerObservation, BreakerRecord
+from reconciler.demand import DemandCounts
 
 # The prebuilds system user: owner of every prebuilt workspace until it is claimed.
 PREBUILDS_SYSTEM_USER_ID = UUID("c42fdf75-3097-471c-8c33-fb52454d81c0")
@@ -64,6 +65,8 @@ class Preset:
     failure_episode: int = 0
     # Ours: when `prebuild_status` last changed (None: never, or by a component that does not say).
     status_changed_at: datetime | None = None
+    # A target computed from demand every pass (docs/DEMAND.md); None or blank: the static or scheduled one.
+    desired_instances_expression: str | None = None
 
     @property
     def active(self) -> bool:
@@ -173,6 +176,14 @@ class InFlight:
 
 
 @dataclass(frozen=True, slots=True)
+class PresetDemand:
+    """A preset's claim events (`prebuild_events`), read only for presets that have an expression."""
+
+    preset_id: UUID
+    counts: DemandCounts
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     presets: tuple[Preset, ...] = ()
     running: tuple[RunningPrebuild, ...] = ()
@@ -193,6 +204,8 @@ class Snapshot:
     @property
     def in_flight_total(self) -> int:
         return sum(row.jobs for row in self.in_flight)
+
+    demand: tuple[PresetDemand, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,10 @@ def scheduled_target(
             ("preset.desired_capped", f"target {desired} is above RECONCILER_MAX_DESIRED_INSTANCES; using {cap}")
         )
         desired = cap
+    elif desired < 0:
+        # The schema refuses it, but a component that relaxed the constraint may write it: no pool.
+        problems.append(("preset.desired_capped", f"target {desired} is below 0; using 0"))
+        desired = 0
     return source, desired, problems
 
 

@@ -215,6 +215,7 @@ class Factory:
         schedules: Sequence[tuple[str, int]] = (),
         status: str = "normal",
         last_invalidated_at: datetime | None = None,
+        expression: str | None = None,
     ) -> Preset:
         """A preset; without `version`, on a new version of `template` (or of a new template)."""
         version = version or await self.version(template, active=active)
@@ -229,6 +230,7 @@ class Factory:
                 "scheduling_timezone": timezone,
                 "prebuild_status": status,
                 "last_invalidated_at": last_invalidated_at,
+                "desired_instances_expression": expression,
             },
         )
         for cron, instances in schedules:
@@ -237,6 +239,10 @@ class Factory:
                 {"preset_id": preset_id, "cron_expression": cron, "desired_instances": instances},
             )
         return Preset(preset_id, name, version)
+
+    async def event(self, preset: Preset, event_type: str = "claim_succeeded", *, at: datetime) -> None:
+        """A claim event, as the platform's claim path writes it (`claim_succeeded` or `claim_missed`)."""
+        await self._insert("prebuild_events", {"preset_id": preset.id, "event_type": event_type, "created_at": at})
 
     # --- workspaces and builds ------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import structlog
 
 from reconciler import db, prebuilds_settings
 from reconciler.breaker import BreakerObservation, BreakerRecord, BreakerState
+from reconciler.demand import WINDOWS_MINUTES, DemandCounts
 from reconciler.recorded_settings import RecordedSettings
 from reconciler.snapshot import (
     Backoff,
@@ -26,6 +27,7 @@ from reconciler.snapshot import (
     PendingNonActive,
     PrebuildStatus,
     Preset,
+    PresetDemand,
     PresetFailures,
     PresetNames,
     RunningPrebuild,
@@ -46,6 +48,8 @@ def _query(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotParameters:
+    # The pass's now: the end of the demand windows.
+    now: datetime
     lookback_start: datetime
     failure_hard_limit: int
     non_retryable_error_codes: frozenset[str]
@@ -152,6 +156,7 @@ def _preset_from_row(row: asyncpg.Record, schedules: Sequence[Schedule]) -> Pres
         schedules=tuple(schedules),
         failure_episode=row["failure_episode"],
         status_changed_at=_aware_or_none(row["prebuild_status_changed_at"]),
+        desired_instances_expression=row["desired_instances_expression"],
     )
 
 
@@ -240,9 +245,9 @@ async def read_snapshot(
     bad_rows: list[BadRowError] | None = None,
     template_ids: Sequence[UUID] | None = None,
 ) -> Snapshot:
-    """Read a pass's snapshot: four statements, whatever the number of presets.
+    """Read a pass's snapshot: five statements, whatever the number of presets.
 
-    With `template_ids`, a targeted pass's: the same three statements restricted to the presets of those
+    With `template_ids`, a targeted pass's: the same statements restricted to the presets of those
     templates (their `_targeted` variants, see sql/queries/reads.sql); None reads every preset.
 
     The caller runs this inside a REPEATABLE READ transaction so that the statements agree.
@@ -290,6 +295,10 @@ async def read_snapshot(
         except (ValueError, TypeError) as error:
             subject = f"{row['kind']} row"
             problems.append(_bad_row(row["preset_id"], subject, error))
+    demand = [
+        _demand_from_row(row)
+        for row in await connection.fetch(_query("snapshot_demand" + suffix), parameters.now, *targets)
+    ]
     bad_preset_ids = {problem.preset_id for problem in problems}
     for problem in problems:
         preset_row = names.get(problem.preset_id) if problem.preset_id is not None else None
@@ -324,6 +333,21 @@ async def read_snapshot(
         hard_limited_preset_ids=frozenset(f.preset_id for f in failures if f.hard_limited),
         validation_failed_preset_ids=frozenset(f.preset_id for f in failures if f.validation_failed),
         failures=tuple(failures),
+        demand=tuple(row for row in demand if keep(row.preset_id)),
+    )
+
+
+def _demand_from_row(row: asyncpg.Record) -> PresetDemand:
+    # Counts of our own statement: never null (coalesce, count, exists).
+    return PresetDemand(
+        row["preset_id"],
+        DemandCounts(
+            claims=tuple(row[f"claims_{minutes}m"] for minutes in WINDOWS_MINUTES),
+            misses=tuple(row[f"misses_{minutes}m"] for minutes in WINDOWS_MINUTES),
+            claims_next_60m_last_week=row["claims_next_60m_last_week"],
+            misses_next_60m_last_week=row["misses_next_60m_last_week"],
+            has_history=row["has_history"],
+        ),
     )
 
 

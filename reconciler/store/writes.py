@@ -41,6 +41,7 @@ class CreateCheck:
     organization_id: UUID
     schedules: tuple[Schedule, ...] = ()
     scheduling_timezone: str = ""
+    desired_instances_expression: str | None = None
 
 
 def prebuild_name() -> str:
@@ -74,6 +75,7 @@ async def lock_preset_for_create(connection: db.Connection, preset_id: UUID) -> 
             for cron, instances in zip(row["schedule_crons"], row["schedule_instances"], strict=True)
         ),
         scheduling_timezone=row["scheduling_timezone"],
+        desired_instances_expression=row["desired_instances_expression"],
     )
 
 
@@ -170,3 +172,26 @@ async def close_breaker_episode(connection: db.Connection, episode: int, now: da
     """Close the episode; returns when it opened (None: it was closed already, or never recorded)."""
     row = await connection.fetchrow(_query("close_breaker_episode"), episode, now)
     return None if row is None else row["opened_at"]
+
+
+# The purge's batch: small enough that one delete is short, large enough that a day of a busy fleet's
+# claims goes in a few hundred statements.
+PURGE_BATCH_SIZE = 5000
+
+
+async def purge_prebuild_events(
+    connection: db.Connection, older_than: datetime, *, batch_size: int = PURGE_BATCH_SIZE, max_batches: int = 200
+) -> int:
+    """Delete claim events created before `older_than`, in batches; returns how many went.
+
+    At most `max_batches` batches per call: whatever is left goes on the next call (the daemon calls it
+    on an interval), so a first purge of a large backlog never holds the connection for long.
+    """
+    purged = 0
+    for _ in range(max_batches):
+        status = await connection.execute(_query("purge_prebuild_events"), older_than, batch_size)
+        deleted = int(status.split()[-1])
+        purged += deleted
+        if deleted < batch_size:
+            break
+    return purged

@@ -51,7 +51,8 @@ select
     p.failure_episode,
     case when p.prebuild_status_changed_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
          when p.prebuild_status_changed_at < '0001-01-01 00:00:00+00' then '-infinity'
-         else p.prebuild_status_changed_at end as prebuild_status_changed_at
+         else p.prebuild_status_changed_at end as prebuild_status_changed_at,
+    p.desired_instances_expression
 from template_version_presets p
 join template_versions tv on tv.id = p.template_version_id
 join templates t on t.id = tv.template_id
@@ -127,6 +128,71 @@ select
     (select count(*) from probes where job_status in ('pending', 'running'))::integer as probes_in_flight
 from breaker b
 left join prebuild_breaker_episodes e on e.episode = b.episode and b.state <> 'closed'
+
+-- name: snapshot_demand
+-- Claim events of the presets that have a target expression (docs/DEMAND.md), per window ending at $1
+-- (the pass's now): claims_Xm and misses_Xm for X in 5, 10, 30, 60, 120, the hour that started exactly 7
+-- days ago, and whether the preset has had any claim event since its version was published. Presets
+-- without an expression are not read at all. Each preset is one range scan of
+-- prebuild_events_preset_created_idx over the last two hours and one over last week's hour, so the cost
+-- follows the presets and their recent events, never the table's age. Recent windows have no upper
+-- bound: an event stamped a little ahead of our clock is demand all the same. Targeted: $2 template ids.
+select
+    p.id as preset_id,
+    coalesce(recent.claims_5m, 0) as claims_5m,
+    coalesce(recent.claims_10m, 0) as claims_10m,
+    coalesce(recent.claims_30m, 0) as claims_30m,
+    coalesce(recent.claims_60m, 0) as claims_60m,
+    coalesce(recent.claims_120m, 0) as claims_120m,
+    coalesce(recent.misses_5m, 0) as misses_5m,
+    coalesce(recent.misses_10m, 0) as misses_10m,
+    coalesce(recent.misses_30m, 0) as misses_30m,
+    coalesce(recent.misses_60m, 0) as misses_60m,
+    coalesce(recent.misses_120m, 0) as misses_120m,
+    coalesce(last_week.claims, 0) as claims_next_60m_last_week,
+    coalesce(last_week.misses, 0) as misses_next_60m_last_week,
+    exists (
+        select 1 from prebuild_events e
+        where e.preset_id = p.id and e.created_at >= tv.created_at
+            and e.event_type in ('claim_succeeded', 'claim_missed')
+    ) as has_history
+from template_version_presets p
+join template_versions tv on tv.id = p.template_version_id
+cross join lateral (
+    select
+        count(*) filter (where e.event_type = 'claim_succeeded' and e.created_at > $1::timestamptz - interval '5 minutes')
+            as claims_5m,
+        count(*) filter (where e.event_type = 'claim_succeeded' and e.created_at > $1::timestamptz - interval '10 minutes')
+            as claims_10m,
+        count(*) filter (where e.event_type = 'claim_succeeded' and e.created_at > $1::timestamptz - interval '30 minutes')
+            as claims_30m,
+        count(*) filter (where e.event_type = 'claim_succeeded' and e.created_at > $1::timestamptz - interval '60 minutes')
+            as claims_60m,
+        count(*) filter (where e.event_type = 'claim_succeeded') as claims_120m,
+        count(*) filter (where e.event_type = 'claim_missed' and e.created_at > $1::timestamptz - interval '5 minutes')
+            as misses_5m,
+        count(*) filter (where e.event_type = 'claim_missed' and e.created_at > $1::timestamptz - interval '10 minutes')
+            as misses_10m,
+        count(*) filter (where e.event_type = 'claim_missed' and e.created_at > $1::timestamptz - interval '30 minutes')
+            as misses_30m,
+        count(*) filter (where e.event_type = 'claim_missed' and e.created_at > $1::timestamptz - interval '60 minutes')
+            as misses_60m,
+        count(*) filter (where e.event_type = 'claim_missed') as misses_120m
+    from prebuild_events e
+    where e.preset_id = p.id and e.created_at > $1::timestamptz - interval '120 minutes'
+) recent
+cross join lateral (
+    -- The hour that started exactly 7 days ago: [now - 7 days, now - 7 days + 1 hour).
+    select
+        count(*) filter (where e.event_type = 'claim_succeeded') as claims,
+        count(*) filter (where e.event_type = 'claim_missed') as misses
+    from prebuild_events e
+    where e.preset_id = p.id
+        and e.created_at >= $1::timestamptz - interval '7 days' and e.created_at < $1::timestamptz - interval '7 days' + interval '1 hour'
+) last_week
+-- Blank (whitespace only) is no expression, as in the planner.
+where p.desired_instances is not null and p.desired_instances_expression ~ '[^[:space:]]'
+    and tv.template_id = any($2::uuid[])  -- targeted
 
 -- name: snapshot_prebuilds
 -- One statement, so that the latest build of each live prebuild is looked up once (the materialized

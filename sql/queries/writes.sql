@@ -13,7 +13,8 @@ select p.id from template_version_presets p where p.id = $1 for update
 -- Run right after `lock_preset_for_create`, in the same transaction, so that its snapshot includes every
 -- change committed before the lock was granted. What a create must still be true of: the preset has
 -- prebuilds, is active, and may create; and what its target is made of now (desired count, schedules in
--- snapshot order, time zone), since the platform may have changed any of them after the pass's snapshot.
+-- snapshot order, time zone, expression), since the platform may have changed any of them after the pass's
+-- snapshot.
 select
     p.desired_instances,
     p.scheduling_timezone,
@@ -29,7 +30,8 @@ select
     t.active_version_id is not distinct from p.template_version_id and not t.deleted and t.deprecated = ''
         as active,
     t.id as template_id,
-    t.organization_id
+    t.organization_id,
+    p.desired_instances_expression
 from template_version_presets p
 join template_versions tv on tv.id = p.template_version_id
 join templates t on t.id = tv.template_id
@@ -258,3 +260,11 @@ on conflict (episode) do nothing
 -- $1 episode, $2 closed_at. From then on, failed builds are the presets' own again.
 update prebuild_breaker_episodes set closed_at = $2 where episode = $1 and closed_at is null
 returning opened_at, reason
+
+-- name: purge_prebuild_events
+-- One bounded batch of the purge: at most $2 claim events created before $1 (now minus
+-- RECONCILER_PREBUILD_EVENTS_RETENTION), oldest first, found through prebuild_events_created_idx. The
+-- caller repeats while batches come back full, each in its own short transaction, so that the platform's
+-- claim path never waits behind one long delete.
+delete from prebuild_events
+where id in (select e.id from prebuild_events e where e.created_at < $1 order by e.created_at limit $2)

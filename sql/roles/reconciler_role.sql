@@ -381,4 +381,18 @@ grant select, update (state, episode, changed_at, open_until, open_duration)
 grant select, insert (episode, opened_at, failures_since, reason), update (closed_at)
     on prebuild_breaker_episodes to prebuilds_reconciler;
 
+-- ---------------------------------------------------------------------------------------------------
+-- prebuild_events: the platform's claim events. Read by snapshot_demand (counts per window, for presets
+-- with a target expression); deleted by purge_prebuild_events once older than the retention. Never
+-- inserted or updated by the daemon (no grant). The delete is narrowed to events more than 2 hours old,
+-- the least RECONCILER_PREBUILD_EVENTS_RETENTION accepts: the role cannot erase the recent demand that
+-- targets are computed from.
+grant select, delete on prebuild_events to prebuilds_reconciler;
+alter table prebuild_events enable row level security;
+drop policy if exists as_granted on prebuild_events;
+create policy as_granted on prebuild_events as permissive for all to public using (true) with check (true);
+create policy prebuilds_reconciler_purges_old_events on prebuild_events as restrictive for delete
+    to prebuilds_reconciler
+    using (created_at < now() - interval '2 hours');
+
 commit;

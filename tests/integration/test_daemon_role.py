@@ -159,9 +159,23 @@ async def build_platform(factory: Factory) -> Platform:
         user.id,
         f"workspace-deleted:{user.id}",
     )
+    # The platform's claim events: the preset has a target expression, one claim now, one three days ago.
+    await connection.execute(
+        "update template_version_presets set desired_instances_expression = 'claims_10m + 1' where id = $1", preset.id
+    )
+    recent_event = await connection.fetchval(
+        "insert into prebuild_events (preset_id, event_type) values ($1, 'claim_succeeded') returning id", preset.id
+    )
+    old_event = await connection.fetchval(
+        "insert into prebuild_events (preset_id, event_type, created_at) "
+        "values ($1, 'claim_missed', now() - interval '3 days') returning id",
+        preset.id,
+    )
     return Platform(
         preset=preset,
         ids={
+            "recent_event": recent_event,
+            "old_event": old_event,
             "organization": organization.id,
             "template": preset.template.id,
             "version": preset.version.id,
@@ -553,6 +567,23 @@ ABUSES: list[tuple[str, str, Refusal]] = [
         denied(NOT_GRANTED),
     ),
     ("delete the recorded settings", "delete from reconciler_settings", denied(NOT_GRANTED)),
+    # Demand: the claim events are the platform's; the daemon only purges old ones.
+    ("erase the recent demand", "delete from prebuild_events where id = '{recent_event}'", NO_ROW),
+    (
+        "invent demand",
+        "insert into prebuild_events (preset_id, event_type) values ('{preset}', 'claim_missed')",
+        denied(NOT_GRANTED),
+    ),
+    (
+        "backdate demand",
+        "update prebuild_events set created_at = now() where id = '{old_event}'",
+        denied(NOT_GRANTED),
+    ),
+    (
+        "change a preset's target expression",
+        "update template_version_presets set desired_instances_expression = '100' where id = '{preset}'",
+        denied(NOT_GRANTED),
+    ),
 ]
 
 
@@ -618,6 +649,10 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     await run("snapshot_schedules_targeted", targets)
     targeted = await run("snapshot_prebuilds_targeted", now - timedelta(hours=1), 3, ["X"], ["Y"], targets)
     assert "running" in {row["kind"] for row in targeted}
+    assert await run("snapshot_demand_targeted", now, targets) == await run("snapshot_demand", now)
+    assert await run("snapshot_demand_targeted", now, [ids["other_organization"]]) == []
+    demand = await run("snapshot_demand", now)
+    assert [(row["preset_id"], row["claims_5m"], row["has_history"]) for row in demand] == [(ids["preset"], 1, True)]
 
     # The behaviour settings each pass records, and the read-only commands read.
     assert await run("read_recorded_settings") == []
@@ -630,6 +665,11 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
         now,
         now + minutes(1),
     )
+
+    # The purge: old events only (the recent one stays, whatever the cutoff says).
+    assert await as_role.execute(db.queries()["purge_prebuild_events"], now + timedelta(days=1), 100) == "DELETE 1"
+    ran.add("purge_prebuild_events")
+    assert await owner.fetchval("select array_agg(id) from prebuild_events") == [ids["recent_event"]]
 
     # Pause and resume; the role LISTENs for change events, and its own writes fire the triggers.
     heard: asyncio.Queue[str] = asyncio.Queue()
@@ -846,6 +886,7 @@ SNAPSHOT_STATEMENTS = (
     "totals_open_first_builds",
     "totals_recent_first_builds",
     "snapshot_breaker",
+    "snapshot_demand",
 )
 
 
@@ -866,6 +907,7 @@ async def test_the_snapshot_plans_as_the_role_are_the_owners(connection: asyncpg
         "snapshot_prebuilds": (generated.now - timedelta(hours=1), 3, ["X"], ["Y"]),
         "totals_recent_first_builds": (generated.now - timedelta(hours=1),),
         "snapshot_breaker": (generated.now - timedelta(minutes=10),),
+        "snapshot_demand": (generated.now,),
     }
     role = await db.connect(role_dsn)
     try:

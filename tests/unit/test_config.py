@@ -84,6 +84,9 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("RECONCILER_SHUTDOWN_GRACE", "5s", "shutdown_grace", timedelta(seconds=5)),
     ("RECONCILER_SHUTDOWN_GRACE", "0", "shutdown_grace", timedelta(0)),
     ("RECONCILER_MAX_DESIRED_INSTANCES", "20", "max_desired_instances", 20),
+    ("RECONCILER_TARGET_STABILIZATION_WINDOW", "10m", "target_stabilization_window", timedelta(minutes=10)),
+    ("RECONCILER_TARGET_STABILIZATION_WINDOW", "0", "target_stabilization_window", timedelta(0)),
+    ("RECONCILER_PREBUILD_EVENTS_RETENTION", "14d", "prebuild_events_retention", timedelta(days=14)),
     ("RECONCILER_EXECUTOR_CONCURRENCY", "4", "executor_concurrency", 4),
     ("RECONCILER_MAX_IN_FLIGHT", "50", "max_in_flight", 50),
     ("RECONCILER_MAX_IN_FLIGHT", "0", "max_in_flight", 0),
@@ -167,6 +170,8 @@ def test_the_defaults_are_the_documented_ones() -> None:
     assert (loaded.log_format, loaded.log_level) == ("auto", "info")
     assert loaded.shutdown_grace == timedelta(seconds=30)
     assert loaded.max_desired_instances == 100
+    assert loaded.target_stabilization_window == timedelta(minutes=5)
+    assert loaded.prebuild_events_retention == timedelta(days=8)
     assert loaded.executor_concurrency == 8
     assert loaded.non_retryable_error_codes == frozenset({"REQUIRED_TEMPLATE_VARIABLES"})
     assert loaded.capacity_error_codes == frozenset({"INSUFFICIENT_QUOTA"})
@@ -302,6 +307,8 @@ BOUNDS: list[tuple[str, str, str, str, str, dict[str, str]]] = [
     ("RECONCILER_FAILURE_HARD_LIMIT", "0", "-1", "1000", "1001", {}),
     ("RECONCILER_SHUTDOWN_GRACE", "0s", "-1s", "1h", "3601", {}),
     ("RECONCILER_MAX_DESIRED_INSTANCES", "1", "0", "100000", "100001", {}),
+    ("RECONCILER_TARGET_STABILIZATION_WINDOW", "0s", "-1s", "1d", "1d1s", {}),
+    ("RECONCILER_PREBUILD_EVENTS_RETENTION", "2h", "119m", "365d", "365d1s", {}),
     ("RECONCILER_EXECUTOR_CONCURRENCY", "1", "0", "256", "257", {"RECONCILER_POOL_MAX_SIZE": "258"}),
     ("RECONCILER_STATEMENT_TIMEOUT", "1s", "0", "1h", "61m", {"RECONCILER_PASS_TIMEOUT": "2h"}),
     ("RECONCILER_PASS_TIMEOUT", "2s", "1s", "1d", "1d1s", {"RECONCILER_STATEMENT_TIMEOUT": "1s"}),
