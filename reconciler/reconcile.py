@@ -40,6 +40,7 @@ from reconciler.plan import (
     DeleteAction,
     Plan,
     PlanProblem,
+    PresetPlan,
 )
 from reconciler.prebuilds_settings import SettingsKeeper, SettingsRead
 from reconciler.problem_log import ProblemLog
@@ -298,43 +299,101 @@ def remember_holds(holds: dict[UUID, TargetHold], plan: Plan, *, targeted: bool)
     holds.update(plan.holds)
 
 
-def _log_plan_problems(plan: Plan, problem_log: ProblemLog | None, *, targeted: bool = False) -> None:
+BAD_ROW = "snapshot.bad_row"
+# A bad row that belongs to no preset (a row ignored) is logged under the nil id.
+_NO_PRESET = UUID(int=0)
+# How often a state that lasts (creates withheld from a hard-limited preset) is logged again.
+STATE_REMINDER = timedelta(minutes=5)
+CREATES_SKIPPED_EVENTS = ("preset.creates_skipped_hard_limited", "preset.creates_skipped_validation_failed")
+
+
+def _bad_row_problem(bad_row: reads.BadRowError) -> PlanProblem:
+    return PlanProblem(bad_row.preset_id or _NO_PRESET, BAD_ROW, bad_row.detail)
+
+
+def _log_plan_problems(
+    plan: Plan,
+    problem_log: ProblemLog | None,
+    *,
+    targeted: bool = False,
+    bad_rows: Sequence[reads.BadRowError] = (),
+) -> None:
     """Each problem once when it appears and once when it clears (every one, without a `problem_log`).
 
-    A targeted pass saw only some presets: the problems of the others are neither new nor cleared.
+    The snapshot's bad rows are problems too (`snapshot.bad_row`): the same row is bad on every pass. A
+    targeted pass saw only some presets: the problems of the others are neither new nor cleared.
     """
-    # From the snapshot: a preset the planner failed on is not in the plan.
+    # From the snapshot: a preset the planner failed on is not in the plan; one with a bad row is not in
+    # the snapshot either, so its names come with the bad row.
     presets = {preset.id: preset for preset in plan.snapshot.presets} if plan.snapshot is not None else {}
+    bad_row_names = {_bad_row_problem(bad_row): bad_row for bad_row in bad_rows}
+    current = (*plan.problems, *bad_row_names)
     if problem_log is None:
-        found = problem_changes((), plan.problems)
+        found = problem_changes((), current)
     else:
-        found = problem_log.update(plan.problems, scope=presets.keys() if targeted else None)
+        scope = {*presets, *(problem.preset_id for problem in bad_row_names)} if targeted else None
+        found = problem_log.update(current, scope=scope)
 
     def names(problem: PlanProblem) -> dict[str, str | None]:
+        bad_row = bad_row_names.get(problem)
+        if bad_row is not None:
+            return preset_log_fields(bad_row.names)
         return preset_log_fields(presets.get(problem.preset_id) or PresetNames(problem.preset_id))
 
     for problem in found.appeared:
         if problem.event == planner.PLAN_FAILED:
             # A bug met data nobody foresaw: an error, with where it happened.
             logger.error(problem.event, **names(problem), detail=problem.detail, traceback=problem.traceback)
+        elif problem.event == BAD_ROW:
+            bad_row = bad_row_names[problem]
+            logger.warning(BAD_ROW, **names(problem), detail=problem.detail, consequence=bad_row.consequence)
         else:
             logger.warning(problem.event, **names(problem), detail=problem.detail)
     for problem in found.cleared:
         logger.info("preset.problem_cleared", **names(problem), problem=problem.event, detail=problem.detail)
 
 
-def _log_plan_details(plan: Plan) -> None:
+def _log_plan_details(plan: Plan, state_log: ProblemLog | None, now: datetime, *, targeted: bool = False) -> None:
+    """Creates withheld from hard-limited and validation-failed presets: with a `state_log` (the daemon
+    keeps one), once when it starts, a reminder every STATE_REMINDER, and once when it ends; without,
+    every pass."""
+    states: list[PlanProblem] = []
+    withheld: dict[UUID, PresetPlan] = {}
     for preset_plan in plan.presets:
-        # Every pass, for every active preset at the limit, whether or not it wanted a create this time.
+        # For every active preset at the limit, whether or not it wanted a create this time.
         if preset_plan.create_blocked is CreateBlock.HARD_LIMITED or (
             preset_plan.hard_limited and preset_plan.preset.active and preset_plan.create_blocked is None
         ):
-            event = "preset.creates_skipped_hard_limited"
+            event = CREATES_SKIPPED_EVENTS[0]
         elif preset_plan.create_blocked is CreateBlock.VALIDATION_FAILED:
-            event = "preset.creates_skipped_validation_failed"
+            event = CREATES_SKIPPED_EVENTS[1]
         else:
             continue
-        logger.warning(event, **preset_log_fields(preset_plan.preset), creates_withheld=preset_plan.creates_withheld)
+        # No detail: how many creates are withheld changes from pass to pass; the state does not.
+        states.append(PlanProblem(preset_plan.preset.id, event, ""))
+        withheld[preset_plan.preset.id] = preset_plan
+    if state_log is None:
+        found = problem_changes((), states)
+    else:
+        scope = {preset_plan.preset.id for preset_plan in plan.presets} if targeted else None
+        found = state_log.update(states, scope=scope, now=now)
+    for state in found.appeared:
+        preset_plan = withheld[state.preset_id]
+        logger.warning(
+            state.event, **preset_log_fields(preset_plan.preset), creates_withheld=preset_plan.creates_withheld
+        )
+    for state in found.reminded:
+        preset_plan = withheld[state.preset_id]
+        logger.warning(
+            state.event,
+            **preset_log_fields(preset_plan.preset),
+            creates_withheld=preset_plan.creates_withheld,
+            reminder=True,
+        )
+    presets = {preset.id: preset for preset in plan.snapshot.presets} if plan.snapshot is not None else {}
+    for state in found.cleared:
+        preset = presets.get(state.preset_id) or PresetNames(state.preset_id)
+        logger.info("preset.creates_resumed", **preset_log_fields(preset), state=state.event)
 
 
 def _log_malformed_settings(log: structlog.typing.FilteringBoundLogger, settings_read: SettingsRead) -> None:
@@ -390,6 +449,7 @@ async def run_pass(
     template_ids: Sequence[UUID] | None = None,
     settings_keeper: SettingsKeeper | None = None,
     holds: dict[UUID, TargetHold] | None = None,
+    state_log: ProblemLog | None = None,
 ) -> PassResult:
     """Run one pass. Never raises for database trouble: a failed pass is an outcome, retried next time.
 
@@ -402,11 +462,13 @@ async def run_pass(
     `prebuilds_settings` falls back to the last value it read; without, the pass fails (nothing to go by).
     With `holds` (the daemon keeps them too), stabilizing targets are remembered from one pass to the
     next: the plan reads them and the pass keeps the plan's.
+    With a `state_log` (the daemon keeps one), creates withheld from a limited preset are logged when that
+    starts and ends, with a reminder every STATE_REMINDER; without, on every pass.
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     with structlog.contextvars.bound_contextvars(run_id=run_id), _cyclic_gc_paused():
         return await _run_pass(
-            pool, settings, now, run_id, observe_action, problem_log, template_ids, settings_keeper, holds
+            pool, settings, now, run_id, observe_action, problem_log, template_ids, settings_keeper, holds, state_log
         )
 
 
@@ -438,6 +500,7 @@ async def _run_pass(
     template_ids: Sequence[UUID] | None,
     settings_keeper: SettingsKeeper | None,
     holds: dict[UUID, TargetHold] | None,
+    state_log: ProblemLog | None,
 ) -> PassResult:
     started = time.perf_counter()
     targeted = template_ids is not None
@@ -530,12 +593,12 @@ async def _run_pass(
                     )
                 if holds is not None:
                     remember_holds(holds, plan, targeted=targeted)
-                _log_plan_problems(plan, problem_log, targeted=targeted)
+                _log_plan_problems(plan, problem_log, targeted=targeted, bad_rows=bad_rows)
                 if paused:
                     # Paused: read and plan as usual, so the gauges stay current, but write nothing.
                     body_raised = False
                     return PassOutcome.PAUSED, as_read(plan), None
-                _log_plan_details(plan)
+                _log_plan_details(plan, state_log, now, targeted=targeted)
                 summary = await _while_lock_held(
                     executor.execute(
                         connections, plan, now, concurrency=settings.executor_concurrency, observe=observe_action

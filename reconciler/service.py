@@ -43,7 +43,7 @@ from reconciler.metrics import Metrics
 from reconciler.notify.dispatcher import Dispatcher
 from reconciler.prebuilds_settings import SettingsKeeper
 from reconciler.problem_log import ProblemLog
-from reconciler.reconcile import PassOutcome, PassResult, run_pass
+from reconciler.reconcile import STATE_REMINDER, PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier
 from reconciler.store import reads, totals, writes
 from reconciler.target import TargetHold
@@ -109,6 +109,8 @@ class Daemon:
         self.readiness = Readiness()
         # The plan's data problems this process has logged: each is logged once, not on every pass.
         self.problem_log = ProblemLog()
+        # Creates withheld from limited presets: logged when that starts and ends, reminded every few minutes.
+        self.state_log = ProblemLog(remind_every=STATE_REMINDER)
         # The last `prebuilds_settings` read successfully, for the passes to fall back on.
         self.settings_keeper = SettingsKeeper()
         # The created/failed/claimed counters, kept across refreshes (they never go down in a process).
@@ -523,6 +525,7 @@ class Daemon:
                 problem_log=self.problem_log,
                 settings_keeper=self.settings_keeper,
                 holds=self.target_holds,
+                state_log=self.state_log,
             )
         self.record_pass(result)
         return result
@@ -540,6 +543,7 @@ class Daemon:
                 template_ids=sorted(template_ids),
                 settings_keeper=self.settings_keeper,
                 holds=self.target_holds,
+                state_log=self.state_log,
             )
         events = self.metrics.events
         events.targeted_passes.labels(result.outcome.value).inc()

@@ -65,6 +65,12 @@ class BadRowError(Exception):
         super().__init__(detail)
         self.preset_id = preset_id
         self.detail = detail
+        # The preset's names as far as its rows could be read, for the log line.
+        self.names = PresetNames(preset_id)
+
+    @property
+    def consequence(self) -> str:
+        return "preset skipped this pass" if self.preset_id else "row ignored"
 
 
 async def try_reconciliation_lock(connection: db.Connection, idle_limit: timedelta) -> bool:
@@ -254,7 +260,8 @@ async def read_snapshot(
 
     Other components write these tables, and a newer one may write values this code does not know (an
     enum value added by its migration, a null where ours has none). Such a row must not fail the pass:
-    it is reported (logged as `snapshot.bad_row`, and appended to `bad_rows` when given), and the preset
+    it is reported (appended to `bad_rows` when given, for the caller to log; else logged here as
+    `snapshot.bad_row`), and the preset
     it belongs to is left out of this snapshot whole, because its counts would be wrong without the row.
     Every other preset goes on.
     """
@@ -302,14 +309,18 @@ async def read_snapshot(
     bad_preset_ids = {problem.preset_id for problem in problems}
     for problem in problems:
         preset_row = names.get(problem.preset_id) if problem.preset_id is not None else None
-        logger.warning(
-            "snapshot.bad_row",
-            **preset_log_fields(_names(problem.preset_id, preset_row)),
-            detail=problem.detail,
-            consequence="preset skipped this pass" if problem.preset_id else "row ignored",
-        )
+        problem.names = _names(problem.preset_id, preset_row)
     if bad_rows is not None:
+        # The caller logs them (the daemon once per change, with its problem log).
         bad_rows.extend(problems)
+    else:
+        for problem in problems:
+            logger.warning(
+                "snapshot.bad_row",
+                **preset_log_fields(problem.names),
+                detail=problem.detail,
+                consequence=problem.consequence,
+            )
 
     def keep(preset_id: UUID) -> bool:
         return preset_id not in bad_preset_ids
