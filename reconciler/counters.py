@@ -24,7 +24,7 @@ Pure: the data comes from `reconciler.store.totals`; times are the database's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -49,6 +49,7 @@ class FirstBuild:
     """The first build of a prebuild, as the counters see it."""
 
     id: UUID
+    workspace_id: UUID
     # None once the preset was removed (its builds keep no preset): then it counts for no series.
     preset_id: UUID | None
     job_status: str
@@ -84,21 +85,47 @@ class ChangesRead:
     at: datetime
     # Completed since the last refresh's time less `OVERLAP`.
     recent: list[FirstBuild]
+    # Unfinished jobs.
     open: list[FirstBuild]
-    # The builds that were open at the last refresh and are neither open nor recent now (claimed,
-    # deleted, or gone: a build that is gone has no row here).
+    # The first builds of the workspaces in `looked_up_workspaces`: followed as live and no longer live
+    # (claimed, deleted), or live and not followed yet. A workspace that is gone has no row.
     departed: list[FirstBuild]
     labels: Mapping[UUID, Labels]
+    looked_up_workspaces: frozenset[UUID] = frozenset()
 
 
 class _Counted(NamedTuple):
+    """A first build followed, with what was counted of it."""
+
     preset_id: UUID
+    workspace_id: UUID
     failed: bool
     claimed: bool
-    open: bool
+    deleted: bool
+    unfinished: bool
+
+    @property
+    def live(self) -> bool:
+        return not (self.claimed or self.deleted)
+
+    @property
+    def open(self) -> bool:
+        return self.unfinished or self.live
 
 
 Counts = tuple[int, int, int]
+
+
+def _counted(build: FirstBuild, failed: bool, claimed: bool) -> _Counted:
+    assert build.preset_id is not None
+    return _Counted(
+        build.preset_id,
+        build.workspace_id,
+        failed,
+        claimed,
+        build.deleted,
+        build.job_status in UNFINISHED_JOB_STATUSES,
+    )
 
 
 class PrebuildCounters:
@@ -128,8 +155,9 @@ class PrebuildCounters:
         assert self._watermark is not None, "read the whole history first"
         return self._watermark - OVERLAP
 
-    def open_build_ids(self) -> set[UUID]:
-        return {build_id for build_id, counted in self._tracked.items() if counted.open}
+    def live_workspace_ids(self) -> set[UUID]:
+        """The workspaces of the first builds followed as live prebuilds (not claimed, not deleted)."""
+        return {counted.workspace_id for counted in self._tracked.values() if counted.live}
 
     # --- updates ----------------------------------------------------------------------------------
 
@@ -141,7 +169,7 @@ class PrebuildCounters:
         tracked: dict[UUID, _Counted] = {}
         for build in [*read.recent, *read.open]:
             if build.preset_id is not None:
-                tracked[build.id] = _Counted(build.preset_id, build.failed, build.claimed, build.open)
+                tracked[build.id] = _counted(build, build.failed, build.claimed)
         self._tracked = tracked
         self._watermark = self._last_full_read = read.at
         self._publish(read.labels, set(self._counts))
@@ -149,16 +177,22 @@ class PrebuildCounters:
     def apply(self, read: ChangesRead) -> None:
         """Count what changed since the last refresh: new first builds, new failures, new claims."""
         assert self._watermark is not None, "read the whole history first"
-        changed: set[UUID] = set()
+        rows: dict[UUID, tuple[FirstBuild, bool]] = {}
+        # Recent builds are kept (followed) even when settled: the next refresh's window still covers them.
+        for build in read.recent:
+            rows.setdefault(build.id, (build, True))
+        for build in [*read.open, *read.departed]:
+            rows.setdefault(build.id, (build, False))
         tracked: dict[UUID, _Counted] = {}
-        seen: set[UUID] = set()
-        for build, keep in self._rows(read):
-            if build.id in seen:
-                continue
-            seen.add(build.id)
-            before = self._tracked.get(build.id)
+        for build_id, counted in self._tracked.items():
+            # A live prebuild that is still live, with no news of its job: nothing changed.
+            if build_id not in rows and counted.live and counted.workspace_id not in read.looked_up_workspaces:
+                tracked[build_id] = counted
+        changed: set[UUID] = set()
+        for build, keep in rows.values():
             if build.preset_id is None:
                 continue
+            before = self._tracked.get(build.id)
             if before is None:
                 gained = (1, int(build.failed), int(build.claimed))
                 failed, claimed = build.failed, build.claimed
@@ -170,18 +204,10 @@ class PrebuildCounters:
                 self._counts[build.preset_id] = (created + gained[0], failures + gained[1], claims + gained[2])
                 changed.add(build.preset_id)
             if keep or build.open:
-                tracked[build.id] = _Counted(build.preset_id, failed, claimed, build.open)
+                tracked[build.id] = _counted(build, failed, claimed)
         self._tracked = tracked
         self._watermark = read.at
         self._publish(read.labels, changed)
-
-    @staticmethod
-    def _rows(read: ChangesRead) -> Iterable[tuple[FirstBuild, bool]]:
-        # Recent builds are kept (tracked) even when settled: the next refresh's window still covers them.
-        for build in read.recent:
-            yield build, True
-        for build in [*read.open, *read.departed]:
-            yield build, False
 
     def _publish(self, labels: Mapping[UUID, Labels], changed: set[UUID]) -> None:
         renamed = {

@@ -25,6 +25,7 @@ def _first_builds(rows: Iterable[asyncpg.Record]) -> list[FirstBuild]:
     return [
         FirstBuild(
             id=row["id"],
+            workspace_id=row["workspace_id"],
             preset_id=row["preset_id"],
             job_status=row["job_status"],
             claimed=row["claimed"],
@@ -44,16 +45,24 @@ async def read_totals_by_preset(connection: db.Connection) -> dict[UUID, Prebuil
     return {row["preset_id"]: PrebuildTotals(row["created"], row["failed"], row["claimed"]) for row in rows}
 
 
-async def read_open_first_builds(connection: db.Connection) -> list[FirstBuild]:
-    return _first_builds(await connection.fetch(_query("totals_open_first_builds")))
+async def read_live_first_builds(connection: db.Connection) -> list[FirstBuild]:
+    return _first_builds(await connection.fetch(_query("totals_live_first_builds")))
+
+
+async def read_unfinished_first_builds(connection: db.Connection) -> list[FirstBuild]:
+    return _first_builds(await connection.fetch(_query("totals_unfinished_first_builds")))
 
 
 async def read_recent_first_builds(connection: db.Connection, since: datetime) -> list[FirstBuild]:
     return _first_builds(await connection.fetch(_query("totals_recent_first_builds"), since))
 
 
-async def read_first_builds_by_id(connection: db.Connection, build_ids: Iterable[UUID]) -> list[FirstBuild]:
-    return _first_builds(await connection.fetch(_query("totals_first_builds_by_id"), list(build_ids)))
+async def read_live_workspaces(connection: db.Connection) -> set[UUID]:
+    return {row["id"] for row in await connection.fetch(_query("totals_live_workspaces"))}
+
+
+async def read_first_builds_of_workspaces(connection: db.Connection, workspace_ids: Iterable[UUID]) -> list[FirstBuild]:
+    return _first_builds(await connection.fetch(_query("totals_first_builds_of_workspaces"), list(workspace_ids)))
 
 
 async def read_preset_labels(connection: db.Connection) -> dict[UUID, Labels]:
@@ -67,22 +76,31 @@ async def read_full(connection: db.Connection) -> FullRead:
         return FullRead(
             at=at,
             totals=await read_totals_by_preset(connection),
-            open=await read_open_first_builds(connection),
+            open=[*await read_live_first_builds(connection), *await read_unfinished_first_builds(connection)],
             recent=await read_recent_first_builds(connection, at - OVERLAP),
             labels=await read_preset_labels(connection),
         )
 
 
-async def read_changes(connection: db.Connection, since: datetime, open_build_ids: set[UUID]) -> ChangesRead:
-    """What may have changed since the last refresh: `open_build_ids` are the builds open at that refresh."""
+async def read_changes(connection: db.Connection, counters: PrebuildCounters) -> ChangesRead:
+    """What may have changed since `counters`' last refresh, in one snapshot."""
     async with connection.transaction(isolation="repeatable_read", readonly=True):
         at = await read_clock(connection)
-        recent = await read_recent_first_builds(connection, since)
-        still_open = await read_open_first_builds(connection)
-        departed_ids = open_build_ids - {build.id for build in still_open} - {build.id for build in recent}
-        departed = await read_first_builds_by_id(connection, departed_ids) if departed_ids else []
+        recent = await read_recent_first_builds(connection, counters.since)
+        unfinished = await read_unfinished_first_builds(connection)
+        live = await read_live_workspaces(connection)
+        # Live prebuilds that are no longer live (claimed, deleted) and live ones not followed yet.
+        followed = counters.live_workspace_ids()
+        seen = {build.workspace_id for build in recent} | {build.workspace_id for build in unfinished}
+        to_look_up = (followed - live) | (live - followed - seen)
+        looked_up = await read_first_builds_of_workspaces(connection, to_look_up) if to_look_up else []
         return ChangesRead(
-            at=at, recent=recent, open=still_open, departed=departed, labels=await read_preset_labels(connection)
+            at=at,
+            recent=recent,
+            open=unfinished,
+            departed=looked_up,
+            looked_up_workspaces=frozenset(to_look_up),
+            labels=await read_preset_labels(connection),
         )
 
 
@@ -91,5 +109,5 @@ async def refresh(connection: db.Connection, counters: PrebuildCounters) -> bool
     if counters.full_read_due:
         counters.reset(await read_full(connection))
         return True
-    counters.apply(await read_changes(connection, counters.since, counters.open_build_ids()))
+    counters.apply(await read_changes(connection, counters))
     return False

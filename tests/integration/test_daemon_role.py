@@ -635,10 +635,13 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     await run("totals_clock")
     totals = {row["preset_id"]: row for row in await run("totals_by_preset")}
     assert totals[ids["preset"]]["claimed"] == 1
-    open_builds = await run("totals_open_first_builds")
-    assert open_builds
+    live = await run("totals_live_first_builds")
+    assert live
+    await run("totals_unfinished_first_builds")
     await run("totals_recent_first_builds", now - timedelta(days=365))
-    assert len(await run("totals_first_builds_by_id", [row["id"] for row in open_builds])) == len(open_builds)
+    live_workspaces = [row["id"] for row in await run("totals_live_workspaces")]
+    assert {row["workspace_id"] for row in live} == set(live_workspaces)
+    assert len(await run("totals_first_builds_of_workspaces", live_workspaces)) == len(live)
     assert ids["preset"] in {row["id"] for row in await run("totals_preset_labels")}
     waiting = {row["organization_name"]: row["age_seconds"] for row in await run("oldest_pending_prebuild_jobs", now)}
     assert waiting
@@ -883,10 +886,12 @@ SNAPSHOT_STATEMENTS = (
     "snapshot_schedules",
     "snapshot_in_flight",
     "totals_by_preset",
-    "totals_open_first_builds",
+    "totals_live_first_builds",
+    "totals_unfinished_first_builds",
     "totals_recent_first_builds",
     "snapshot_breaker",
     "snapshot_demand",
+    "totals_live_workspaces",
 )
 
 

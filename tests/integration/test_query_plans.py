@@ -64,12 +64,15 @@ async def test_live_prebuilds_are_found_through_the_partial_index(
     assert all("Index" in node["Node Type"] for node in latest_build_lookups)
 
 
-@pytest.mark.parametrize("name", ["totals_open_first_builds", "totals_recent_first_builds"])
+@pytest.mark.parametrize(
+    "name", ["totals_live_first_builds", "totals_unfinished_first_builds", "totals_recent_first_builds"]
+)
 async def test_the_counters_refresh_reads_no_history(
     connection: asyncpg.Connection, generated_fleet: fleet.Fleet, name: str
 ) -> None:
     """The counters' refresh after start-up (issue 11.4): the history tables are only looked up by key,
-    from the live workspaces or from the indexes of unfinished and recently completed jobs."""
+    from the live workspaces or from the indexes of unfinished and recently completed jobs (the ids of the
+    live workspaces, the refresh's other read, touch no history table)."""
     arguments: tuple[object, ...] = (generated_fleet.now - timedelta(minutes=10),) if "recent" in name else ()
     nodes = await explain(connection, name, *arguments)
     history_reads = [node for node in nodes if node.get("Relation Name") in HISTORY_TABLES]

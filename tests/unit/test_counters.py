@@ -19,7 +19,7 @@ LABELS: dict[UUID, Labels] = {OLD: ("go", "small", "acme"), NEW: ("go", "small",
 def build(
     preset: UUID | None, status: str = "succeeded", *, claimed: bool = False, deleted: bool = False
 ) -> FirstBuild:
-    return FirstBuild(uuid.uuid4(), preset, status, claimed, deleted)
+    return FirstBuild(uuid.uuid4(), uuid.uuid4(), preset, status, claimed, deleted)
 
 
 def started(totals: Mapping[UUID, PrebuildTotals], open_builds: list[FirstBuild]) -> PrebuildCounters:
@@ -42,6 +42,7 @@ def changes(
         open=open_builds or [],
         departed=departed or [],
         labels=labels,
+        looked_up_workspaces=frozenset(build.workspace_id for build in departed or []),
     )
 
 
@@ -52,20 +53,25 @@ def test_presets_of_the_same_names_add_up_across_versions() -> None:
 
 def test_new_builds_failures_and_claims_are_counted_once() -> None:
     live = build(OLD)
+    other = build(OLD)
     pending = build(OLD, "pending")
-    counters = started({OLD: PrebuildTotals(2, 0, 0)}, [live, pending])
-    assert counters.open_build_ids() == {live.id, pending.id}
+    counters = started({OLD: PrebuildTotals(3, 0, 0)}, [live, other, pending])
+    assert counters.live_workspace_ids() == {live.workspace_id, other.workspace_id, pending.workspace_id}
 
     new = build(NEW, "failed")
-    failed = FirstBuild(pending.id, OLD, "failed", False, False)
-    claimed = FirstBuild(live.id, OLD, "succeeded", True, False)
+    failed = FirstBuild(pending.id, pending.workspace_id, OLD, "failed", False, False)
+    claimed = FirstBuild(live.id, live.workspace_id, OLD, "succeeded", True, False)
     # The failure completed in the window; the claim left the live prebuilds; a new build failed.
-    counters.apply(changes(1, recent=[failed, new], open_builds=[new], departed=[claimed]))
-    assert counters.by_labels() == {("go", "small", "acme"): PrebuildTotals(3, 2, 1)}
+    counters.apply(changes(1, recent=[failed, new], departed=[claimed]))
+    assert counters.by_labels() == {("go", "small", "acme"): PrebuildTotals(4, 2, 1)}
+    assert counters.live_workspace_ids() == {other.workspace_id, pending.workspace_id, new.workspace_id}
     # The same rows again (the overlap window): nothing more.
-    counters.apply(changes(2, recent=[failed, new], open_builds=[new, failed]))
-    assert counters.by_labels() == {("go", "small", "acme"): PrebuildTotals(3, 2, 1)}
-    assert counters.preset_counts() == {OLD: PrebuildTotals(2, 1, 1), NEW: PrebuildTotals(1, 1, 0)}
+    counters.apply(changes(2, recent=[failed, new]))
+    assert counters.by_labels() == {("go", "small", "acme"): PrebuildTotals(4, 2, 1)}
+    assert counters.preset_counts() == {OLD: PrebuildTotals(3, 1, 1), NEW: PrebuildTotals(1, 1, 0)}
+    # A live prebuild with no news stays followed; once out of the window, the settled claim is not.
+    counters.apply(changes(3))
+    assert counters.live_workspace_ids() == {other.workspace_id, pending.workspace_id, new.workspace_id}
 
 
 def test_a_settled_build_leaves_the_tracked_set_once_out_of_the_window() -> None:
