@@ -15,16 +15,17 @@ Reading every first build of the history on each refresh grew with the history (
 at 4M, every minute), so after one full read at start-up the counts are kept up to date from what can
 have changed since the last refresh (see `reconciler/store/totals.py` and docs/DECISIONS.md): first
 builds whose job completed since the last refresh (less an overlap window, for writes that commit late
-or come from a skewed clock), and those whose counts may still change (unfinished jobs, live
-prebuilds). The builds seen in the overlap window are remembered by id, so none is counted twice. A full
-read every `FULL_READ_EVERY` repairs anything the window missed, still without any counter going down.
+or come from a skewed clock) or is unfinished, and the live prebuilds that are no longer live (claimed or
+deleted: found by comparing the ids of the live workspaces with the ones followed). The builds seen in
+the overlap window are remembered by id, so none is counted twice. A full read every `FULL_READ_EVERY`
+repairs anything the window missed, still without any counter going down.
 
 Pure: the data comes from `reconciler.store.totals`; times are the database's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import KeysView, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -76,6 +77,7 @@ class FullRead:
     open: list[FirstBuild]
     recent: list[FirstBuild]
     labels: Mapping[UUID, Labels]
+    labels_digest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +92,10 @@ class ChangesRead:
     # The first builds of the workspaces in `looked_up_workspaces`: followed as live and no longer live
     # (claimed, deleted), or live and not followed yet. A workspace that is gone has no row.
     departed: list[FirstBuild]
-    labels: Mapping[UUID, Labels]
+    # None when they did not change since the last read (same digest).
+    labels: Mapping[UUID, Labels] | None
     looked_up_workspaces: frozenset[UUID] = frozenset()
+    labels_digest: str = ""
 
 
 class _Counted(NamedTuple):
@@ -133,10 +137,15 @@ class PrebuildCounters:
         # Each preset's counts as followed in the database.
         self._counts: dict[UUID, Counts] = {}
         # The first builds that may still change or may be seen again (the overlap window), with what
-        # was counted of them.
+        # was counted of them; the live ones also by workspace (its id as text, as the live set is read),
+        # the others in a set. A refresh touches only what it read: its cost follows the changes.
         self._tracked: dict[UUID, _Counted] = {}
+        self._live: dict[str, UUID] = {}
+        self._not_live: set[UUID] = set()
         self._watermark: datetime | None = None
         self._last_full_read: datetime | None = None
+        self._labels: Mapping[UUID, Labels] = {}
+        self._labels_digest: str | None = None
         # The exported counters, and for each preset the labels and counts it was last added with.
         self._exported: dict[Labels, Counts] = {}
         self._published: dict[UUID, tuple[Labels, Counts]] = {}
@@ -155,24 +164,42 @@ class PrebuildCounters:
         assert self._watermark is not None, "read the whole history first"
         return self._watermark - OVERLAP
 
-    def live_workspace_ids(self) -> set[UUID]:
-        """The workspaces of the first builds followed as live prebuilds (not claimed, not deleted)."""
-        return {counted.workspace_id for counted in self._tracked.values() if counted.live}
+    @property
+    def labels_digest(self) -> str | None:
+        return self._labels_digest
+
+    def live_workspace_ids(self) -> KeysView[str]:
+        """The workspaces (ids as text) of the first builds followed as live prebuilds."""
+        return self._live.keys()
 
     # --- updates ----------------------------------------------------------------------------------
+
+    def _follow(self, build_id: UUID, counted: _Counted | None) -> None:
+        before = self._tracked.pop(build_id, None)
+        if before is not None:
+            if before.live:
+                self._live.pop(str(before.workspace_id), None)
+            else:
+                self._not_live.discard(build_id)
+        if counted is not None:
+            self._tracked[build_id] = counted
+            if counted.live:
+                self._live[str(counted.workspace_id)] = build_id
+            else:
+                self._not_live.add(build_id)
 
     def reset(self, read: FullRead) -> None:
         """Take the whole history's counts (the exported counters only grow by what presets gained)."""
         self._counts = {
             preset_id: (total.created, total.failed, total.claimed) for preset_id, total in read.totals.items()
         }
-        tracked: dict[UUID, _Counted] = {}
+        self._tracked, self._live, self._not_live = {}, {}, set()
         for build in [*read.recent, *read.open]:
             if build.preset_id is not None:
-                tracked[build.id] = _counted(build, build.failed, build.claimed)
-        self._tracked = tracked
+                self._follow(build.id, _counted(build, build.failed, build.claimed))
         self._watermark = self._last_full_read = read.at
-        self._publish(read.labels, set(self._counts))
+        self._labels, self._labels_digest = read.labels, read.labels_digest
+        self._publish(set(self._counts), labels_changed=True)
 
     def apply(self, read: ChangesRead) -> None:
         """Count what changed since the last refresh: new first builds, new failures, new claims."""
@@ -183,14 +210,18 @@ class PrebuildCounters:
             rows.setdefault(build.id, (build, True))
         for build in [*read.open, *read.departed]:
             rows.setdefault(build.id, (build, False))
-        tracked: dict[UUID, _Counted] = {}
-        for build_id, counted in self._tracked.items():
-            # A live prebuild that is still live, with no news of its job: nothing changed.
-            if build_id not in rows and counted.live and counted.workspace_id not in read.looked_up_workspaces:
-                tracked[build_id] = counted
+        # Settled builds out of the window, unfinished ones of deleted workspaces that this read did not
+        # return, and live ones whose workspace is gone: forgotten.
+        for build_id in [build_id for build_id in self._not_live if build_id not in rows]:
+            self._follow(build_id, None)
+        for workspace_id in read.looked_up_workspaces:
+            gone = self._live.get(str(workspace_id))
+            if gone is not None and gone not in rows:
+                self._follow(gone, None)
         changed: set[UUID] = set()
         for build, keep in rows.values():
             if build.preset_id is None:
+                self._follow(build.id, None)
                 continue
             before = self._tracked.get(build.id)
             if before is None:
@@ -203,18 +234,23 @@ class PrebuildCounters:
                 created, failures, claims = self._counts.get(build.preset_id, (0, 0, 0))
                 self._counts[build.preset_id] = (created + gained[0], failures + gained[1], claims + gained[2])
                 changed.add(build.preset_id)
-            if keep or build.open:
-                tracked[build.id] = _counted(build, failed, claimed)
-        self._tracked = tracked
+            self._follow(build.id, _counted(build, failed, claimed) if keep or build.open else None)
         self._watermark = read.at
-        self._publish(read.labels, changed)
+        if read.labels is not None:
+            self._labels, self._labels_digest = read.labels, read.labels_digest
+        self._publish(changed, labels_changed=read.labels is not None)
 
-    def _publish(self, labels: Mapping[UUID, Labels], changed: set[UUID]) -> None:
-        renamed = {
-            preset_id
-            for preset_id, (published_labels, _) in self._published.items()
-            if preset_id in labels and labels[preset_id] != published_labels
-        }
+    def _publish(self, changed: set[UUID], *, labels_changed: bool) -> None:
+        labels = self._labels
+        renamed = (
+            {
+                preset_id
+                for preset_id, (published_labels, _) in self._published.items()
+                if preset_id in labels and labels[preset_id] != published_labels
+            }
+            if labels_changed
+            else set()
+        )
         for preset_id in changed | renamed:
             preset_labels = labels.get(preset_id)
             if preset_labels is None:

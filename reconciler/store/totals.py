@@ -57,8 +57,10 @@ async def read_recent_first_builds(connection: db.Connection, since: datetime) -
     return _first_builds(await connection.fetch(_query("totals_recent_first_builds"), since))
 
 
-async def read_live_workspaces(connection: db.Connection) -> set[UUID]:
-    return {row["id"] for row in await connection.fetch(_query("totals_live_workspaces"))}
+async def read_live_workspaces(connection: db.Connection) -> set[str]:
+    """The ids of the live prebuilds' workspaces, as text."""
+    ids: str = await connection.fetchval(_query("totals_live_workspaces"))
+    return set(ids.split(",")) if ids else set()
 
 
 async def read_first_builds_of_workspaces(connection: db.Connection, workspace_ids: Iterable[UUID]) -> list[FirstBuild]:
@@ -70,6 +72,11 @@ async def read_preset_labels(connection: db.Connection) -> dict[UUID, Labels]:
     return {row["id"]: (row["template_name"], row["preset_name"], row["organization_name"]) for row in rows}
 
 
+async def read_preset_labels_digest(connection: db.Connection) -> str:
+    digest: str = await connection.fetchval(_query("totals_preset_labels_digest"))
+    return digest
+
+
 async def read_full(connection: db.Connection) -> FullRead:
     async with connection.transaction(isolation="repeatable_read", readonly=True):
         at = await read_clock(connection)
@@ -79,6 +86,7 @@ async def read_full(connection: db.Connection) -> FullRead:
             open=[*await read_live_first_builds(connection), *await read_unfinished_first_builds(connection)],
             recent=await read_recent_first_builds(connection, at - OVERLAP),
             labels=await read_preset_labels(connection),
+            labels_digest=await read_preset_labels_digest(connection),
         )
 
 
@@ -91,16 +99,19 @@ async def read_changes(connection: db.Connection, counters: PrebuildCounters) ->
         live = await read_live_workspaces(connection)
         # Live prebuilds that are no longer live (claimed, deleted) and live ones not followed yet.
         followed = counters.live_workspace_ids()
-        seen = {build.workspace_id for build in recent} | {build.workspace_id for build in unfinished}
-        to_look_up = (followed - live) | (live - followed - seen)
+        seen = {str(build.workspace_id) for build in recent} | {str(build.workspace_id) for build in unfinished}
+        to_look_up = frozenset(UUID(text) for text in (followed - live) | (live - followed - seen))
         looked_up = await read_first_builds_of_workspaces(connection, to_look_up) if to_look_up else []
+        digest = await read_preset_labels_digest(connection)
+        labels = await read_preset_labels(connection) if digest != counters.labels_digest else None
         return ChangesRead(
             at=at,
             recent=recent,
             open=unfinished,
             departed=looked_up,
-            looked_up_workspaces=frozenset(to_look_up),
-            labels=await read_preset_labels(connection),
+            labels=labels,
+            looked_up_workspaces=to_look_up,
+            labels_digest=digest,
         )
 
 

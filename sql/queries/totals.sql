@@ -82,9 +82,12 @@ where j.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
     and j.completed_at is not null and j.completed_at >= $1
 
 -- name: totals_live_workspaces
--- The ids of the prebuilds user's live workspaces, from their partial index and a few heap pages: the
+-- The ids of the prebuilds user's live workspaces, from their partial index and a few heap pages, as one
+-- text (tens of thousands of rows would cost the daemon more to decode than the database to read): the
 -- daemon finds claims and deletions as the ones that left this set.
-select w.id from workspaces w where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
+select coalesce(string_agg(w.id::text, ','), '') as ids
+from workspaces w
+where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
 
 -- name: totals_first_builds_of_workspaces
 -- The first builds of these workspaces (those that left the live set, or joined it unseen), as they are now.
@@ -105,6 +108,18 @@ where w.id = any($1::uuid[])
 -- Every preset's labels: the counters are kept by organization, template and preset name, across
 -- template versions, so a new version's presets add to the series of the same names.
 select p.id, o.name as organization_name, t.name as template_name, p.name as preset_name
+from template_version_presets p
+join template_versions v on v.id = p.template_version_id
+join templates t on t.id = v.template_id
+join organizations o on o.id = t.organization_id
+
+-- name: totals_preset_labels_digest
+-- A digest of every preset's labels: the labels are read again only when it changed (a rename, a new
+-- preset, a preset removed).
+-- An order-free sum of 64-bit hashes: no sort of the presets, and a collision would only delay a rename
+-- to the hourly full read.
+select count(*)::text || ':' || coalesce(sum(hashtextextended(p.id::text || '/' || o.name || '/' || t.name || '/'
+    || p.name, 0)::numeric), 0)::text as digest
 from template_version_presets p
 join template_versions v on v.id = p.template_version_id
 join templates t on t.id = v.template_id

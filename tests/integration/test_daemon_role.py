@@ -639,10 +639,12 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     assert live
     await run("totals_unfinished_first_builds")
     await run("totals_recent_first_builds", now - timedelta(days=365))
-    live_workspaces = [row["id"] for row in await run("totals_live_workspaces")]
+    live_workspaces = [uuid.UUID(text) for text in (await run("totals_live_workspaces"))[0]["ids"].split(",")]
     assert {row["workspace_id"] for row in live} == set(live_workspaces)
     assert len(await run("totals_first_builds_of_workspaces", live_workspaces)) == len(live)
-    assert ids["preset"] in {row["id"] for row in await run("totals_preset_labels")}
+    labels = await run("totals_preset_labels")
+    assert ids["preset"] in {row["id"] for row in labels}
+    assert (await run("totals_preset_labels_digest"))[0]["digest"].startswith(f"{len(labels)}:")
     waiting = {row["organization_name"]: row["age_seconds"] for row in await run("oldest_pending_prebuild_jobs", now)}
     assert waiting
     assert all(age >= 0 for age in waiting.values())

@@ -22,6 +22,10 @@ def build(
     return FirstBuild(uuid.uuid4(), uuid.uuid4(), preset, status, claimed, deleted)
 
 
+def texts(*workspace_ids: UUID) -> set[str]:
+    return {str(workspace_id) for workspace_id in workspace_ids}
+
+
 def started(totals: Mapping[UUID, PrebuildTotals], open_builds: list[FirstBuild]) -> PrebuildCounters:
     counters = PrebuildCounters()
     counters.reset(FullRead(at=T0, totals=totals, open=open_builds, recent=[], labels=LABELS))
@@ -56,7 +60,7 @@ def test_new_builds_failures_and_claims_are_counted_once() -> None:
     other = build(OLD)
     pending = build(OLD, "pending")
     counters = started({OLD: PrebuildTotals(3, 0, 0)}, [live, other, pending])
-    assert counters.live_workspace_ids() == {live.workspace_id, other.workspace_id, pending.workspace_id}
+    assert set(counters.live_workspace_ids()) == texts(live.workspace_id, other.workspace_id, pending.workspace_id)
 
     new = build(NEW, "failed")
     failed = FirstBuild(pending.id, pending.workspace_id, OLD, "failed", False, False)
@@ -64,14 +68,14 @@ def test_new_builds_failures_and_claims_are_counted_once() -> None:
     # The failure completed in the window; the claim left the live prebuilds; a new build failed.
     counters.apply(changes(1, recent=[failed, new], departed=[claimed]))
     assert counters.by_labels() == {("go", "small", "acme"): PrebuildTotals(4, 2, 1)}
-    assert counters.live_workspace_ids() == {other.workspace_id, pending.workspace_id, new.workspace_id}
+    assert set(counters.live_workspace_ids()) == texts(other.workspace_id, pending.workspace_id, new.workspace_id)
     # The same rows again (the overlap window): nothing more.
     counters.apply(changes(2, recent=[failed, new]))
     assert counters.by_labels() == {("go", "small", "acme"): PrebuildTotals(4, 2, 1)}
     assert counters.preset_counts() == {OLD: PrebuildTotals(3, 1, 1), NEW: PrebuildTotals(1, 1, 0)}
     # A live prebuild with no news stays followed; once out of the window, the settled claim is not.
     counters.apply(changes(3))
-    assert counters.live_workspace_ids() == {other.workspace_id, pending.workspace_id, new.workspace_id}
+    assert set(counters.live_workspace_ids()) == texts(other.workspace_id, pending.workspace_id, new.workspace_id)
 
 
 def test_a_settled_build_leaves_the_tracked_set_once_out_of_the_window() -> None:
