@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from reconciler import db
 from reconciler.reconcile import PassOutcome, run_pass
+from reconciler.store import reads
 from tests.factories import Factory
 from tests.integration.reconcile_support import live_prebuilds, settings_for
 
@@ -107,3 +109,28 @@ async def test_the_writes_stop_as_soon_as_the_lock_connection_is_lost(
         assert await live_prebuilds(connection) == {}
     finally:
         await pool.close()
+
+
+async def test_a_holder_that_stops_saying_anything_loses_the_lock_after_the_idle_limit(
+    database_url: str, connection: asyncpg.Connection
+) -> None:
+    """A replica stopped mid-pass (SIGSTOP, a paused VM) holds the lock only until its session has idled
+    for the limit (the pass deadline and a margin in the daemon; 1 s here); a released lock lifts it."""
+    holder = await db.connect(database_url)
+    try:
+        assert await reads.try_reconciliation_lock(holder, timedelta(seconds=1))
+        assert await connection.fetchval(LOCK_HOLDERS, db.RECONCILIATION_LOCK_KEY) == holder.get_server_pid()
+        assert await reads.release_reconciliation_lock(holder)
+        # Released: the session may idle as long as it likes again.
+        await asyncio.sleep(1.5)
+        assert await holder.fetchval("select 1") == 1
+
+        assert await reads.try_reconciliation_lock(holder, timedelta(seconds=1))
+        taken = time.monotonic()
+        # The holder says nothing more: the server ends its session, and the lock goes with it.
+        while await connection.fetchval(LOCK_HOLDERS, db.RECONCILIATION_LOCK_KEY) is not None:
+            assert time.monotonic() - taken < 10, "the idle holder kept the lock"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - taken >= 1.0
+    finally:
+        holder.terminate()
