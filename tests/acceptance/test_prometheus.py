@@ -118,7 +118,7 @@ async def test_prometheus_scrapes_the_daemon_and_fires_the_hard_limit_alert(
         assert alert["labels"]["organization_name"] == broken.organization.name
         assert alert["labels"]["severity"] == "warning"
         assert broken.template.name in alert["annotations"]["summary"]
-        assert alert["annotations"]["runbook"]
+        assert alert["annotations"]["runbook_url"] == "docs/RUNBOOK.md#prebuildpresethardlimited"
         # The rules' recording rules evaluate against real series too; they are evaluated on their own
         # schedule, so the first evaluation after the series appear is waited for.
         query = (
