@@ -91,6 +91,9 @@ class Dispatcher:
         self._lease = settings.notification_lease
         self._batch_size = settings.notification_batch_size
         self._poll_seconds = settings.notification_poll_interval.total_seconds()
+        # A pool connection comes free within a statement's client-side deadline (every call has one):
+        # waiting longer for one means the database stopped answering.
+        self._acquire_timeout = (settings.statement_timeout + db.REPLY_MARGIN).total_seconds()
         for sink_kind in SINK_KINDS:
             metrics.sinks.labels(sink_kind).set(sum(sink.kind == sink_kind for sink in self._sinks))
 
@@ -141,7 +144,7 @@ class Dispatcher:
         leased: list[notifications.LeasedNotification] = []
         if self._sinks:
             lease_token = uuid.uuid4()
-            async with self._pool.acquire() as connection:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as connection:
                 leased = await notifications.lease_notifications(
                     connection,
                     now=now,
@@ -169,7 +172,7 @@ class Dispatcher:
         return len(leased)
 
     async def _refresh_backlog(self, now: datetime) -> None:
-        async with self._pool.acquire() as connection:
+        async with self._pool.acquire(timeout=self._acquire_timeout) as connection:
             backlog = await notifications.read_notification_backlog(connection)
         self._metrics.pending.set(backlog.pending)
         oldest = backlog.oldest_created_at
@@ -214,7 +217,7 @@ class Dispatcher:
             self._metrics.deliveries.labels(sink.kind, _metric_outcome(result, status)).inc()
 
         try:
-            async with self._pool.acquire() as connection:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as connection:
                 kept = await notifications.finish_notification_attempt(
                     connection,
                     message_id=message.id,
@@ -282,7 +285,7 @@ class Dispatcher:
 
     async def _record_delivery(self, message: OutgoingMessage, sink: Sink, now: datetime) -> None:
         async def write() -> None:
-            async with self._pool.acquire() as connection:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as connection:
                 await notifications.record_notification_delivery(connection, message.id, sink.name, now)
 
         # Shielded: once a sink has the message, a shutdown arriving now must not lose that fact (the
