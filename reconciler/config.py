@@ -297,6 +297,10 @@ class Settings(BaseSettings):
     target_stabilization_window: Annotated[Duration, between(timedelta(0), DAY)] = 5 * MINUTE
     # Claim events older than this are purged; last week's demand needs 7 days and an hour.
     prebuild_events_retention: Annotated[Duration, between(2 * HOUR, 365 * DAY)] = 8 * DAY
+    # Rotation (issue 15.4): replacements before deletes for expired prebuilds (0 = Coder's: delete at
+    # once), and each prebuild's time-to-live shortened by up to this fraction of it (0 = none).
+    surge: int = Field(default=0, ge=0, le=1000)
+    ttl_jitter: float = Field(default=0.0, ge=0, le=0.5)
     executor_concurrency: int = Field(default=8, ge=1, le=256)
     non_retryable_error_codes: ErrorCodes = frozenset({"REQUIRED_TEMPLATE_VARIABLES"})
     capacity_error_codes: ErrorCodes = frozenset({"INSUFFICIENT_QUOTA"})
@@ -435,6 +439,8 @@ BEHAVIOUR_SETTINGS: tuple[str, ...] = (
     "breaker_open_duration",
     "breaker_open_duration_max",
     "breaker_probes",
+    "surge",
+    "ttl_jitter",
 )
 
 # How this process connects, logs, serves and delivers: the caller's own, never recorded.

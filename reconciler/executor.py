@@ -138,7 +138,8 @@ async def _create(
         # Clamp to a target computed now from the preset's current desired count and schedules (a schedule
         # that covers `now` still decides), never above the plan's: a lowered desired count, or schedules
         # replaced after the snapshot, clamp the creates decided from the snapshot.
-        target = _fresh_target(preset_plan, check, now)
+        # The expired prebuilds the surge keeps are still live prebuilds of the preset, counted below.
+        target = _fresh_target(preset_plan, check, now) + preset_plan.surge_kept
         existing = await writes.count_preset_prebuilds(connection, preset.id, check.template_id)
         count = max(min(action.count, target - existing), 0)
         if room is not None and count > room:

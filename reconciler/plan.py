@@ -113,6 +113,9 @@ class PresetPlan:
     status_change: StatusChangeKind | None = None
     # What the in-flight budget (or the breaker) held back from the actions, and why (issue 15.1): the
     # actions are what was admitted.
+    # Ready expired prebuilds kept (claimable) until their replacements are ready (RECONCILER_SURGE):
+    # the create clamp lets the pool hold this many beyond its target.
+    surge_kept: int = 0
     creates_held: int = 0
     creates_held_by: HoldReason | None = None
     deletes_held: int = 0

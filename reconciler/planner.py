@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from reconciler import backoff as backoff_policy
+from reconciler import rotation
 from reconciler.admission import Admission, Budget, Wants, admit
 from reconciler.breaker import BreakerSettings, BreakerState, decide
 from reconciler.demand import NO_DEMAND, DemandCounts, PoolCounts
@@ -66,6 +67,9 @@ class PlannerConfig:
     budget: Budget = field(default_factory=Budget)
     # The global breaker (issue 15.2); disabled by default.
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    # RECONCILER_SURGE and RECONCILER_TTL_JITTER (issue 15.4); 0 = Coder's rotation.
+    surge: int = 0
+    ttl_jitter: float = 0.0
 
     @property
     def backoff(self) -> backoff_policy.BackoffPolicy:
@@ -193,6 +197,15 @@ def expiry_cutoff(preset: Preset, now: datetime) -> datetime | None:
     return max(cutoffs) if cutoffs else None
 
 
+def _past_ttl(prebuild: RunningPrebuild, ttl: int | None, config: PlannerConfig, now: datetime) -> bool:
+    """Older than its time-to-live, shortened by the TTL jitter when one is set (issue 15.4)."""
+    if ttl is None or ttl <= 0:
+        return False
+    if config.ttl_jitter > 0:
+        return rotation.expired_by_ttl(prebuild.created_at, prebuild.workspace_id, ttl, config.ttl_jitter, now)
+    return prebuild.created_at < now - timedelta(seconds=ttl)
+
+
 def backoff_until(backoff: Backoff, interval: timedelta) -> datetime:
     try:
         return backoff.last_build_at + backoff.num_failed * interval
@@ -219,11 +232,22 @@ def plan_preset(
     running = inputs.running
     # One walk over the prebuilds: this runs for every preset of a fleet, every pass.
     cutoff = expiry_cutoff(preset, now)
+    ttl = preset.invalidate_after_secs
+    # With TTL jitter (issue 15.4), each prebuild's own time-to-live (rotation.time_to_live) decides, and
+    # the invalidation by its own time; without, one comparison with the later bound, as before.
+    jittered = config.ttl_jitter > 0 and ttl is not None and ttl > 0
+    invalidated = usable_invalidation(preset, now) if jittered else None
     expired: list[RunningPrebuild] = []
     fresh: list[RunningPrebuild] = []
     ready = 0
     for prebuild in running:
-        if cutoff is not None and prebuild.created_at < cutoff:
+        if jittered:
+            is_expired = (invalidated is not None and prebuild.created_at < invalidated) or _past_ttl(
+                prebuild, ttl, config, now
+            )
+        else:
+            is_expired = cutoff is not None and prebuild.created_at < cutoff
+        if is_expired:
             expired.append(prebuild)
         else:
             fresh.append(prebuild)
@@ -280,6 +304,19 @@ def plan_preset(
             _, uncapped_target, _ = scheduled_target(
                 preset.desired_instances, preset.schedules, preset.scheduling_timezone, _NO_CAP, now
             )
+    # Surge (issue 15.4): replacements first; ready expired prebuilds stay claimable until then.
+    rotated = None
+    if active and expired and config.surge > 0:
+        rotated = rotation.rotate(
+            desired=desired,
+            fresh=len(fresh),
+            fresh_ready=ready,
+            starting=starting,
+            expired=_oldest_first(expired),
+            surge=config.surge,
+        )
+        # The kept ones can be claimed: they are eligible until their replacements are.
+        ready += len(rotated.kept)
     state = PresetState(
         desired=desired,
         actual=len(running),
@@ -297,6 +334,9 @@ def plan_preset(
     hard_limited = inputs.at_hard_limit or status is PrebuildStatus.HARD_LIMITED
     validation_failed = inputs.validation_failed or status is PrebuildStatus.VALIDATION_FAILED
 
+    # Expired prebuilds the surge keeps this pass (set below; read by `result` when it is called).
+    surge_kept = 0
+
     def result(actions: list[Action], **extra: object) -> tuple[PresetPlan, list[PlanProblem]]:
         preset_plan = PresetPlan(
             preset=preset,
@@ -310,6 +350,7 @@ def plan_preset(
             failures=inputs.failures,
             oldest_pending_at=oldest_pending_at,
             target=target,
+            surge_kept=surge_kept,
             **extra,  # type: ignore[arg-type]
         )
         return preset_plan, problems
@@ -342,11 +383,12 @@ def plan_preset(
     # are told apart only for their delete's reason (the metrics' label): past their time to live, or
     # within it but created before the operator's invalidation.
     if expired:
-        ttl = preset.invalidate_after_secs
-        ttl_cutoff = now - timedelta(seconds=ttl) if ttl is not None and ttl > 0 else None
         by_reason: dict[DeleteReason, list[RunningPrebuild]] = {DeleteReason.EXPIRED: [], DeleteReason.INVALIDATED: []}
+        to_delete = set(rotated.delete) if rotated is not None else None
         for prebuild in expired:
-            past_ttl = ttl_cutoff is not None and prebuild.created_at < ttl_cutoff
+            if to_delete is not None and prebuild.workspace_id not in to_delete:
+                continue
+            past_ttl = _past_ttl(prebuild, ttl, config, now)
             by_reason[DeleteReason.EXPIRED if past_ttl else DeleteReason.INVALIDATED].append(prebuild)
         for reason, prebuilds in by_reason.items():
             if prebuilds:
@@ -356,6 +398,10 @@ def plan_preset(
         ids = tuple(prebuild.workspace_id for prebuild in _oldest_first(fresh)[: state.extraneous])
         actions.append(DeleteAction(workspace_ids=ids, reason=DeleteReason.EXTRANEOUS))
     missing = max(desired - len(fresh) - state.starting, 0)
+    if rotated is not None:
+        # The kept expired prebuilds are beyond the target: with the creates, at most `surge` beyond it.
+        surge_kept = len(rotated.kept)
+        missing = min(missing, max(desired + config.surge - len(fresh) - state.starting - surge_kept, 0))
     if missing:
         if validation_failed:
             return result(actions, create_blocked=CreateBlock.VALIDATION_FAILED, creates_withheld=missing)
@@ -470,13 +516,19 @@ def _without_outage_hard_limits(
     return adjusted, kept
 
 
+def _delete_class(reason: DeleteReason) -> str:
+    """The admission's class of a delete (reconciler.admission.DELETE_CLASSES): an invalidated prebuild is
+    replaced as an expired one is."""
+    return "expired" if reason is DeleteReason.INVALIDATED else reason.value
+
+
 def wants_of(preset_plan: PresetPlan) -> Wants:
     """What one preset's actions would start: its deletes by reason (the admission's classes), its creates."""
     deletes: Counter[str] = Counter()
     creates = 0
     for action in preset_plan.actions:
         if isinstance(action, DeleteAction):
-            deletes[action.reason.value] += len(action.workspace_ids)
+            deletes[_delete_class(action.reason)] += len(action.workspace_ids)
         elif isinstance(action, CreateAction):
             creates += action.count
     preset = preset_plan.preset
@@ -510,9 +562,14 @@ def apply_admission(
             admitted_presets.append(preset_plan)
             continue
         actions: list[Action] = []
+        # Admitted deletes by class, spent by the preset's delete actions in order (expired before
+        # invalidated, both of the class `expired`).
+        left = dict(admitted.deletes)
         for action in preset_plan.actions:
             if isinstance(action, DeleteAction):
-                count = admitted.deletes.get(action.reason.value, 0)
+                delete_class = _delete_class(action.reason)
+                count = min(left.get(delete_class, 0), len(action.workspace_ids))
+                left[delete_class] = left.get(delete_class, 0) - count
                 if count:
                     actions.append(replace(action, workspace_ids=action.workspace_ids[:count]))
             elif isinstance(action, CreateAction):

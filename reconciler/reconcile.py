@@ -219,6 +219,8 @@ def planner_config(settings: Settings) -> planner.PlannerConfig:
             probes=settings.breaker_probes,
         ),
         stabilization_window=settings.target_stabilization_window,
+        surge=settings.surge,
+        ttl_jitter=settings.ttl_jitter,
     )
 
 

@@ -103,6 +103,8 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("RECONCILER_BREAKER_OPEN_DURATION", "2m", "breaker_open_duration", timedelta(minutes=2)),
     ("RECONCILER_BREAKER_OPEN_DURATION_MAX", "2h", "breaker_open_duration_max", timedelta(hours=2)),
     ("RECONCILER_BREAKER_PROBES", "5", "breaker_probes", 5),
+    ("RECONCILER_SURGE", "2", "surge", 2),
+    ("RECONCILER_TTL_JITTER", "0.1", "ttl_jitter", 0.1),
     ("RECONCILER_NON_RETRYABLE_ERROR_CODES", "A, B,,C ", "non_retryable_error_codes", frozenset({"A", "B", "C"})),
     ("RECONCILER_NON_RETRYABLE_ERROR_CODES", "", "non_retryable_error_codes", frozenset()),
     (
@@ -198,6 +200,7 @@ def test_the_defaults_are_the_documented_ones() -> None:
         timedelta(hours=1),
     )
     assert loaded.breaker_probes == 3
+    assert (loaded.surge, loaded.ttl_jitter) == (0, 0.0)
 
 
 def test_the_breakers_longest_open_duration_is_not_shorter_than_its_first() -> None:
@@ -335,6 +338,8 @@ BOUNDS: list[tuple[str, str, str, str, str, dict[str, str]]] = [
     ("RECONCILER_BREAKER_OPEN_DURATION", "1s", "0s", "1d", "1d1s", {"RECONCILER_BREAKER_OPEN_DURATION_MAX": "7d"}),
     ("RECONCILER_BREAKER_OPEN_DURATION_MAX", "1s", "0s", "7d", "7d1s", {"RECONCILER_BREAKER_OPEN_DURATION": "1s"}),
     ("RECONCILER_BREAKER_PROBES", "1", "0", "1000", "1001", {}),
+    ("RECONCILER_SURGE", "0", "-1", "1000", "1001", {}),
+    ("RECONCILER_TTL_JITTER", "0", "-0.1", "0.5", "0.51", {}),
     (
         "RECONCILER_WEBHOOK_0_TIMEOUT",
         "1s",

@@ -3,6 +3,7 @@ and their metrics. The admission's own rules are in test_admission.py; here, tha
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -126,3 +127,33 @@ def test_the_budget_metrics_follow_the_plan() -> None:
     metrics.observe_pass("success", 0.1, unlimited, paused=False)
     assert value("prebuilds_reconciler_in_flight_budget", {"scope": "total"}) == 0
     assert value("prebuilds_reconciler_in_flight_withheld", {"kind": "create"}) == 0
+
+
+def test_invalidated_prebuilds_are_admitted_as_expired_ones() -> None:
+    """An invalidation's deletes are the admission's class `expired`: under a budget they still go first."""
+    preset = dataclasses.replace(make_preset("a", 2), last_invalidated_at=NOW - timedelta(minutes=1))
+    growing = make_preset("growing", 3)
+    snapshot = Snapshot(presets=(preset, growing), running=running(preset, 2))
+    plan = planner.plan(snapshot, planner.PlannerConfig(budget=Budget(max_in_flight=1)), NOW)
+    invalidated_plan = plan.presets[0]
+    assert [
+        (action.reason, len(action.workspace_ids))
+        for action in invalidated_plan.actions
+        if isinstance(action, DeleteAction)
+    ] == [(DeleteReason.INVALIDATED, 1)]
+    assert invalidated_plan.deletes_held == 1
+    assert plan.presets[1].actions == ()
+
+
+def test_surge_keeps_ready_expired_prebuilds_until_replacements_are_ready() -> None:
+    preset = dataclasses.replace(make_preset("a", 2), invalidate_after_secs=600)
+    snapshot = Snapshot(presets=(preset,), running=running(preset, 2))
+    coder = planner.plan(snapshot, planner.PlannerConfig(), NOW).presets[0]
+    assert coder.state.eligible == 0
+    assert [type(action) for action in coder.actions] == [DeleteAction, CreateAction]
+
+    surged = planner.plan(snapshot, planner.PlannerConfig(surge=1), NOW).presets[0]
+    # Both kept (claimable, eligible); one replacement, the surge's; nothing deleted yet.
+    assert surged.state.eligible == 2
+    assert surged.surge_kept == 2
+    assert surged.actions == (CreateAction(count=1),)
