@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from uuid import UUID
 
+import asyncpg
 import structlog
 
 from reconciler import db, schedule
@@ -202,33 +203,10 @@ async def execute_preset(
 
     With a `budget` (the plan's), each create and delete is re-admitted under the budget's lock."""
 
-    preset = preset_plan.preset
-
     def record(
         kind: str, outcome: ActionOutcome, rows: int, *, planned: int, reason: str = "", **details: object
     ) -> None:
-        summary.actions[(kind, outcome)] += 1
-        if observe is not None:
-            # Prebuilds, not actions: what was done, and the rest of what was planned as skipped.
-            if outcome is ActionOutcome.ERROR:
-                observe(kind, outcome, planned, reason)
-            else:
-                if rows:
-                    observe(kind, ActionOutcome.SUCCESS, rows, reason)
-                if planned > rows:
-                    observe(kind, ActionOutcome.SKIPPED, planned - rows, reason)
-        if reason:
-            details["reason"] = reason
-        if outcome is not ActionOutcome.ERROR:
-            # One line per preset and action: what was written, and what was planned but not done.
-            logger.info(
-                f"prebuilds.{kind}",
-                outcome=outcome.value,
-                rows=rows,
-                planned=planned,
-                **preset_log_fields(preset),
-                **details,
-            )
+        _record(summary, observe, preset_plan, kind, outcome, rows, planned=planned, reason=reason, **details)
 
     for action in preset_plan.actions:
         try:
@@ -265,6 +243,42 @@ async def execute_preset(
             raise
 
 
+def _record(
+    summary: ExecutionSummary,
+    observe: ActionObserver | None,
+    preset_plan: PresetPlan,
+    kind: str,
+    outcome: ActionOutcome,
+    rows: int,
+    *,
+    planned: int,
+    reason: str = "",
+    **details: object,
+) -> None:
+    summary.actions[(kind, outcome)] += 1
+    if observe is not None:
+        # Prebuilds, not actions: what was done, and the rest of what was planned as skipped.
+        if outcome is ActionOutcome.ERROR:
+            observe(kind, outcome, planned, reason)
+        else:
+            if rows:
+                observe(kind, ActionOutcome.SUCCESS, rows, reason)
+            if planned > rows:
+                observe(kind, ActionOutcome.SKIPPED, planned - rows, reason)
+    if reason:
+        details["reason"] = reason
+    if outcome is not ActionOutcome.ERROR:
+        # One line per preset and action: what was written, and what was planned but not done.
+        logger.info(
+            f"prebuilds.{kind}",
+            outcome=outcome.value,
+            rows=rows,
+            planned=planned,
+            **preset_log_fields(preset_plan.preset),
+            **details,
+        )
+
+
 def _planned(action: Action) -> int:
     if isinstance(action, DeleteAction):
         return len(action.workspace_ids)
@@ -275,6 +289,10 @@ def _reason(action: Action) -> str:
     return action.reason.value if isinstance(action, DeleteAction) else ""
 
 
+# Presets whose only writes are creates are written this many to a transaction, each in a savepoint.
+CREATE_BATCH_SIZE = 64
+
+
 async def execute(
     pool: db.Acquirer,
     plan: Plan,
@@ -282,9 +300,14 @@ async def execute(
     *,
     concurrency: int = 8,
     observe: ActionObserver | None = None,
+    create_batch_size: int | None = None,
 ) -> ExecutionSummary:
     """Write the plan: its status changes first (a database error there fails the whole execution), then
-    every preset's actions (an error there fails that preset only)."""
+    every preset's actions (an error there fails that preset only).
+
+    Presets that only create are written in batches (`_create_batch`): one commit, and on a durable server
+    one flush to disk, for many presets instead of one each, with every guarantee of a preset written
+    alone. The others (deletes, cancels) go one preset at a time."""
     breaker_written, breaker_notifications = await write_breaker(pool, plan, now)
     summary = ExecutionSummary(status_changes=await write_status_changes(pool, plan, now))
     summary.breaker_event = plan.breaker.event if plan.breaker is not None and breaker_written else None
@@ -301,23 +324,53 @@ async def execute(
             ),
         )
 
-    async def run(preset_plan: PresetPlan) -> None:
+    def failed(preset_plan: PresetPlan, error: BaseException) -> None:
         preset = preset_plan.preset
+        summary.presets_failed += 1
+        summary.failed_preset_ids.append(preset.id)
+        logger.error("reconcile.preset_failed", **preset_log_fields(preset), error=f"{type(error).__name__}: {error}")
+
+    async def run(preset_plan: PresetPlan) -> None:
+        try:
+            async with pool.acquire() as connection:
+                await execute_preset(connection, preset_plan, now, summary, observe, budget=plan.budget)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            failed(preset_plan, error)
+
+    async def run_alone(preset_plan: PresetPlan) -> None:
+        async with semaphore:
+            await run(preset_plan)
+
+    async def run_batch(batch: list[PresetPlan]) -> None:
         async with semaphore:
             try:
                 async with pool.acquire() as connection:
-                    await execute_preset(connection, preset_plan, now, summary, observe, budget=plan.budget)
+                    outcomes = await _create_batch(connection, batch, now, plan.budget)
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as error:
-                summary.presets_failed += 1
-                summary.failed_preset_ids.append(preset.id)
-                logger.error(
-                    "reconcile.preset_failed", **preset_log_fields(preset), error=f"{type(error).__name__}: {error}"
-                )
+                # The batch's transaction did not commit (a lost connection, a failed commit): nothing of
+                # it was written. Each preset is written again alone, as if batches did not exist.
+                logger.warning("prebuilds.create_batch_failed", presets=len(batch), error=db.describe_error(error))
+                for preset_plan in batch:
+                    await run(preset_plan)
+                return
+        for outcome in outcomes:
+            outcome.apply(summary, observe)
+            if outcome.error is not None:
+                failed(outcome.preset_plan, outcome.error)
 
     work = [preset_plan for preset_plan in plan.presets if _has_writes(preset_plan)]
-    await asyncio.gather(*(run(preset_plan) for preset_plan in work))
+    creating = [preset_plan for preset_plan in work if _creates_only(preset_plan)]
+    alone = [preset_plan for preset_plan in work if not _creates_only(preset_plan)]
+    # Each batch locks its presets' rows in id order: two writers of overlapping batches never wait on each
+    # other in opposite orders.
+    creating.sort(key=lambda preset_plan: preset_plan.preset.id)
+    size = max(create_batch_size or CREATE_BATCH_SIZE, 1)
+    batches = [creating[start : start + size] for start in range(0, len(creating), size)]
+    await asyncio.gather(*(run_alone(preset_plan) for preset_plan in alone), *(run_batch(batch) for batch in batches))
     return summary
 
 
@@ -366,6 +419,74 @@ async def write_breaker(pool: db.Acquirer, plan: Plan, now: datetime) -> tuple[b
         notifications_enqueued=notifications,
     )
     return True, notifications
+
+
+@dataclass
+class _CreateOutcome:
+    """One preset's creates in a batch, applied to the summary once the batch has committed."""
+
+    preset_plan: PresetPlan
+    # (action, created, clamped) per create action done.
+    done: list[tuple[CreateAction, int, int]] = field(default_factory=list)
+    budget_held: int = 0
+    # The action that failed and the error (its savepoint rolled back, the others' work stands).
+    failed_action: CreateAction | None = None
+    error: Exception | None = None
+
+    def apply(self, summary: ExecutionSummary, observe: ActionObserver | None) -> None:
+        summary.budget_held += self.budget_held
+        for action, created, clamped in self.done:
+            summary.created += created
+            summary.creates_clamped += clamped
+            _record(
+                summary,
+                observe,
+                self.preset_plan,
+                "create",
+                ActionOutcome.SUCCESS if created else ActionOutcome.SKIPPED,
+                created,
+                planned=action.count,
+                clamped=clamped,
+            )
+        if self.failed_action is not None:
+            _record(
+                summary, observe, self.preset_plan, "create", ActionOutcome.ERROR, 0, planned=self.failed_action.count
+            )
+
+
+async def _create_batch(
+    connection: db.Connection, batch: list[PresetPlan], now: datetime, budget: BudgetUse | None
+) -> list[_CreateOutcome]:
+    """The creates of several presets in one transaction, each preset's in a savepoint of its own.
+
+    Every preset is checked as when it is written alone (`_create`: the budget's lock and a fresh count,
+    the preset's row lock, then its target and prebuilds re-read), in the same transaction, so the counts
+    see the batch's earlier creates. A database error on one preset rolls back its savepoint only: that
+    preset fails, the others go on. Any other error (the connection lost) leaves the whole transaction
+    to roll back, and raises: the caller writes the batch one preset at a time.
+    """
+    outcomes = []
+    async with connection.transaction():
+        for preset_plan in batch:
+            outcome = _CreateOutcome(preset_plan)
+            outcomes.append(outcome)
+            staged = ExecutionSummary()
+            for action in preset_plan.actions:
+                if not isinstance(action, CreateAction):
+                    continue
+                try:
+                    # A savepoint: `_create`'s transaction nests in the batch's.
+                    created, clamped = await _create(connection, preset_plan, action, now, budget, staged)
+                except asyncpg.PostgresError as error:
+                    outcome.failed_action, outcome.error = action, error
+                    break
+                outcome.done.append((action, created, clamped))
+            outcome.budget_held = staged.budget_held
+    return outcomes
+
+
+def _creates_only(preset_plan: PresetPlan) -> bool:
+    return all(isinstance(action, CreateAction | BackoffAction) for action in preset_plan.actions)
 
 
 def _has_writes(preset_plan: PresetPlan) -> bool:

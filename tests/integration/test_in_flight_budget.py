@@ -155,7 +155,12 @@ async def test_two_replicas_racing_never_exceed_the_budget(factory: Factory, dat
 
     assert await in_flight_jobs(factory.connection) == 6
     assert sum(summary.created + summary.deleted for summary in summaries) == 6
-    assert sum(summary.budget_held for summary in summaries) == 6
+    # Every planned action was done or withheld; the creates past the budget were held by it. (Whether the
+    # second replica's deletes are held too, or find the first's already done, depends on how the replicas'
+    # transactions interleave: creates go in batches.)
+    assert sum(summary.created + summary.creates_clamped for summary in summaries) == 6
+    assert sum(summary.deleted + summary.deletes_skipped for summary in summaries) == 6
+    assert sum(summary.budget_held for summary in summaries) >= 3
     assert all(summary.presets_failed == 0 for summary in summaries)
     # The next plan sees the budget spent: nothing more is admitted until jobs finish.
     again = await read_plan(factory.connection, settings, now)
