@@ -29,6 +29,7 @@ from reconciler.reports import (
     held_json,
     reasons,
     table,
+    target_json,
 )
 from reconciler.store.describe import (
     PresetCandidate,
@@ -37,6 +38,7 @@ from reconciler.store.describe import (
     PresetSettings,
     RecentPrebuild,
 )
+from reconciler.target import Target
 from reconciler.terminal import printable
 
 RECENT_PREBUILDS = 10
@@ -162,6 +164,8 @@ def as_json(description: Description) -> dict[str, Any]:
             ],
             "invalidate_after_secs": stored.invalidate_after_secs,
             "last_invalidated_at": _iso(stored.last_invalidated_at),
+            # The expression's inputs, result or error, cold start and hold (issue 14; null without a plan).
+            "computed": target_json(preset_plan.target) if preset_plan else None,
         },
         "state": {name: getattr(preset_plan.state, name) for name in STATE_FIELDS} if preset_plan else None,
         "backoff": None,
@@ -259,6 +263,7 @@ def _target_lines(description: Description) -> list[str]:
         source += f", capped from {preset_plan.uncapped_target} by RECONCILER_MAX_DESIRED_INSTANCES"
     lines.append(_field("Target", f"{preset_plan.state.desired} ({source})"))
     lines.append(_field("  Static", f"desired_instances {stored.desired_instances}"))
+    lines.extend(_expression_lines(preset_plan.target))
     if stored.schedules:
         zone = stored.scheduling_timezone or "UTC"
         lines.append(_field("  Schedules", f"in time zone {zone}"))
@@ -268,6 +273,25 @@ def _target_lines(description: Description) -> list[str]:
     ttl = f"{stored.invalidate_after_secs} s" if stored.invalidate_after_secs else "none"
     lines.append(_field("  Time to live", ttl))
     lines.append(_field("  Invalidated", _when(stored.last_invalidated_at, now, "never")))
+    return lines
+
+
+def _expression_lines(target: Target | None) -> list[str]:
+    """What the preset's expression read and gave (docs/DEMAND.md); nothing without one."""
+    if target is None or target.expression is None:
+        return []
+    lines = [_field("  Expression", printable(target.expression))]
+    inputs = ", ".join(f"{name}={value}" for name, value in target.inputs)
+    lines.append(_field("    Inputs", inputs or "-"))
+    if target.error is not None:
+        outcome = f"failed ({target.error.kind.value}: {printable(target.error.message)}): scheduled_target used"
+    else:
+        outcome = f"{target.result}" + (
+            " -> scheduled_target (cold start: no claim event yet)" if target.cold_start else ""
+        )
+    lines.append(_field("    Result", outcome))
+    if target.retained > target.desired:
+        lines.append(_field("    Held at", f"{target.retained} while the lower target stabilizes"))
     return lines
 
 

@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from reconciler.breaker import BreakerState
+from reconciler.demand_metrics import DemandCollector
 from reconciler.notify.metrics import NotificationMetrics
 from reconciler.plan import Plan
 from reconciler.snapshot import PrebuildStatus, PrebuildTotals
@@ -265,6 +266,9 @@ class Metrics:
         registry = self.registry
         self.presets = PresetCollector()
         registry.register(self.presets)
+        # Demand-driven targets (issue 14): series for presets with an expression only.
+        self.demand = DemandCollector()
+        registry.register(self.demand)
         if process_metrics:
             ProcessCollector(registry=registry)
         self.paused = Gauge(
@@ -456,11 +460,13 @@ class Metrics:
             self.last_success.set(time.time())
         if plan is not None:
             self.presets.update_from_plan(plan)
+            self.demand.update_from_plan(plan)
             self.metrics_last_updated.set(time.time())
             self._observe_budget(plan)
         elif outcome == "skipped_lock":
             # Another replica reconciles now: its series are the current ones, ours would go stale.
             self.presets.withdraw()
+            self.demand.withdraw()
 
 
 # Reactions to change events, from a few milliseconds to the seconds of a pass behind a busy lock.

@@ -32,6 +32,8 @@ from tests.integration.reconcile_support import (
     settings_for,
 )
 from tests.integration.test_commands import cli, parse_json
+from tests.integration.test_describe import describe_json
+from tests.integration.test_status import run
 
 
 async def claims(factory: Factory, preset: Preset, count: int, *, ago: timedelta, missed: bool = False) -> None:
@@ -435,3 +437,22 @@ async def test_plan_json_and_status_show_the_target_its_source_inputs_and_error(
     assert sources == {str(computed.id): "expression", str(failing.id): "expression_fallback", str(static.id): "static"}
     table = (await cli(database_url, "status", "--wide")).stdout
     assert "expression_fallback (division_by_zero)" in table
+
+
+async def test_presets_describe_shows_the_expression_its_inputs_and_result_or_error(
+    factory: Factory, database_url: str
+) -> None:
+    computed = await factory.preset(desired=2, timezone="UTC", expression="max(scheduled_target, claims_10m * 3)")
+    await published_long_ago(factory, computed)
+    await claims(factory, computed, 2, ago=minutes(1))
+    failing = await factory.preset(desired=2, timezone="UTC", expression="claims_10m / misses_10m")
+
+    document = await describe_json(database_url, str(computed.id))
+    assert document["target"]["source"] == "expression"
+    assert document["target"]["computed"]["inputs"] == {"claims_10m": 2, "scheduled_target": 2}
+    assert document["target"]["computed"]["result"] == 6
+    code, text, err = await run(database_url, "presets", "describe", str(failing.id))
+    assert code == 0, err
+    assert "Expression" in text
+    assert "claims_10m / misses_10m" in text
+    assert "failed (division_by_zero" in text

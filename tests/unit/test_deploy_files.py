@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from reconciler.demand import DemandCounts
+from reconciler.expression import ErrorKind, ExpressionError
 from reconciler.metrics import Metrics
 from reconciler.plan import Plan, PresetPlan, PresetState
-from reconciler.snapshot import PrebuildStatus, PrebuildTotals
+from reconciler.snapshot import PrebuildStatus, PrebuildTotals, Preset, PresetDemand, Snapshot
+from reconciler.target import Target, TargetSource
 from tests.unit.test_metrics import make_preset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +64,13 @@ def exported_sample_names() -> set[str]:
             for item in presets
         ),
     )
+    # A preset whose target an expression computed (issue 14), failing once (its fallback counter).
+    computed = make_preset("computed")
+    plan = replace(
+        plan,
+        presets=(*plan.presets, _computed_plan(computed)),
+        snapshot=Snapshot(demand=(PresetDemand(computed.id, DemandCounts(has_history=True)),)),
+    )
     metrics.observe_pass("success", 0.1, plan, paused=False)
     # Labelled children appear with their first sample: the first action of a pass creates this one.
     metrics.observe_action("create", "success", 1)
@@ -72,6 +83,14 @@ def exported_sample_names() -> set[str]:
     )
     exposition = generate_latest(metrics.registry).decode()
     return {sample.name for family in text_string_to_metric_families(exposition) for sample in family.samples}
+
+
+def _computed_plan(preset: Preset) -> PresetPlan:
+    error = ExpressionError(ErrorKind.DIVISION_BY_ZERO, "division by zero")
+    target = Target(
+        TargetSource.EXPRESSION_FALLBACK, 2, 2, scheduled_target=2, expression="claims_10m / misses_10m", error=error
+    )
+    return PresetPlan(preset, PresetState(desired=2), (), hard_limited=False, target=target)
 
 
 _FAILED_PRESETS = (("limited", PrebuildStatus.HARD_LIMITED), ("invalid", PrebuildStatus.VALIDATION_FAILED))
@@ -98,6 +117,8 @@ def test_dashboard_queries_only_metrics_the_daemon_exports() -> None:
         "coderd_prebuilds_reconciliation_duration_seconds_bucket",
         "prebuilds_reconciler_passes_total",
         "prebuilds_reconciler_notifications_delivered_total",
+        "prebuilds_reconciler_preset_target",
+        "prebuilds_reconciler_preset_demand",
     ):
         assert wanted in queried, wanted
     assert any('outcome="skipped_lock"' in expression for expression in dashboard_expressions())
