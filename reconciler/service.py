@@ -14,7 +14,6 @@ with exit code 1 (see `TaskPolicy` and the README's "Operations").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import os
 import signal
@@ -124,6 +123,7 @@ class Daemon:
         # When a pass last ended by itself (monotonic): see STUCK_MARGIN_SECONDS. None before the passes start.
         self._last_progress: float | None = None
         self._pool: asyncpg.Pool | None = None
+        self._connecting_pool: asyncpg.Pool | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -225,6 +225,27 @@ class Daemon:
             self._stopped.set()
             logger.info("daemon.stopped")
 
+    async def cancel_start(self, starting: asyncio.Task[None]) -> None:
+        """Cancel a `start()` still under way, within a bound whatever the database does.
+
+        A start cut in its schema check against a database that stopped answering would wait on the
+        query's cancel request and the pool's reset: after `STOP_TASKS_SECONDS` the pool being tried is
+        terminated, which ends those waits.
+        """
+        starting.cancel()
+        done, _ = await asyncio.wait({starting}, timeout=STOP_TASKS_SECONDS)
+        if not done:
+            for pool in (self._connecting_pool, self._pool):
+                if pool is not None:
+                    pool.terminate()
+            done, _ = await asyncio.wait({starting}, timeout=STOP_TASKS_SECONDS)
+        if not done:
+            logger.warning("daemon.tasks_not_stopped", tasks=[starting.get_name()])
+            return
+        error = None if starting.cancelled() else starting.exception()
+        if error is not None:
+            logger.warning("daemon.start_failed", error=db.describe_error(error))
+
     async def _finish_work_in_flight(self) -> None:
         """The pass in flight and the dispatcher (whose stop event is set) share one grace period."""
         grace = self.settings.shutdown_grace.total_seconds()
@@ -303,6 +324,7 @@ class Daemon:
     async def _connect_database(self) -> None:
         attempt = 0
         while True:
+            pool: asyncpg.Pool | None = None
             try:
                 pool = await db.create_pool(
                     self.settings.database_url.get_secret_value() if self.settings.database_url else "",
@@ -310,7 +332,9 @@ class Daemon:
                     statement_timeout=self.settings.statement_timeout,
                     connect_timeout=self.settings.connect_timeout,
                 )
-                async with pool.acquire() as connection:
+                # Not the daemon's yet, but a stop during start-up must be able to cut it: `cancel_start`.
+                self._connecting_pool = pool
+                async with pool.acquire(timeout=self.settings.connect_timeout.total_seconds()) as connection:
                     current, reason = await db.schema_is_current(connection)
                 if current:
                     self._pool = pool
@@ -319,11 +343,16 @@ class Daemon:
                     if attempt:
                         logger.info("database.available", attempts=attempt + 1)
                     return
-                await pool.close()
                 self._set_not_ready(f"schema not ready: {reason}")
             except db.SURVIVABLE_ERRORS as error:
                 self.metrics.database_errors.inc()
                 self._set_not_ready(f"database unreachable: {db.describe_error(error)}")
+            finally:
+                self._connecting_pool = None
+                if pool is not None and pool is not self._pool:
+                    # Not kept (and not left behind, as a failed attempt's pool was): closed without a
+                    # word, since a polite close would wait on a database that may not answer.
+                    pool.terminate()
             delay = DATABASE_RETRY_SECONDS[min(attempt, len(DATABASE_RETRY_SECONDS) - 1)]
             attempt += 1
             await asyncio.sleep(delay)
@@ -667,9 +696,7 @@ async def serve(settings: Settings, *, daemon: Daemon | None = None) -> int:
             assert error is not None
             raise error
         if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
+            await daemon.cancel_start(starting)
         await asyncio.wait({stop_waiter, failure_waiter}, return_when=asyncio.FIRST_COMPLETED)
         return daemon.exit_code
     finally:

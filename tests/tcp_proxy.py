@@ -25,6 +25,8 @@ class TcpProxy:
         self._flowing: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._ready = threading.Event()
+        # Set once bytes arrived that the freeze holds back: something waits on the frozen network.
+        self.holding = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
 
     def __enter__(self) -> TcpProxy:
@@ -53,6 +55,7 @@ class TcpProxy:
         return cls(parts.hostname or "127.0.0.1", parts.port or 5432)
 
     def freeze(self) -> None:
+        self.holding.clear()
         self._call(lambda: self._flowing.clear() if self._flowing is not None else None)
 
     def thaw(self) -> None:
@@ -102,6 +105,8 @@ class TcpProxy:
                 await self._flowing.wait()
                 data = await source.read(65536)
                 # Read while flowing, but frozen since: held until the network comes back.
+                if data and not self._flowing.is_set():
+                    self.holding.set()
                 await self._flowing.wait()
                 if not data:
                     break
