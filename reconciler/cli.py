@@ -562,6 +562,16 @@ async def _read_only_settings(
     return resolved
 
 
+async def _read_paused_or_warn(connection: asyncpg.Connection) -> bool:
+    """The pause setting for a read-only command; a malformed one is said on stderr and shown as not paused
+    (the daemon goes by the last value it could read: README, "Operations")."""
+    try:
+        return await reads.read_paused(connection)
+    except MalformedSettingsError as error:
+        print(f"reconciler: prebuilds_settings is malformed: {error}", file=sys.stderr)
+        return False
+
+
 async def _plan_or_status(settings: Settings, as_json: bool, status: bool, requested: str, wide: bool = False) -> int:
     from reconciler import reports
     from reconciler.membership_report import memberships_json, memberships_lines
@@ -574,12 +584,7 @@ async def _plan_or_status(settings: Settings, as_json: bool, status: bool, reque
         now = datetime.now(UTC)
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             resolved = await _read_only_settings(connection, settings, requested)
-            try:
-                paused = await reads.read_paused(connection)
-            except MalformedSettingsError as error:
-                # Shown as not paused; the daemon goes by the last value it could read (README, "Operations").
-                print(f"reconciler: prebuilds_settings is malformed: {error}", file=sys.stderr)
-                paused = False
+            paused = await _read_paused_or_warn(connection)
             plan = await read_plan(connection, resolved.settings, now)
             missing = missing_memberships(await read_prebuilds_memberships(connection))
         if as_json:
@@ -659,7 +664,7 @@ async def _describe_preset(settings: Settings, preset_text: str, as_json: bool, 
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             candidate = await _find_preset(connection, preset_text)
             resolved = await _read_only_settings(connection, settings, requested)
-            paused = await reads.read_paused(connection)
+            paused = await _read_paused_or_warn(connection)
             # The whole plan, as `status` computes it: what one preset gets can depend on the others
             # (an in-flight budget), and it is the same computation a pass makes.
             plan = await read_plan(connection, resolved.settings, now)

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from reconciler.reconcile import PassOutcome, run_pass
 from reconciler.sdnotify import SystemdNotifier
 from reconciler.service import Daemon
+from tests.acceptance.daemon_process import cli_environment, run_cli
 from tests.factories import Factory
 from tests.integration.reconcile_support import settings_for
 
@@ -108,3 +109,14 @@ async def test_malformed_later_the_last_value_read_stands(factory: Factory, data
     assert len(malformed) == 2
     assert malformed[0]["detail"] == 'reconciliation_paused is "perhaps": expected true or false'
     assert malformed[0]["acting_on"] == "the last value read successfully: paused"
+
+
+async def test_the_read_only_commands_say_so_and_go_on(factory: Factory, database_url: str) -> None:
+    preset = await factory.preset(desired=1)
+    await store(factory.connection, '{"reconciliation_paused": "maybe"}')
+    environment = cli_environment(database_url)
+    for command in (("status",), ("plan", "--json"), ("presets", "describe", str(preset.id))):
+        completed = await asyncio.to_thread(run_cli, *command, environment=environment)
+        assert completed.returncode == 0, (command, completed.stderr)
+        assert 'prebuilds_settings is malformed: reconciliation_paused is "maybe"' in completed.stderr, command
+        assert "Traceback" not in completed.stderr
