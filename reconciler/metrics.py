@@ -104,6 +104,15 @@ class _Rendered:
         return cls(text=text, deflated=deflated, crc=zlib.crc32(text))
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedPresets:
+    """A plan's per-preset samples and their rendered text, ready to publish (`PresetCollector.prepare`)."""
+
+    samples: tuple[PresetSample, ...]
+    totals: Mapping[tuple[str, str, str], tuple[int, int, int]]
+    rendered: _Rendered
+
+
 class PresetCollector(Collector):
     """Per-preset gauges and lifetime counters, for presets on the active version of live templates."""
 
@@ -125,7 +134,25 @@ class PresetCollector(Collector):
         finally:
             self._rendering.excluded = False
 
-    def update_from_plan(self, plan: Plan) -> None:
+    def prepare(self, plan: Plan) -> PreparedPresets:
+        """The plan's samples and their text, rendered with the current totals, without publishing them.
+
+        Safe on another thread (the daemon renders there, so that the event loop, and a scrape arriving
+        right after a pass, do not wait for it): it only reads, and everything it reads is replaced,
+        never changed in place."""
+        samples = self._samples_from(plan)
+        totals = self._totals
+        return PreparedPresets(samples, totals, self._rendered_from(samples, totals))
+
+    def update_from_plan(self, plan: Plan, prepared: PreparedPresets | None = None) -> None:
+        """Publish the plan's samples; with `prepared` (from `prepare`), its text, already rendered."""
+        if prepared is None or prepared.totals is not self._totals:
+            # Not prepared, or the totals moved since: render now (counters must never show going back).
+            prepared = self.prepare(plan)
+        self._samples, self._rendered = prepared.samples, prepared.rendered
+
+    @staticmethod
+    def _samples_from(plan: Plan) -> tuple[PresetSample, ...]:
         samples = []
         for preset_plan in plan.presets:
             preset = preset_plan.preset
@@ -143,8 +170,7 @@ class PresetCollector(Collector):
                     validation_failed=preset_plan.prebuild_status is PrebuildStatus.VALIDATION_FAILED,
                 )
             )
-        self._samples = tuple(samples)
-        self._render()
+        return tuple(samples)
 
     def withdraw(self) -> None:
         """Stop exporting per-preset series until the next plan; the lifetime totals are kept."""
@@ -190,9 +216,15 @@ class PresetCollector(Collector):
                 counter.add_metric(list(label_values), values[index])
             yield counter
 
-    def _qualifying_totals(self) -> list[tuple[tuple[str, str, str], tuple[int, int, int]]]:
-        qualifying = {sample.labels for sample in self._samples}
-        return [(labels, values) for labels, values in self._totals.items() if labels in qualifying]
+    def _qualifying_totals(
+        self,
+        samples: tuple[PresetSample, ...] | None = None,
+        totals: Mapping[tuple[str, str, str], tuple[int, int, int]] | None = None,
+    ) -> list[tuple[tuple[str, str, str], tuple[int, int, int]]]:
+        samples = self._samples if samples is None else samples
+        totals = self._totals if totals is None else totals
+        qualifying = {sample.labels for sample in samples}
+        return [(labels, values) for labels, values in totals.items() if labels in qualifying]
 
     def exposition(self) -> bytes:
         """The text format of `collect()`'s families, byte for byte, as rendered at the last update.
@@ -219,7 +251,13 @@ class PresetCollector(Collector):
         return _GZIP_HEADER + rendered.deflated + tail + struct.pack("<II", crc, size)
 
     def _render(self) -> None:
-        self._rendered = _Rendered.of("".join(self._render_lines()).encode())
+        # The samples and totals are replaced, never changed in place.
+        self._rendered = self._rendered_from(self._samples, self._totals)
+
+    def _rendered_from(
+        self, samples: tuple[PresetSample, ...], totals: Mapping[tuple[str, str, str], tuple[int, int, int]]
+    ) -> _Rendered:
+        return _Rendered.of("".join(self._render_lines(samples, totals)).encode())
 
     def _labels(self, label_values: tuple[str, str, str]) -> str:
         text = self._label_text.get(label_values)
@@ -231,9 +269,12 @@ class PresetCollector(Collector):
             self._label_text[label_values] = text
         return text
 
-    def _render_lines(self) -> Iterator[str]:
+    def _render_lines(
+        self,
+        samples: tuple[PresetSample, ...],
+        all_totals: Mapping[tuple[str, str, str], tuple[int, int, int]],
+    ) -> Iterator[str]:
         # The same families as `_families`, in the same order, written straight from the samples.
-        samples = self._samples
         labels = [self._labels(sample.labels) for sample in samples]
 
         def header(name: str, documentation: str, kind: str) -> str:
@@ -249,7 +290,7 @@ class PresetCollector(Collector):
             for sample, label_text in zip(samples, labels, strict=True):
                 if getattr(sample, attribute):
                     yield f"{name}{label_text} 1.0\n"
-        totals = self._qualifying_totals()
+        totals = self._qualifying_totals(samples, all_totals)
         for index, (name, documentation) in enumerate(COUNTER_SERIES):
             yield header(name + "_total", documentation, "counter")
             for label_values, values in totals:
@@ -450,7 +491,14 @@ class Metrics:
         if failures:
             self.membership_failures.inc(failures)
 
-    def observe_pass(self, outcome: str, duration_seconds: float, plan: Plan | None, paused: bool | None) -> None:
+    def observe_pass(
+        self,
+        outcome: str,
+        duration_seconds: float,
+        plan: Plan | None,
+        paused: bool | None,
+        prepared: PreparedPresets | None = None,
+    ) -> None:
         self.passes.labels(outcome).inc()
         self.duration.labels(outcome).observe(duration_seconds)
         self.last_pass.set(time.time())
@@ -459,7 +507,7 @@ class Metrics:
         if outcome == "success":
             self.last_success.set(time.time())
         if plan is not None:
-            self.presets.update_from_plan(plan)
+            self.presets.update_from_plan(plan, prepared)
             self.demand.update_from_plan(plan)
             self.metrics_last_updated.set(time.time())
             self._observe_budget(plan)

@@ -38,7 +38,7 @@ from reconciler.config import Settings
 from reconciler.counters import PrebuildCounters
 from reconciler.events import Batch, EventListener, PendingChanges
 from reconciler.http import HealthState, HttpBindError, Readiness, bound_port, build_application, start_http
-from reconciler.metrics import Metrics
+from reconciler.metrics import Metrics, PreparedPresets
 from reconciler.notify.dispatcher import Dispatcher
 from reconciler.prebuilds_settings import SettingsKeeper
 from reconciler.problem_log import ProblemLog
@@ -556,7 +556,10 @@ class Daemon:
                 holds=self.target_holds,
                 state_log=self.state_log,
             )
-        self.record_pass(result)
+        # The per-preset metrics text (megabytes at fleet L) is rendered on a thread, before the pass's
+        # results are published: a scrape meanwhile is served the previous pass at once.
+        prepared = await asyncio.to_thread(self.metrics.presets.prepare, result.plan) if result.plan else None
+        self.record_pass(result, prepared)
         return result
 
     async def run_targeted_pass_now(self, template_ids: frozenset[uuid.UUID]) -> PassResult:
@@ -645,9 +648,9 @@ class Daemon:
             self.metrics.events.reaction.observe(time.monotonic() - batch.first_received)
         return result.outcome
 
-    def record_pass(self, result: PassResult) -> None:
+    def record_pass(self, result: PassResult, prepared: PreparedPresets | None = None) -> None:
         paused = {PassOutcome.PAUSED: True, PassOutcome.SUCCESS: False}.get(result.outcome)
-        self.metrics.observe_pass(result.outcome.value, result.duration_seconds, result.plan, paused)
+        self.metrics.observe_pass(result.outcome.value, result.duration_seconds, result.plan, paused, prepared)
         if result.settings_malformed is not None:
             self.metrics.settings_malformed.set(1 if result.settings_malformed else 0)
         if result.outcome is PassOutcome.FAILED and not result.settings_malformed:

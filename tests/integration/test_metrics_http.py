@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import time
 from collections.abc import AsyncIterator
@@ -88,10 +89,10 @@ async def test_a_scrape_never_renders_the_per_preset_series(monkeypatch: pytest.
     renders = 0
     render_lines = PresetCollector._render_lines
 
-    def counting(collector: PresetCollector):  # type: ignore[no-untyped-def]
+    def counting(collector: PresetCollector, *arguments):  # type: ignore[no-untyped-def]
         nonlocal renders
         renders += 1
-        return render_lines(collector)
+        return render_lines(collector, *arguments)
 
     monkeypatch.setattr(PresetCollector, "_render_lines", counting)
     metrics = Metrics(CollectorRegistry(), process_metrics=False)
@@ -108,3 +109,27 @@ async def test_a_scrape_never_renders_the_per_preset_series(monkeypatch: pytest.
         _, after = await fetch(url, None)
         assert renders == 2
         assert b"preset-499" not in after
+        # As the daemon does: rendered on a thread first, then published without rendering again.
+        plan = fleet_plan(20)
+        prepared = await asyncio.to_thread(metrics.presets.prepare, plan)
+        assert renders == 3
+        _, before_publishing = await fetch(url, None)
+        assert b"preset-19" not in before_publishing
+        metrics.observe_pass("success", 0.5, plan, paused=False, prepared=prepared)
+        _, published = await fetch(url, "gzip")
+        assert renders == 3
+        assert b"preset-19" in gzip.decompress(published)
+
+
+async def test_totals_changed_while_a_pass_was_prepared_are_not_lost() -> None:
+    metrics = Metrics(CollectorRegistry(), process_metrics=False)
+    plan = fleet_plan(3)
+    preset = plan.presets[1].preset
+    prepared = metrics.presets.prepare(plan)
+    metrics.presets.update_totals(
+        {(preset.template_name, preset.name, preset.organization_name): PrebuildTotals(created=5, failed=0, claimed=1)}
+    )
+    metrics.observe_pass("success", 0.5, plan, paused=False, prepared=prepared)
+    assert b'coderd_prebuilt_workspaces_created_total{organization_name="acme",preset_name="preset-1"' in (
+        metrics.render()
+    )
