@@ -43,7 +43,7 @@ import aiohttp
 import asyncpg
 
 from bench import fleet
-from reconciler import db
+from reconciler import db, executor
 from reconciler.config import load_settings
 from reconciler.demo.embedded_postgres import EmbeddedPostgres
 from reconciler.dsn import redact_dsn
@@ -205,13 +205,29 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
         assert last.execution is not None
         wrote = last.execution.created + last.execution.deleted + last.execution.canceled
 
-        changed = await fleet.raise_targets(observer, arguments.creates)
-        await observer.execute("analyze template_version_presets")
-        create_started = time.perf_counter()
-        creating = _require_success(await run_pass(pool, settings, generated.now))
-        create_seconds = time.perf_counter() - create_started
-        assert creating.execution is not None
-        created = creating.execution.created
+        # Two create passes in the same run: one transaction per preset (a batch of one: as before batching
+        # existed), then batched as the daemon does. Each creates --creates prebuilds.
+        create_passes: dict[str, dict[str, float]] = {}
+        batch_size = executor.CREATE_BATCH_SIZE
+        try:
+            for mode, size in (("one_per_transaction", 1), ("batched", batch_size)):
+                executor.CREATE_BATCH_SIZE = size
+                changed = await fleet.raise_targets(observer, arguments.creates)
+                await observer.execute("analyze template_version_presets")
+                create_started = time.perf_counter()
+                creating = _require_success(await run_pass(pool, settings, generated.now))
+                create_seconds = time.perf_counter() - create_started
+                assert creating.execution is not None
+                created = creating.execution.created
+                create_passes[mode] = {
+                    "batch_size": size,
+                    "presets_changed": changed,
+                    "created": created,
+                    "seconds": round(create_seconds, 3),
+                    "creates_per_second": round(created / create_seconds, 1) if create_seconds else 0.0,
+                }
+        finally:
+            executor.CREATE_BATCH_SIZE = batch_size
     finally:
         await observer.close()
         await pool.close()
@@ -270,13 +286,7 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
                 for row in pass_statements[:5]
             ],
         },
-        "create_pass": {
-            "requested": arguments.creates,
-            "presets_changed": changed,
-            "created": created,
-            "seconds": round(create_seconds, 3),
-            "creates_per_second": round(created / create_seconds, 1) if create_seconds else None,
-        },
+        "create_pass": {"requested": arguments.creates, **create_passes},
         "daemon": daemon,
         # ru_maxrss is in kilobytes on Linux.
         "benchmark_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -427,6 +437,10 @@ def _require_success(result: PassResult) -> PassResult:
     return result
 
 
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator else "-"
+
+
 def table(report: dict[str, Any]) -> str:
     steady, create, floor, server = (
         report["steady_state_pass"],
@@ -457,7 +471,17 @@ def table(report: dict[str, Any]) -> str:
         ),
         ("database time per pass", f"{steady['database_ms_per_pass']} ms (pass/db {steady['pass_to_database_ratio']})"),
         ("statements per pass", str(steady["statements_per_pass"])),
-        ("create pass", f"{create['created']} in {create['seconds']} s ({create['creates_per_second']}/s)"),
+        *(
+            (
+                f"create pass, {mode.replace('_', ' ')}",
+                f"{create[mode]['created']} in {create[mode]['seconds']} s ({create[mode]['creates_per_second']}/s)",
+            )
+            for mode in ("one_per_transaction", "batched")
+        ),
+        (
+            "creates batched / one per transaction",
+            _ratio(create["batched"]["creates_per_second"], create["one_per_transaction"]["creates_per_second"]),
+        ),
     ]
     if daemon:
 
