@@ -259,7 +259,8 @@ def _parser() -> argparse.ArgumentParser:
         "preset gets RECONCILER_FAILURE_HARD_LIMIT fresh attempts. The failed prebuilds stay, as evidence, "
         "until you delete them.",
     )
-    reset.add_argument("preset_id", metavar="PRESET", help=_PRESET_HELP)
+    # PRESET_ID, as the contract spells it; it takes every form PRESET does.
+    reset.add_argument("preset_id", metavar="PRESET_ID", help=_PRESET_HELP)
     describe = _command(
         preset_commands,
         "describe",

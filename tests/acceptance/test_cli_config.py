@@ -110,6 +110,7 @@ PURPOSES = {
     ("presets",): ["reset"],
     ("presets", "reset"): ["normal", "PRESET_ID", "hard limit"],
     ("presets", "check-expression"): ["EXPR", "Exit 0 when it is valid", "claim_rate_30m", "clamp"],
+    ("presets", "describe"): ["PRESET", "--json", "notification", "next pass", "template/preset"],
     ("notifications",): ["outbox", "list"],
     ("notifications", "list"): ["--limit", "--json", "status"],
     ("healthcheck",): ["alive", "exit 0", "--timeout"],
