@@ -64,11 +64,13 @@ def _may_be_one_organizations_rows(error: BaseException) -> bool:
     return not (state.startswith(("08", "57")) or state == "55P03")
 
 
-async def ensure_prebuilds_memberships(connection: db.Connection) -> MembershipsOutcome:
-    """Add what the prebuilds user is missing in every organization with prebuilds; never raises for
-    database trouble."""
+async def ensure_prebuilds_memberships(
+    connection: db.Connection, template_ids: Sequence[UUID] | None = None
+) -> MembershipsOutcome:
+    """Add what the prebuilds user is missing in every organization with prebuilds (with `template_ids`,
+    a targeted pass's: in those templates' organizations); never raises for database trouble."""
     try:
-        missing = missing_memberships(await read_prebuilds_memberships(connection))
+        missing = missing_memberships(await read_prebuilds_memberships(connection, template_ids))
     except db.SURVIVABLE_ERRORS as error:
         return _failed(MembershipFailure(None, None, db.describe_error(error)))
     if not missing:
@@ -89,12 +91,14 @@ async def ensure_prebuilds_memberships(connection: db.Connection) -> Memberships
     return MembershipsOutcome(missing=missing, added=tuple(added))
 
 
-async def ensure_prebuilds_memberships_in(pool: db.Acquirer) -> MembershipsOutcome:
+async def ensure_prebuilds_memberships_in(
+    pool: db.Acquirer, template_ids: Sequence[UUID] | None = None
+) -> MembershipsOutcome:
     """`ensure_prebuilds_memberships` on a connection of its own from `pool` (the pass's lock connection is
     in a read-only transaction); a connection that cannot be had is a failure of the step, not of the pass."""
     try:
         async with pool.acquire() as connection:
-            return await ensure_prebuilds_memberships(connection)
+            return await ensure_prebuilds_memberships(connection, template_ids)
     except db.SURVIVABLE_ERRORS as error:
         return _failed(MembershipFailure(None, None, db.describe_error(error)))
 

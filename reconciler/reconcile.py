@@ -588,7 +588,7 @@ async def _run_pass(
                         await _record_settings(connections, settings, now)
                     # Before the snapshot, as Coder does, so that the prebuilds this pass creates in a new
                     # organization have an owner who belongs there. Confined: it never fails the pass.
-                    memberships = await ensure_prebuilds_memberships_in(connections)
+                    memberships = await ensure_prebuilds_memberships_in(connections, template_ids)
                 async with connection.transaction(isolation="repeatable_read", readonly=True):
                     plan = await read_plan(
                         connection, settings, now, bad_rows=bad_rows, template_ids=template_ids, holds=holds

@@ -56,9 +56,15 @@ class MembershipsAdded:
     added: tuple[MembershipKind, ...]
 
 
-async def read_prebuilds_memberships(connection: db.Connection) -> list[OrganizationMemberships]:
+async def read_prebuilds_memberships(
+    connection: db.Connection, template_ids: Sequence[UUID] | None = None
+) -> list[OrganizationMemberships]:
     """Every organization with prebuilds configured, by name, with the prebuilds user's memberships there."""
-    rows = await connection.fetch(_query("read_prebuilds_memberships"))
+    if template_ids is None:
+        rows = await connection.fetch(_query("read_prebuilds_memberships"))
+    else:
+        # A targeted pass's: the organizations of those templates only.
+        rows = await connection.fetch(_query("read_prebuilds_memberships_targeted"), list(template_ids))
     return [
         OrganizationMemberships(
             organization_id=row["organization_id"],

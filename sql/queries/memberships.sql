@@ -11,11 +11,13 @@
 --
 -- `desired_instances_expression` is read through `to_jsonb(p)` rather than named: the column is added
 -- by a later migration (CONTRACTS.md section 4), and this statement must work before and after it.
--- It is looked at only for presets that have neither a count nor a schedule.
+-- It is looked at only for presets that have neither a count nor a schedule. A targeted pass (change
+-- events) reads only the organizations of its templates $1 (the `-- targeted` line, see reads.sql).
 with organizations_with_prebuilds as (
     select distinct t.organization_id
     from templates t
     where not t.deleted
+        and t.id = any($1::uuid[])  -- targeted
         and exists (
             select
             from template_versions tv

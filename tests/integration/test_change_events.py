@@ -220,3 +220,25 @@ async def test_targeted_and_full_passes_of_two_replicas_never_hold_the_lock_at_o
     # Every claim was replaced once: nobody created twice for one claim.
     counts = [len(await live_prebuilds(connection, preset)) for preset in presets]
     assert counts == [2] * len(presets)
+
+
+async def test_a_targeted_pass_adds_the_prebuilds_user_to_its_new_organization(
+    factory: Factory, connection: asyncpg.Connection, database_url: str
+) -> None:
+    """A template published in an organization the prebuilds user does not belong to yet: the targeted
+    pass that its event starts reads the memberships of its templates' organizations (not every one's)
+    and adds what is missing before it creates."""
+    async with running(daemon_settings(database_url)) as daemon:
+        await settled(daemon)
+        preset = await factory.preset(desired=1)
+
+        async def member_with_a_prebuild() -> bool:
+            member = await connection.fetchval(
+                "select count(*) from organization_members where organization_id = $1 and user_id = $2",
+                preset.organization.id,
+                PREBUILDS_SYSTEM_USER_ID,
+            )
+            return member == 1 and len(await live_prebuilds(connection, preset)) == 1
+
+        await eventually(member_with_a_prebuild, "the membership and the first prebuild", seconds=5)
+        assert full_passes(daemon) == 1

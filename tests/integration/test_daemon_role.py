@@ -771,6 +771,9 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
         ids["limited_preset"],
     )
     assert tuple(memberships[limited_organization])[2:] == (False, False, False)
+    # A targeted pass's read: the organizations of its templates only.
+    targeted_memberships = await run("read_prebuilds_memberships_targeted", [ids["template"]])
+    assert [row["organization_id"] for row in targeted_memberships] == [ids["organization"]]
     async with as_role.transaction():
         for statement in ("add_prebuilds_organization_members", "add_prebuilds_groups", "add_prebuilds_group_members"):
             added = await run(statement, [ids["organization"], limited_organization])
