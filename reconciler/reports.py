@@ -25,7 +25,8 @@ from reconciler.plan import (
     Plan,
     PresetPlan,
 )
-from reconciler.snapshot import PrebuildStatus
+from reconciler.planner import PLAN_FAILED
+from reconciler.snapshot import PrebuildStatus, PresetNames, preset_log_fields
 from reconciler.target import Target
 from reconciler.terminal import printable
 
@@ -422,9 +423,32 @@ def status_json(plan: Plan, *, paused: bool) -> dict[str, Any]:
         "generated_at": _iso(now),
         "paused": paused,
         "presets": [entry(preset_plan) for preset_plan in plan.presets],
+        # Presets the planner failed on: in no entry above, and not filling.
+        "unplanned": [{**preset_log_fields(names), "reason": reason} for names, reason in unplanned(plan)],
         "in_flight_budget": budget_json(plan.budget),
         "breaker": breaker_json(plan.breaker),
     }
+
+
+def unplanned(plan: Plan) -> list[tuple[PresetNames, str]]:
+    """Presets the planner failed on (left out of `plan.presets`: a pool that cannot fill), each named as
+    far as the snapshot knows it, with why."""
+    planned = {preset_plan.preset.id for preset_plan in plan.presets}
+    known = {preset.id: preset for preset in plan.snapshot.presets} if plan.snapshot is not None else {}
+    found: list[tuple[PresetNames, str]] = []
+    for problem in plan.problems:
+        if problem.event != PLAN_FAILED or problem.preset_id in planned:
+            continue
+        preset = known.get(problem.preset_id)
+        names = (
+            PresetNames(
+                preset.id, preset.name, preset.template_name, preset.template_version_name, preset.organization_name
+            )
+            if preset is not None
+            else PresetNames(problem.preset_id)
+        )
+        found.append((names, f"not planned: {problem.detail}"))
+    return found
 
 
 def _version(preset_plan: PresetPlan) -> str:
@@ -463,15 +487,27 @@ def status_table(plan: Plan, *, paused: bool, width: int = STATUS_WIDTH) -> str:
                 found[0] if found else "-",
             )
         )
+    for names, reason in unplanned(plan):
+        rows.append(
+            (
+                str(names.id)[:SHORT_ID_LENGTH],
+                names.organization_name or "?",
+                names.template_name or "?",
+                names.template_version_name or "?",
+                names.name or "?",
+                "?",
+                reason,
+            )
+        )
     headers = ("ID", "ORG", "TEMPLATE", "VERSION", "PRESET", "READY", "REASON")
     if not rows:
         return f"{_status_header(plan, paused)}\nno presets with prebuilds"
     # Names give way first (to 12 characters), then the reason (to 40), then both to their floor.
-    names = (1, 2, 3, 4)
+    name_columns = (1, 2, 3, 4)
     shrink = (
-        dict.fromkeys(names, 12),
+        dict.fromkeys(name_columns, 12),
         {6: 40},
-        {**dict.fromkeys(names, 6), 6: 24},
+        {**dict.fromkeys(name_columns, 6), 6: 24},
     )
     body = table(headers, rows, width=width, shrink=shrink)
     return f"{_status_header(plan, paused)}\n{body}"
@@ -516,6 +552,25 @@ def status_wide_table(plan: Plan, *, paused: bool) -> str:
         "LAST ERROR CODE",
         "REASONS",
     )
+    for names, reason in unplanned(plan):
+        unknown = ("?",) * len(STATE_FIELDS)
+        rows.append(
+            (
+                names.id,
+                names.organization_name or "?",
+                names.template_name or "?",
+                names.template_version_name or "?",
+                names.name or "?",
+                *unknown,
+                "?",
+                "?",
+                "-",
+                "-",
+                "?",
+                "-",
+                reason,
+            )
+        )
     if not rows:
         return f"{_status_header(plan, paused)}\nno presets with prebuilds"
     return f"{_status_header(plan, paused)}\n{table(headers, rows)}"

@@ -10,11 +10,16 @@ import json
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
+from reconciler import planner, reports
+from reconciler.reconcile import read_plan
 from tests.acceptance.daemon_process import cli_environment
 from tests.factories import Factory, Preset, minutes, seconds
+from tests.integration.notification_helpers import settings_for
 from tests.integration.reconcile_support import complete_memberships
 
 # Backoff of an hour per failure, so that a preset that failed just now is still backing off when the
@@ -219,3 +224,33 @@ async def test_tables_escape_control_and_bidi_characters_and_json_keeps_them(
     document = await status_json(database_url)
     assert document["presets"][0]["preset_name"] == "p-" + HOSTILE
     assert document["presets"][0]["template_name"] == "t-" + HOSTILE
+
+
+async def test_status_shows_a_preset_the_planner_failed_on(
+    factory: Factory, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preset left out of the plan (a bug meeting rows nobody foresaw) is a pool that cannot fill: it is
+    listed, with why, instead of vanishing from `status`."""
+    fine = await factory.preset(desired=1)
+    broken = await factory.preset(desired=1)
+    plan_preset = planner.plan_preset
+
+    def failing_for_broken(preset: Any, *arguments: Any) -> Any:
+        if preset.id == broken.id:
+            raise KeyError("boom")
+        return plan_preset(preset, *arguments)
+
+    monkeypatch.setattr(planner, "plan_preset", failing_for_broken)
+    plan = await read_plan(factory.connection, settings_for(database_url), datetime.now(UTC))
+    assert broken.id not in {preset_plan.preset.id for preset_plan in plan.presets}
+
+    lines = rows_by_id(reports.status_table(plan, paused=False), {"fine": fine, "broken": broken})
+    assert broken.name in lines["broken"]
+    assert re.search(r"  \?  +not planned: KeyError: 'boom'; preset left out of this plan$", lines["broken"])
+    assert lines["fine"].endswith("  -")
+    wide = reports.status_wide_table(plan, paused=False)
+    assert any(line.startswith(str(broken.id)) and "not planned: KeyError" in line for line in wide.splitlines())
+    document = reports.status_json(plan, paused=False)
+    (entry,) = document["unplanned"]
+    assert (entry["preset_id"], entry["preset_name"]) == (str(broken.id), broken.name)
+    assert entry["reason"].startswith("not planned: KeyError")
