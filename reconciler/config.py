@@ -301,6 +301,10 @@ class Settings(BaseSettings):
     # once), and each prebuild's time-to-live shortened by up to this fraction of it (0 = none).
     surge: int = Field(default=0, ge=0, le=1000)
     ttl_jitter: float = Field(default=0.0, ge=0, le=0.5)
+    # Cleanup of failed prebuilds (issue 15.5): per preset, the newest KEEP and any younger than KEEP_FOR
+    # stay (and always the evidence of a verdict); the rest are deleted, at most 10 per preset and pass.
+    failed_prebuilds_keep: int = Field(default=3, ge=0, le=100_000)
+    failed_prebuilds_keep_for: Annotated[Duration, between(timedelta(0), 365 * DAY)] = DAY
     executor_concurrency: int = Field(default=8, ge=1, le=256)
     non_retryable_error_codes: ErrorCodes = frozenset({"REQUIRED_TEMPLATE_VARIABLES"})
     capacity_error_codes: ErrorCodes = frozenset({"INSUFFICIENT_QUOTA"})
@@ -441,6 +445,8 @@ BEHAVIOUR_SETTINGS: tuple[str, ...] = (
     "breaker_probes",
     "surge",
     "ttl_jitter",
+    "failed_prebuilds_keep",
+    "failed_prebuilds_keep_for",
 )
 
 # How this process connects, logs, serves and delivers: the caller's own, never recorded.

@@ -20,6 +20,8 @@ class DeleteReason(enum.StrEnum):
     INACTIVE = "inactive"
     # Within its time to live, but created before the preset's `last_invalidated_at`.
     INVALIDATED = "invalidated"
+    # A failed prebuild beyond what RECONCILER_FAILED_PREBUILDS_KEEP(_FOR) keeps as evidence (issue 15.5).
+    FAILED_CLEANUP = "failed_cleanup"
 
 
 @dataclass(frozen=True, slots=True)

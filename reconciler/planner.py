@@ -15,11 +15,12 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from reconciler import backoff as backoff_policy
-from reconciler import rotation
+from reconciler import failed_cleanup, rotation
 from reconciler.admission import Admission, Budget, Wants, admit
 from reconciler.breaker import BreakerSettings, BreakerState, decide
 from reconciler.demand import NO_DEMAND, DemandCounts, PoolCounts
 from reconciler.expression import CompiledExpression, InvalidExpression
+from reconciler.failed_cleanup import CleanupPolicy, FailedPrebuild
 from reconciler.plan import (
     Action,
     BackoffAction,
@@ -70,6 +71,8 @@ class PlannerConfig:
     # RECONCILER_SURGE and RECONCILER_TTL_JITTER (issue 15.4); 0 = Coder's rotation.
     surge: int = 0
     ttl_jitter: float = 0.0
+    # RECONCILER_FAILED_PREBUILDS_KEEP and _KEEP_FOR (issue 15.5).
+    cleanup: CleanupPolicy = field(default_factory=CleanupPolicy)
 
     @property
     def backoff(self) -> backoff_policy.BackoffPolicy:
@@ -94,6 +97,8 @@ class PresetInputs:
     expression: CompiledExpression | InvalidExpression | None = None
     demand: DemandCounts = NO_DEMAND
     hold: TargetHold | None = None
+    # Its failed prebuilds, for their cleanup (issue 15.5).
+    failed: Sequence[FailedPrebuild] = ()
 
 
 @dataclass(slots=True)
@@ -104,6 +109,7 @@ class _Grouped:
     backoffs: dict[UUID, Backoff] = field(default_factory=dict)
     failures: dict[UUID, PresetFailures] = field(default_factory=dict)
     demand: dict[UUID, DemandCounts] = field(default_factory=dict)
+    failed: dict[UUID, tuple[FailedPrebuild, ...]] = field(default_factory=dict)
 
 
 def _group(snapshot: Snapshot) -> _Grouped:
@@ -120,6 +126,8 @@ def _group(snapshot: Snapshot) -> _Grouped:
         grouped.failures[failures.preset_id] = failures
     for demand in snapshot.demand:
         grouped.demand[demand.preset_id] = demand.counts
+    for failed in snapshot.failed_prebuilds:
+        grouped.failed[failed.preset_id] = failed.prebuilds
     return grouped
 
 
@@ -367,7 +375,10 @@ def plan_preset(
             return result([BackoffAction(until=until, num_failed=inputs.backoff.num_failed)], backoff_until=until)
 
     actions: list[Action] = []
-    if not active and not running and inputs.pending_non_active == 0:
+    # Ours (issue 15.5): the failed prebuilds beyond what is kept as evidence, oldest first.
+    cleanup = failed_cleanup.select(inputs.failed, config.cleanup, now) if inputs.failed else ()
+    cleanup_action = DeleteAction(workspace_ids=cleanup, reason=DeleteReason.FAILED_CLEANUP) if cleanup else None
+    if not active and not running and inputs.pending_non_active == 0 and cleanup_action is None:
         return result(actions, skipped=True)
     if not active:
         # 2. Never creates; cancels what no provisioner picked up, deletes everything running (ours:
@@ -377,6 +388,8 @@ def plan_preset(
         if running:
             ids = tuple(prebuild.workspace_id for prebuild in _oldest_first(running))
             actions.append(DeleteAction(workspace_ids=ids, reason=DeleteReason.INACTIVE))
+        if cleanup_action is not None:
+            actions.append(cleanup_action)
         return result(actions)
 
     # 3. Active: expired first, then the oldest extraneous ones, then create what is missing. The expired
@@ -397,6 +410,8 @@ def plan_preset(
     if state.extraneous:
         ids = tuple(prebuild.workspace_id for prebuild in _oldest_first(fresh)[: state.extraneous])
         actions.append(DeleteAction(workspace_ids=ids, reason=DeleteReason.EXTRANEOUS))
+    if cleanup_action is not None:
+        actions.append(cleanup_action)
     missing = max(desired - len(fresh) - state.starting, 0)
     if rotated is not None:
         # The kept expired prebuilds are beyond the target: with the creates, at most `surge` beyond it.
@@ -450,6 +465,7 @@ def plan(
             failures=grouped.failures.get(preset.id),
             demand=grouped.demand.get(preset.id, NO_DEMAND),
             hold=holds.get(preset.id),
+            failed=grouped.failed.get(preset.id, ()),
         )
         try:
             if preset.desired_instances_expression is not None:

@@ -31,6 +31,7 @@ from reconciler.config import Settings, behaviour_values
 from reconciler.durations import format_duration
 from reconciler.executor import StatusChanges
 from reconciler.expression_compiler import target_expressions
+from reconciler.failed_cleanup import CleanupPolicy
 from reconciler.memberships import MembershipsOutcome, ensure_prebuilds_memberships_in
 from reconciler.plan import (
     BackoffAction,
@@ -221,6 +222,7 @@ def planner_config(settings: Settings) -> planner.PlannerConfig:
         stabilization_window=settings.target_stabilization_window,
         surge=settings.surge,
         ttl_jitter=settings.ttl_jitter,
+        cleanup=CleanupPolicy(keep=settings.failed_prebuilds_keep, keep_for=settings.failed_prebuilds_keep_for),
     )
 
 

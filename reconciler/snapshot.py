@@ -14,6 +14,7 @@ from uuid import UUID
 
 from reconciler.breaker import BreakerObservation, BreakerRecord
 from reconciler.demand import DemandCounts
+from reconciler.failed_cleanup import FailedPrebuild
 
 # The prebuilds system user: owner of every prebuilt workspace until it is claimed.
 PREBUILDS_SYSTEM_USER_ID = UUID("c42fdf75-3097-471c-8c33-fb52454d81c0")
@@ -168,6 +169,14 @@ class PresetFailures:
 
 
 @dataclass(frozen=True, slots=True)
+class FailedPrebuilds:
+    """A preset's failed prebuilds (latest build a failed start), oldest first, for their cleanup."""
+
+    preset_id: UUID
+    prebuilds: tuple[FailedPrebuild, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class InFlight:
     """Prebuild build jobs pending or running for one template (creates and deletes, whoever started them)."""
 
@@ -200,6 +209,8 @@ class Snapshot:
     # The global breaker as the database holds it, and its evidence (issue 15.2).
     breaker: BreakerRecord = field(default_factory=BreakerRecord)
     breaker_observation: BreakerObservation = field(default_factory=BreakerObservation)
+    # Failed prebuilds per preset, for their cleanup (issue 15.5).
+    failed_prebuilds: tuple[FailedPrebuilds, ...] = ()
 
     @property
     def in_flight_total(self) -> int:

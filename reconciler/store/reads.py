@@ -19,9 +19,11 @@ import structlog
 from reconciler import db, prebuilds_settings
 from reconciler.breaker import BreakerObservation, BreakerRecord, BreakerState
 from reconciler.demand import WINDOWS_MINUTES, DemandCounts
+from reconciler.failed_cleanup import FailedPrebuild
 from reconciler.recorded_settings import RecordedSettings
 from reconciler.snapshot import (
     Backoff,
+    FailedPrebuilds,
     InFlight,
     InProgress,
     PendingNonActive,
@@ -173,6 +175,7 @@ class _SnapshotRows:
     pending: list[PendingNonActive] = field(default_factory=list)
     backoffs: list[Backoff] = field(default_factory=list)
     failures: list[PresetFailures] = field(default_factory=list)
+    failed: list[FailedPrebuilds] = field(default_factory=list)
 
     def add(self, row: asyncpg.Record) -> None:
         """Convert one tagged row of `snapshot_prebuilds`; raises ValueError or TypeError on a bad one."""
@@ -225,6 +228,20 @@ class _SnapshotRows:
                     last_error_code=row["last_error_code"],
                     last_failed_at=_aware_or_none(row["last_failed_at"]),
                     failed_workspace_ids=tuple(row["failed_workspace_ids"] or ()),
+                )
+            )
+        elif kind == "failed":
+            _require(row, ("preset_id", "cleanup_workspace_ids", "cleanup_failed_ats", "cleanup_protected"))
+            ids, ats, protected = row["cleanup_workspace_ids"], row["cleanup_failed_ats"], row["cleanup_protected"]
+            if not len(ids) == len(ats) == len(protected) or None in ids or None in ats:
+                raise ValueError("failed prebuilds: arrays of different lengths, or a null")
+            self.failed.append(
+                FailedPrebuilds(
+                    row["preset_id"],
+                    tuple(
+                        FailedPrebuild(workspace_id, _aware(at), bool(flag))
+                        for workspace_id, at, flag in zip(ids, ats, protected, strict=True)
+                    ),
                 )
             )
         else:
@@ -344,6 +361,7 @@ async def read_snapshot(
         hard_limited_preset_ids=frozenset(f.preset_id for f in failures if f.hard_limited),
         validation_failed_preset_ids=frozenset(f.preset_id for f in failures if f.validation_failed),
         failures=tuple(failures),
+        failed_prebuilds=tuple(row for row in converted.failed if keep(row.preset_id)),
         demand=tuple(row for row in demand if keep(row.preset_id)),
     )
 

@@ -362,11 +362,25 @@ failures as (
     from limit_evidence
     group by limit_evidence.preset_id
     having bool_or(limit_evidence.job_status = 'failed')
+),
+-- Failed prebuilds (latest build a failed start), for their cleanup (issue 15.5), on any version. The
+-- evidence of a verdict is protected, so that a cleanup never changes one: the newest failures the hard
+-- limit and the validation check read (limit_rank within the hard limit, at least the newest), and every
+-- failure inside the backoff lookback. Deleting older ones changes no rank of a newer one.
+failed_prebuilds as (
+    select live.current_preset_id as preset_id, live.workspace_id, live.build_created_at,
+           live.build_created_at >= $1 or exists (
+               select 1 from limit_evidence
+               where limit_evidence.workspace_id = live.workspace_id
+                   and limit_evidence.limit_rank <= greatest($2::int, 1)
+           ) as protected
+    from live
+    where live.transition = 'start' and live.job_status = 'failed' and live.current_preset_id is not null
 )
 -- Each kind of row has its own columns, named for what they hold, and null in the other kinds' rows (a
 -- null costs one bit of the row's null bitmap, nothing to decode): `kind`, `preset_id` and
 -- `template_version_id` are shared; then the running prebuilds' arrays, the in-progress builds, the
--- pending builds of other versions, the backoff, the failures.
+-- pending builds of other versions, the backoff, the failures, the failed prebuilds (`cleanup_`).
 --
 -- Running prebuilds come grouped by preset (and version), as arrays ordered oldest first: a fleet has tens
 -- of thousands of them, and a few thousand rows of arrays decode far cheaper than one row each.
@@ -385,7 +399,9 @@ select 'running' as kind, live.current_preset_id as preset_id, live.template_ver
        null::bigint as num_failed, null::timestamptz as last_build_at,
        null::bool as hard_limited, null::bool as validation_failed, null::bigint as failure_streak,
        null::text as last_error, null::text as last_error_code, null::timestamptz as last_failed_at,
-       null::uuid[] as failed_workspace_ids
+       null::uuid[] as failed_workspace_ids,
+       null::uuid[] as cleanup_workspace_ids, null::timestamptz[] as cleanup_failed_ats,
+       null::bool[] as cleanup_protected
 from live
 cross join lateral (
     select coalesce((
@@ -407,7 +423,8 @@ select 'in_progress', live.preset_id, live.template_version_id,
                 else live.build_created_at end) filter (where live.job_status = 'pending'),
        null,
        null, null,
-       null, null, null, null, null, null, null
+       null, null, null, null, null, null, null,
+       null, null, null
 from live
 join versions on versions.template_version_id = live.template_version_id
 where versions.is_active and live.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
@@ -420,7 +437,8 @@ select 'pending', live.preset_id, null,
        null, null, null,
        count(*),
        null, null,
-       null, null, null, null, null, null, null
+       null, null, null, null, null, null, null,
+       null, null, null
 from live
 join versions on versions.template_version_id = live.template_version_id
 where live.build_number = 1 and live.transition = 'start' and live.job_status = 'pending'
@@ -437,7 +455,8 @@ select 'backoff', preset_id, null,
        case when last_build_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
             when last_build_at < '0001-01-01 00:00:00+00' then '-infinity'
             else last_build_at end,
-       null, null, null, null, null, null, null
+       null, null, null, null, null, null, null,
+       null, null, null
 from backoff
 union all
 select 'failures', preset_id, null,
@@ -449,8 +468,26 @@ select 'failures', preset_id, null,
        case when last_failed_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
             when last_failed_at < '0001-01-01 00:00:00+00' then '-infinity'
             else last_failed_at end,
-       failed_workspace_ids
+       failed_workspace_ids,
+       null, null, null
 from failures
+union all
+select 'failed', preset_id, null,
+       null, null, null,
+       null, null, null,
+       null,
+       null, null,
+       null, null, null, null, null, null, null,
+       array_agg(workspace_id order by build_created_at, workspace_id),
+       array_agg(
+           case when build_created_at > '9999-12-31 23:59:59.999999+00' then 'infinity'
+                when build_created_at < '0001-01-01 00:00:00+00' then '-infinity'
+                else build_created_at end
+           order by build_created_at, workspace_id
+       ),
+       array_agg(protected order by build_created_at, workspace_id)
+from failed_prebuilds
+group by preset_id
 
 -- name: read_recorded_settings
 -- The daemon's behaviour settings as its last pass recorded them (no row: no pass yet).

@@ -109,8 +109,9 @@ returning workspace_id
 
 -- name: delete_prebuilds
 -- $1 workspace ids, $2 now. Re-checks in this transaction that each workspace is still a live prebuild
--- whose latest build is a succeeded start: a workspace claimed meanwhile (another owner) or already
--- being deleted is left alone. Returns the workspaces for which a delete build was created.
+-- whose latest build is a start that completed, succeeded or (a failed prebuild's cleanup, issue 15.5)
+-- failed: a workspace claimed meanwhile (another owner), already being deleted or being rebuilt is left
+-- alone. Returns the workspaces for which a delete build was created.
 with candidates as (
     select w.id, w.organization_id
     from workspaces w
@@ -130,7 +131,7 @@ deletable as (
         limit 1
     ) latest
     join provisioner_jobs job on job.id = latest.job_id
-    where latest.transition = 'start' and job.job_status = 'succeeded'
+    where latest.transition = 'start' and job.job_status in ('succeeded', 'failed')
 ),
 inserted_jobs as (
     insert into provisioner_jobs (id, organization_id, initiator_id, type, input, created_at, updated_at)

@@ -13,7 +13,7 @@ from tests.integration.test_commands import build_fleet
 SHARED = {"kind", "preset_id", "template_version_id"}
 OWN_COLUMNS = {
     "running": {"workspace_ids", "ready_flags", "created_ats"},
-    "in_progress": {"in_progress_transition", "in_progress_count"},
+    "in_progress": {"in_progress_transition", "in_progress_count", "in_progress_oldest_pending_at"},
     "pending": {"pending_count"},
     "backoff": {"num_failed", "last_build_at"},
     "failures": {
@@ -25,6 +25,8 @@ OWN_COLUMNS = {
         "last_failed_at",
         "failed_workspace_ids",
     },
+    # Failed prebuilds, for their cleanup (issue 15.5).
+    "failed": {"cleanup_workspace_ids", "cleanup_failed_ats", "cleanup_protected"},
 }
 
 

@@ -105,6 +105,8 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("RECONCILER_BREAKER_PROBES", "5", "breaker_probes", 5),
     ("RECONCILER_SURGE", "2", "surge", 2),
     ("RECONCILER_TTL_JITTER", "0.1", "ttl_jitter", 0.1),
+    ("RECONCILER_FAILED_PREBUILDS_KEEP", "5", "failed_prebuilds_keep", 5),
+    ("RECONCILER_FAILED_PREBUILDS_KEEP_FOR", "7d", "failed_prebuilds_keep_for", timedelta(days=7)),
     ("RECONCILER_NON_RETRYABLE_ERROR_CODES", "A, B,,C ", "non_retryable_error_codes", frozenset({"A", "B", "C"})),
     ("RECONCILER_NON_RETRYABLE_ERROR_CODES", "", "non_retryable_error_codes", frozenset()),
     (
@@ -201,6 +203,7 @@ def test_the_defaults_are_the_documented_ones() -> None:
     )
     assert loaded.breaker_probes == 3
     assert (loaded.surge, loaded.ttl_jitter) == (0, 0.0)
+    assert (loaded.failed_prebuilds_keep, loaded.failed_prebuilds_keep_for) == (3, timedelta(days=1))
 
 
 def test_the_breakers_longest_open_duration_is_not_shorter_than_its_first() -> None:
@@ -340,6 +343,8 @@ BOUNDS: list[tuple[str, str, str, str, str, dict[str, str]]] = [
     ("RECONCILER_BREAKER_PROBES", "1", "0", "1000", "1001", {}),
     ("RECONCILER_SURGE", "0", "-1", "1000", "1001", {}),
     ("RECONCILER_TTL_JITTER", "0", "-0.1", "0.5", "0.51", {}),
+    ("RECONCILER_FAILED_PREBUILDS_KEEP", "0", "-1", "100000", "100001", {}),
+    ("RECONCILER_FAILED_PREBUILDS_KEEP_FOR", "0s", "-1s", "365d", "365d1s", {}),
     (
         "RECONCILER_WEBHOOK_0_TIMEOUT",
         "1s",
