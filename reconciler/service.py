@@ -114,6 +114,8 @@ class Daemon:
         self.settings_keeper = SettingsKeeper()
         # The created/failed/claimed counters, kept across refreshes (they never go down in a process).
         self.counters = PrebuildCounters()
+        # One refresh at a time: the loop's and a caller's (a test's) would read the same window twice.
+        self._totals_lock = asyncio.Lock()
         # Stabilizing targets, from one pass to the next (BEHAVIOR.md 2.1); lost on restart, which holds
         # every pool at its size for one window.
         self.target_holds: dict[UUID, TargetHold] = {}
@@ -441,7 +443,7 @@ class Daemon:
         # A connection comes free within a statement's client-side deadline (every call has one): waiting
         # longer means the database stopped answering.
         acquire_timeout = (self.settings.statement_timeout + db.REPLY_MARGIN).total_seconds()
-        async with self._pool.acquire(timeout=acquire_timeout) as connection:
+        async with self._totals_lock, self._pool.acquire(timeout=acquire_timeout) as connection:
             full = await totals.refresh(connection, self.counters)
         self.metrics.presets.update_totals(self.counters.by_labels())
         logger.debug(

@@ -7,6 +7,7 @@ then the metrics); the per-preset series qualify through a plan read as a pass r
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from uuid import UUID
 
@@ -15,6 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from reconciler.counters import OVERLAP, PrebuildCounters
 from reconciler.metrics import Metrics
+from reconciler.sdnotify import SystemdNotifier
+from reconciler.service import Daemon
 from reconciler.snapshot import PrebuildTotals
 from reconciler.store import totals
 from tests.factories import Factory, Preset, Version, Workspace, minutes
@@ -174,3 +177,32 @@ async def test_a_renamed_or_removed_preset_lowers_no_counter(
     )
     assert exported.values(other) == (2, 0, 0)
     assert exported.values(new, "large") == (3, 1, 1)
+
+
+async def test_the_daemon_serves_the_counters_of_the_whole_history_then_of_what_changed(
+    factory: Factory, database_url: str
+) -> None:
+    """The daemon's own refresh (start-up's full read, then an incremental one) feeds /metrics' counters."""
+    old = await factory.preset(desired=0, name="small")
+    await history(factory, old, succeeded=2, failed=1, claimed=1)
+    settings = settings_for(database_url, HTTP_ADDRESS="127.0.0.1:0", RECONCILIATION_INTERVAL="1h", LOG_LEVEL="warning")
+    daemon = Daemon(settings, registry=CollectorRegistry(), notifier=SystemdNotifier({}))
+    start_up_pass = asyncio.Event()
+    daemon.pass_listeners.append(lambda _result: start_up_pass.set())
+    await daemon.start()
+    try:
+        await asyncio.wait_for(start_up_pass.wait(), timeout=60)
+        await daemon.refresh_totals()  # the loop's first refresh may or may not have run: this one is after it
+        _, (new,) = await new_version_with(factory, old, ["small"])
+        await history(factory, new, succeeded=0, failed=2, claimed=1)
+        assert await daemon.run_pass_now() is not None
+        assert await daemon.refresh_totals() is False
+        labels = {
+            "template_name": new.template.name,
+            "preset_name": "small",
+            "organization_name": new.organization.name,
+        }
+        value = daemon.metrics.registry.get_sample_value
+        assert tuple(value(counter, labels) for counter in COUNTERS) == (7, 3, 2)
+    finally:
+        await daemon.stop()
