@@ -36,8 +36,11 @@ async def live_prebuilds(connection: asyncpg.Connection) -> int:
 
 @asynccontextmanager
 async def started_daemon(database_url: str) -> AsyncIterator[Daemon]:
-    """A daemon whose scheduled passes come once an hour: after its start-up pass, the test runs them."""
-    settings = settings_for(database_url, http_address="127.0.0.1:0", reconciliation_interval="1h")
+    """A daemon whose scheduled passes come once an hour: after its start-up pass, the test runs them (and
+    only the test: change events, which a write of the setting would start a pass for, are off)."""
+    settings = settings_for(
+        database_url, http_address="127.0.0.1:0", reconciliation_interval="1h", events_enabled="false"
+    )
     daemon = Daemon(settings, registry=CollectorRegistry(), notifier=SystemdNotifier({}))
     first_pass = asyncio.Event()
     daemon.pass_listeners.append(lambda _result: first_pass.set())
