@@ -197,3 +197,18 @@ async def test_one_transaction_of_identical_changes_is_one_notification(factory:
         for workspace in (first, second):
             await factory.connection.execute("update workspaces set owner_id = $1 where id = $2", user.id, workspace.id)
     assert await listener.payloads() == [f"claim:{preset.template.id}"]
+
+
+async def test_a_claim_event_of_a_preset_with_an_expression_names_its_template(
+    factory: Factory, listener: Listener
+) -> None:
+    """Migration 0009: a miss wakes the daemon for a preset whose expression may answer it; other presets'
+    events, and event types the daemon ignores, say nothing."""
+    computed = await factory.preset(desired=1, timezone="UTC", expression="misses_10m + 1")
+    static = await factory.preset(desired=1)
+    await listener.payloads()  # the setup's own
+    await factory.event(computed, "claim_missed", at=factory.now)
+    assert await listener.payloads() == [f"claim:{computed.template.id}"]
+    await factory.event(static, "claim_missed", at=factory.now)
+    await factory.event(computed, "claim_cancelled", at=factory.now)
+    assert await listener.payloads() == []
