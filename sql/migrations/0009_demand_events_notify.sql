@@ -3,17 +3,19 @@
 -- pass. A claim that succeeded already notifies through its workspace's new owner (migration 0007); the
 -- same payload in one transaction is delivered once. Only presets with a target expression: for the
 -- others an event changes nothing the daemon decides, and their claim path pays one statement-level
--- call that finds nothing. Statement-level with a transition table, two primary-key lookups per event.
+-- call that finds nothing. Statement-level with a transition table, two primary-key lookups per preset.
 create function reconciler_demand_events() returns trigger
 language plpgsql as $$
 begin
     perform reconciler_notify_templates('claim', array(
         select distinct tv.template_id
-        from new_rows n
-        join template_version_presets p on p.id = n.preset_id
+        -- The presets first: a bulk insert of many events per preset looks each preset up once.
+        from (
+            select distinct n.preset_id from new_rows n where n.event_type in ('claim_succeeded', 'claim_missed')
+        ) events
+        join template_version_presets p on p.id = events.preset_id
         join template_versions tv on tv.id = p.template_version_id
         where p.desired_instances is not null and p.desired_instances_expression ~ '[^[:space:]]'
-            and n.event_type in ('claim_succeeded', 'claim_missed')
             and tv.template_id is not null
     ));
     return null;
