@@ -261,6 +261,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     # PRESET_ID, as the contract spells it; it takes every form PRESET does.
     reset.add_argument("preset_id", metavar="PRESET_ID", help=_PRESET_HELP)
+    invalidate = _command(
+        preset_commands,
+        "invalidate",
+        "expire the preset's prebuilds now, to be replaced",
+        "Record an invalidation of the preset now: every prebuild of it created before now is expired and "
+        "replaced, as an expired one is (with RECONCILER_SURGE, replacements first: the pool never has fewer "
+        "claimable prebuilds because of it). Prebuilds a user has claimed are not touched.",
+    )
+    invalidate.add_argument("preset_id", metavar="PRESET", help=_PRESET_HELP)
     describe = _command(
         preset_commands,
         "describe",
@@ -654,6 +663,24 @@ async def _reset_preset(settings: Settings, preset_text: str) -> int:
     return await _with_connection(settings, work)
 
 
+async def _invalidate_preset(settings: Settings, preset_text: str) -> int:
+    from reconciler.store import writes
+    from reconciler.terminal import printable
+
+    async def work(connection: asyncpg.Connection) -> int:
+        await _require_schema(connection)
+        candidate = await _find_preset(connection, preset_text)
+        now = datetime.now(UTC)
+        if not await writes.invalidate_preset(connection, candidate.id, now):
+            raise CommandError(f"no preset with id {candidate.id}")
+        name = printable(f"{candidate.template_name}/{candidate.template_version_name}/{candidate.name}")
+        logger.info("preset.invalidated", preset_id=str(candidate.id), actor=_actor(), at=now.isoformat())
+        print(f"preset {candidate.id} ({name}) invalidated at {now.isoformat()}: its prebuilds will be replaced")
+        return EXIT_OK
+
+    return await _with_connection(settings, work)
+
+
 async def _describe_preset(settings: Settings, preset_text: str, as_json: bool, requested: str) -> int:
     from reconciler import describe
     from reconciler.reconcile import read_plan
@@ -765,6 +792,8 @@ def _dispatch(arguments: argparse.Namespace) -> int:
         "presets": lambda: (
             _describe_preset(settings, arguments.preset_id, arguments.json, arguments.settings)
             if arguments.presets_command == "describe"
+            else _invalidate_preset(settings, arguments.preset_id)
+            if arguments.presets_command == "invalidate"
             else _reset_preset(settings, arguments.preset_id)
         ),
         "notifications": lambda: _list_notifications(settings, arguments.limit, arguments.json),

@@ -136,6 +136,11 @@ async def mark_presets_recovered(
     return [MarkedPreset(row["id"], row["failure_episode"]) for row in rows]
 
 
+async def invalidate_preset(connection: db.Connection, preset_id: UUID, now: datetime) -> bool:
+    """Record an invalidation of the preset's prebuilds at `now`; False when there is no such preset."""
+    return await connection.fetchval(_query("invalidate_preset"), preset_id, now) is not None
+
+
 async def reset_preset(connection: db.Connection, preset_id: UUID, now: datetime) -> PrebuildStatus | None:
     """Set a preset back to normal; None when there is no such preset."""
     previous = await connection.fetchval(_query("reset_preset"), preset_id, now)

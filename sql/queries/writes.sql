@@ -221,6 +221,12 @@ from (select id, prebuild_status from template_version_presets where id = $1 for
 where p.id = previous.id
 returning previous.prebuild_status::text as previous_status
 
+-- name: invalidate_preset
+-- An operator's invalidation (`reconciler presets invalidate`, issue 15.4): every prebuild of the preset
+-- created before $2 is expired, and replaced as any expired one is (with RECONCILER_SURGE, replacements
+-- first). Returns the preset's id (no row: no such preset).
+update template_version_presets set last_invalidated_at = $2 where id = $1 returning id
+
 -- name: write_prebuilds_settings
 insert into site_configs (key, value) values ('prebuilds_settings', $1)
 on conflict (key) do update set value = excluded.value

@@ -112,12 +112,13 @@ to prebuilds_reconciler;
 -- ---------------------------------------------------------------------------------------------------
 -- template_version_presets: read by the snapshot; the status columns written by mark_presets_status
 -- (hard limit, validation failure: a new episode), mark_presets_recovered and reset_preset (an
--- operator's reset). Not the target, the time to live, the invalidation or the name: those are the
--- platform's. UPDATE on a column also allows the `for update` of lock_preset_for_create, which
+-- operator's reset), and `last_invalidated_at` by invalidate_preset (an operator's invalidation,
+-- `reconciler presets invalidate`, which the platform's own invalidation also writes). Not the target,
+-- the time to live or the name: those are the platform's. UPDATE on a column also allows the `for update` of lock_preset_for_create, which
 -- serializes creators of one preset. `failure_episode` may only grow (migration 0004). No row policy:
 -- every preset with prebuilds may change status, and an operator may reset any preset.
 grant select on template_version_presets to prebuilds_reconciler;
-grant update (prebuild_status, prebuild_status_changed_at, failure_episode, failure_reset_at)
+grant update (prebuild_status, prebuild_status_changed_at, failure_episode, failure_reset_at, last_invalidated_at)
     on template_version_presets to prebuilds_reconciler;
 
 -- ---------------------------------------------------------------------------------------------------

@@ -714,6 +714,7 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     ]
     assert len(await run("mark_presets_recovered", [ids["preset"]], now)) == 1
     assert (await run("reset_preset", ids["limited_preset"], now))[0][0] == "hard_limited"
+    assert (await run("invalidate_preset", ids["preset"], now))[0]["id"] == ids["preset"]
 
     # The outbox: each kind with its template, to the site's template administrator.
     enqueued = await run(

@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from reconciler.plan import CreateAction
 from tests.factories import Factory, minutes
 from tests.integration.reconcile_support import open_pool, pass_at, plan_of, read_plan, settings_for
+from tests.integration.test_commands import cli
 
 
 async def finish_pending_creates(factory: Factory) -> int:
@@ -86,3 +88,27 @@ async def test_ttl_jitter_spreads_expiry_the_same_way_every_time(factory: Factor
     # Lifetimes spread over 48-60 minutes: at 55, some have expired and some not; two replicas agree.
     assert 0 < expired < 20
     assert plan_of(second, preset).actions == plan_of(first, preset).actions
+
+
+async def test_presets_invalidate_expires_the_pool_and_honours_the_surge(factory: Factory, database_url: str) -> None:
+    preset = await factory.preset(desired=2)
+    await factory.prebuilds(preset, 2, ago=minutes(10))
+    name = f"{preset.template.name}/{preset.name}"
+
+    invalidated = await cli(database_url, "presets", "invalidate", name)
+    assert invalidated.returncode == 0, invalidated.stderr
+    assert str(preset.id) in invalidated.stdout
+    assert await factory.connection.fetchval(
+        "select last_invalidated_at is not null from template_version_presets where id = $1", preset.id
+    )
+    now = datetime.now(UTC)
+    # Coder's rule: both deleted at once, the pool empty until the replacements are ready.
+    coder = plan_of(await read_plan(factory.connection, settings_for(database_url), now), preset)
+    assert (coder.state.expired, coder.state.eligible) == (2, 0)
+    # With a surge of 1: both stay claimable, one replacement is built first.
+    surged = plan_of(await read_plan(factory.connection, settings_for(database_url, surge="1"), now), preset)
+    assert (surged.state.eligible, surged.surge_kept) == (2, 2)
+    assert surged.actions == (CreateAction(count=1),)
+
+    missing = await cli(database_url, "presets", "invalidate", "no-such-template/preset")
+    assert missing.returncode == 1
