@@ -176,6 +176,7 @@ async def _run(options: DemoOptions, dsn: str, view: DemoView) -> int:
         # No sd_notify even under systemd: the demo is not the service.
         daemon = Daemon(settings, notifier=SystemdNotifier({}))
         daemon.pass_listeners.append(view.on_pass)
+        daemon.targeted_pass_listeners.append(view.on_targeted_pass)
         provisioner_pool = await db.create_pool(dsn, max_size=4, application_name="reconciler-demo-provisioner")
         provisioner = SimulatedProvisioner(provisioner_pool, provisioner_options(options))
         provisioner.listeners.append(view.on_job)

@@ -280,6 +280,21 @@ class DemoView:
         if result.plan is not None:
             self.last_pass = result
 
+    def on_targeted_pass(self, result: PassResult) -> None:
+        """A pass for the presets of the templates a change event named (a claim, a publish, a finished
+        job): it acts at once, before the next full pass, so what it decided is shown when it happens.
+        Its plan covers those templates only; the table keeps following the full passes."""
+        if result.outcome is PassOutcome.FAILED:
+            self.event(f"EVENT PASS FAILED: {result.error}")
+        if self.interactive or result.plan is None:
+            return
+        for row in preset_rows(result.plan.presets, datetime.now(UTC)):
+            key = (row.name, row.version)
+            text = row.plain()
+            if self._printed_rows.get(key) != text:
+                self._printed_rows[key] = text
+                self._print(f"{self.elapsed()}  event pass={self.passes} {text}")
+
     def on_job(self, result: JobResult) -> None:
         if result.canceled:
             return
