@@ -114,6 +114,29 @@ def _fresh_target(preset_plan: PresetPlan, check: writes.CreateCheck, now: datet
     return min(preset_plan.state.desired, fresh.instances)
 
 
+def _may_create(check: writes.CreateCheck | None) -> bool:
+    return (
+        check is not None
+        and check.desired_instances is not None
+        and check.active
+        and check.prebuild_status is PrebuildStatus.NORMAL
+    )
+
+
+def _clamped(
+    preset_plan: PresetPlan, action: CreateAction, check: writes.CreateCheck, existing: int, now: datetime
+) -> int:
+    """The prebuilds a create may still make, read under the preset's lock.
+
+    Clamp to a target computed now from the preset's current desired count and schedules (a schedule
+    that covers `now` still decides), never above the plan's: a lowered desired count, or schedules
+    replaced after the snapshot, clamp the creates decided from the snapshot. The expired prebuilds the
+    surge keeps are still live prebuilds of the preset, counted in `existing`.
+    """
+    target = _fresh_target(preset_plan, check, now) + preset_plan.surge_kept
+    return max(min(action.count, target - existing), 0)
+
+
 async def _create(
     connection: db.Connection,
     preset_plan: PresetPlan,
@@ -129,20 +152,11 @@ async def _create(
         # ever wait on each other in opposite orders.
         room = await _budget_room(connection, budget, preset.template_id)
         check = await writes.lock_preset_for_create(connection, preset.id)
-        if (
-            check is None
-            or check.desired_instances is None
-            or not check.active
-            or check.prebuild_status is not PrebuildStatus.NORMAL
-        ):
+        if not _may_create(check):
             return 0, action.count
-        # Clamp to a target computed now from the preset's current desired count and schedules (a schedule
-        # that covers `now` still decides), never above the plan's: a lowered desired count, or schedules
-        # replaced after the snapshot, clamp the creates decided from the snapshot.
-        # The expired prebuilds the surge keeps are still live prebuilds of the preset, counted below.
-        target = _fresh_target(preset_plan, check, now) + preset_plan.surge_kept
+        assert check is not None
         existing = await writes.count_preset_prebuilds(connection, preset.id, check.template_id)
-        count = max(min(action.count, target - existing), 0)
+        count = _clamped(preset_plan, action, check, existing, now)
         if room is not None and count > room:
             # Admission re-checked at write time: what other writers started since the snapshot counts.
             if summary is not None:
@@ -347,7 +361,17 @@ async def execute(
         async with semaphore:
             try:
                 async with pool.acquire() as connection:
-                    outcomes = await _create_batch(connection, batch, now, plan.budget)
+                    outcomes = None
+                    if _budget_unset(plan.budget):
+                        try:
+                            outcomes = await _create_batch_set(connection, batch, now)
+                        except asyncpg.PostgresError as error:
+                            # Some preset of the batch cannot be written: find which, a savepoint each.
+                            logger.info(
+                                "prebuilds.create_batch_split", presets=len(batch), error=db.describe_error(error)
+                            )
+                    if outcomes is None:
+                        outcomes = await _create_batch(connection, batch, now, plan.budget)
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as error:
@@ -483,6 +507,53 @@ async def _create_batch(
                 outcome.done.append((action, created, clamped))
             outcome.budget_held = staged.budget_held
     return outcomes
+
+
+async def _create_batch_set(connection: db.Connection, batch: list[PresetPlan], now: datetime) -> list[_CreateOutcome]:
+    """A batch's creates in four statements (lock, read, count, insert) in one transaction, for when no
+    in-flight budget is set: the same checks and clamp as `_create`, for all the batch's presets at once.
+    Raises on any error, the transaction rolled back: the caller then writes the batch with a savepoint
+    per preset (`_create_batch`), which confines an error to its preset."""
+    outcomes = [_CreateOutcome(preset_plan) for preset_plan in batch]
+    async with connection.transaction():
+        checks = await writes.lock_presets_for_create(connection, [p.preset.id for p in batch])
+        allowed = {preset_id: check for preset_id, check in checks.items() if _may_create(check)}
+        existing = await writes.count_presets_prebuilds(
+            connection, {preset_id: check.template_id for preset_id, check in allowed.items()}
+        )
+        planned: list[list[tuple[CreateAction, int]]] = []
+        creates = []
+        for preset_plan in batch:
+            preset = preset_plan.preset
+            check = allowed.get(preset.id)
+            counts = []
+            total = 0
+            for action in preset_plan.actions:
+                if not isinstance(action, CreateAction):
+                    continue
+                # A preset's later create counts its earlier ones, as each `_create` would.
+                count = 0 if check is None else _clamped(preset_plan, action, check, existing[preset.id] + total, now)
+                counts.append((action, count))
+                total += count
+            planned.append(counts)
+            if check is not None and total:
+                creates.append(
+                    writes.PrebuildsToCreate(
+                        preset.id, preset.template_version_id, check.template_id, check.organization_id, total
+                    )
+                )
+        created = await writes.create_prebuilds_batch(connection, creates, now)
+    for outcome, counts in zip(outcomes, planned, strict=True):
+        made = created.get(outcome.preset_plan.preset.id, 0)
+        for action, count in counts:
+            done = min(count, made)
+            made -= done
+            outcome.done.append((action, done, action.count - done))
+    return outcomes
+
+
+def _budget_unset(budget: BudgetUse | None) -> bool:
+    return budget is None or not (budget.max_in_flight or budget.max_in_flight_per_template)
 
 
 def _creates_only(preset_plan: PresetPlan) -> bool:

@@ -107,6 +107,92 @@ select build_id, workspace_id, 1, 'start', $2, $1, job_id, 'c42fdf75-3097-471c-8
 from fresh
 returning workspace_id
 
+-- name: lock_presets_for_create
+-- The batch form of `lock_preset_for_create` (a batch of presets that only create, in one transaction):
+-- $1 the presets. Locks their rows in id order (every batch writer locks in that order: no two wait on
+-- each other in opposite orders) and returns the ids of those that exist.
+select p.id from template_version_presets p where p.id = any($1::uuid[]) order by p.id for update
+
+-- name: read_presets_for_create
+-- The batch form of `read_preset_for_create`, run right after `lock_presets_for_create` in the same
+-- transaction (a statement of its own, for the reason given there): $1 the presets locked.
+select
+    p.id,
+    p.desired_instances,
+    p.scheduling_timezone,
+    array(
+        select s.cron_expression from template_version_preset_prebuild_schedules s
+        where s.preset_id = p.id order by s.id
+    ) as schedule_crons,
+    array(
+        select s.desired_instances from template_version_preset_prebuild_schedules s
+        where s.preset_id = p.id order by s.id
+    ) as schedule_instances,
+    p.prebuild_status::text as prebuild_status,
+    t.active_version_id is not distinct from p.template_version_id and not t.deleted and t.deprecated = ''
+        as active,
+    t.id as template_id,
+    t.organization_id,
+    p.desired_instances_expression
+from template_version_presets p
+join template_versions tv on tv.id = p.template_version_id
+join templates t on t.id = tv.template_id
+where p.id = any($1::uuid[])
+
+-- name: count_presets_prebuilds
+-- The batch form of `count_preset_prebuilds`: $1 presets, $2 templates. Live prebuilds running or on
+-- their way, by current preset and template (the caller keeps each preset's pair with its own template).
+select current_preset.template_version_preset_id as preset_id, w.template_id, count(*)::integer as prebuilds
+from workspaces w
+cross join lateral (
+    select b.transition, b.job_id
+    from workspace_builds b
+    where b.workspace_id = w.id
+    order by b.build_number desc
+    limit 1
+) latest
+join provisioner_jobs job on job.id = latest.job_id
+cross join lateral (
+    select b.template_version_preset_id
+    from workspace_builds b
+    where b.workspace_id = w.id and b.transition = 'start' and b.template_version_preset_id is not null
+    order by b.build_number desc
+    limit 1
+) current_preset
+where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
+    and w.template_id = any($2::uuid[])
+    and latest.transition = 'start'
+    and current_preset.template_version_preset_id = any($1::uuid[])
+    and job.job_status in ('pending', 'running', 'succeeded')
+group by 1, 2
+
+-- name: create_prebuilds_batch
+-- The batch form of `create_prebuilds`: one element per prebuild in each of $1 presets, $2 template
+-- versions, $3 templates, $4 organizations, $5 names; $6 now. The same rows, in one statement.
+with fresh as (
+    select gen_random_uuid() as workspace_id, gen_random_uuid() as job_id, gen_random_uuid() as build_id,
+           f.preset_id, f.version_id, f.template_id, f.organization_id, f.name
+    from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[])
+        as f(preset_id, version_id, template_id, organization_id, name)
+),
+inserted_workspaces as (
+    insert into workspaces (id, owner_id, organization_id, template_id, name, created_at, updated_at)
+    select workspace_id, 'c42fdf75-3097-471c-8c33-fb52454d81c0', organization_id, template_id, name, $6, $6
+    from fresh
+),
+inserted_jobs as (
+    insert into provisioner_jobs (id, organization_id, initiator_id, type, input, created_at, updated_at)
+    select job_id, organization_id, 'c42fdf75-3097-471c-8c33-fb52454d81c0', 'workspace_build',
+           jsonb_build_object('workspace_build_id', build_id), $6, $6
+    from fresh
+)
+insert into workspace_builds (id, workspace_id, build_number, transition, template_version_id,
+                              template_version_preset_id, job_id, initiator_id, reason, created_at, updated_at)
+select build_id, workspace_id, 1, 'start', version_id, preset_id, job_id, 'c42fdf75-3097-471c-8c33-fb52454d81c0',
+       'initiator', $6, $6
+from fresh
+returning template_version_preset_id as preset_id
+
 -- name: delete_prebuilds
 -- $1 workspace ids, $2 now. Re-checks in this transaction that each workspace is still a live prebuild
 -- whose latest build is a start that completed, succeeded or (a failed prebuild's cleanup, issue 15.5)

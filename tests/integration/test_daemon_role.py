@@ -699,6 +699,22 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
             "create_prebuilds", ids["preset"], ids["version"], ids["template"], ids["organization"], ["a", "b"], now
         )
     assert len(created) == 2
+    # The same, in the batch forms (creates of several presets in one transaction).
+    async with as_role.transaction():
+        assert [row["id"] for row in await run("lock_presets_for_create", [ids["preset"]])] == [ids["preset"]]
+        assert (await run("read_presets_for_create", [ids["preset"]]))[0]["active"] is True
+        counted = await run("count_presets_prebuilds", [ids["preset"]], [ids["template"]])
+        assert [tuple(row) for row in counted] == [(ids["preset"], ids["template"], 5)]
+        batch = await run(
+            "create_prebuilds_batch",
+            [ids["preset"]] * 2,
+            [ids["version"]] * 2,
+            [ids["template"]] * 2,
+            [ids["organization"]] * 2,
+            ["c", "d"],
+            now,
+        )
+    assert [row["preset_id"] for row in batch] == [ids["preset"]] * 2
 
     # A delete of a running prebuild, and a cancel of a pending first build on an outdated version.
     assert [row["workspace_id"] for row in await run("delete_prebuilds", [ids["prebuild"], ids["claimed"]], now)] == [
@@ -706,7 +722,7 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     ]
     await factory.version(platform.preset.template, active=True)
     canceled = await run("cancel_pending_prebuilds", ids["preset"], now)
-    assert len(canceled) == 3  # the pending prebuild and the two just created
+    assert len(canceled) == 5  # the pending prebuild and the four just created (two by the batch form)
 
     # Status changes and an operator's reset.
     assert [tuple(row) for row in await run("mark_presets_status", [ids["preset"]], "hard_limited", now)] == [
