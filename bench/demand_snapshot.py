@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import time
@@ -64,14 +65,18 @@ async def _fill_span(connection: asyncpg.Connection, since: datetime, until: dat
 
 
 async def _time(connection: asyncpg.Connection, now: datetime, runs: int) -> tuple[float, int]:
+    """Median milliseconds, and the buffers (8 kB pages) one run touches: a count the machine's load does not
+    change, where the timings of a shared machine wander."""
     timings = []
-    rows = 0
     for _ in range(runs):
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             started = time.perf_counter()
-            rows = len(await connection.fetch(STATEMENT, now))
+            await connection.fetch(STATEMENT, now)
             timings.append(time.perf_counter() - started)
-    return statistics.median(timings) * 1000, rows
+    plan = await connection.fetchval("explain (analyze, buffers, format json) " + STATEMENT, now)
+    top = json.loads(plan)[0]["Plan"]
+    buffers = int(top["Shared Hit Blocks"]) + int(top["Shared Read Blocks"])
+    return statistics.median(timings) * 1000, buffers
 
 
 async def measure(database_url: str, presets: int, days: int, per_hour: int, runs: int) -> list[str]:
@@ -95,30 +100,32 @@ async def measure(database_url: str, presets: int, days: int, per_hour: int, run
         lines = [
             f"{with_expression:,} presets with an expression, {per_hour} events an hour each, median of {runs} runs",
             "",
-            "| events table holds | rows | snapshot_demand ms | ratio to 1 day |",
-            "|---|---|---|---|",
+            "| events table holds | rows | snapshot_demand ms | ratio to 1 day | buffers touched |",
+            "|---|---|---|---|---|",
         ]
         filled_until = now - timedelta(days=1)
         started = time.perf_counter()
         total = await _fill(connection, filled_until, now, per_hour)
         print(f"filled a day: {total:,} events in {time.perf_counter() - started:.1f} s", flush=True)
-        baseline, _ = await _time(connection, now, runs)
-        lines.append(f"| 1 day | {total:,} | {baseline:.1f} | 1.00 |")
+        baseline, buffers = await _time(connection, now, runs)
+        lines.append(f"| 1 day | {total:,} | {baseline:.1f} | 1.00 | {buffers:,} |")
         for age in sorted({8, days}):
             if age <= 1:
                 continue
             start = now - timedelta(days=age)
             total += await _fill(connection, start, filled_until, per_hour)
             filled_until = start
-            elapsed, _ = await _time(connection, now, runs)
-            lines.append(f"| {age} days | {total:,} | {elapsed:.1f} | {elapsed / baseline:.2f} |")
+            elapsed, buffers = await _time(connection, now, runs)
+            lines.append(f"| {age} days | {total:,} | {elapsed:.1f} | {elapsed / baseline:.2f} | {buffers:,} |")
         started = time.perf_counter()
         purged = await writes.purge_prebuild_events(connection, now - timedelta(days=8), max_batches=100_000)
         purge_seconds = time.perf_counter() - started
         await connection.execute("vacuum analyze prebuild_events")
-        elapsed, _ = await _time(connection, now, runs)
+        elapsed, buffers = await _time(connection, now, runs)
         remaining = total - purged
-        lines.append(f"| {days} days, purged to 8 | {remaining:,} | {elapsed:.1f} | {elapsed / baseline:.2f} |")
+        lines.append(
+            f"| {days} days, purged to 8 | {remaining:,} | {elapsed:.1f} | {elapsed / baseline:.2f} | {buffers:,} |"
+        )
         lines.append("")
         lines.append(f"purge: {purged:,} events in {purge_seconds:.1f} s ({purged / max(purge_seconds, 1e-9):,.0f}/s)")
         return lines
