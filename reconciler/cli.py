@@ -289,11 +289,15 @@ def _parser() -> argparse.ArgumentParser:
         "validate a target expression (desired_instances_expression)",
         "Check a target expression before publishing it: its syntax, its names and its type, as every pass "
         "would. Exit 0 when it is valid, 1 when it is not (the message says what and where). Needs no "
-        "database. The language is Coder's (Expr) for what a target needs; see docs/DEMAND.md.",
+        "database, unless PRESET is given: then it also says what the expression would make of that "
+        "preset's target now (its pool, schedule and claim events as a pass would read them). The language "
+        "is Coder's (Expr) for what a target needs; see docs/DEMAND.md.",
         _expression_help(),
     )
     check.add_argument("expression", metavar="EXPR", help="the expression, quoted for the shell")
+    check.add_argument("preset", metavar="PRESET", nargs="?", help="evaluate it now for this preset: " + _PRESET_HELP)
     check.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _settings_option(check)
     notifications = _command(
         commands,
         "notifications",
@@ -734,6 +738,40 @@ def _check_expression(text: str, as_json: bool) -> int:
     return EXIT_OK if report.valid else EXIT_FAILED
 
 
+async def _check_expression_on_preset(
+    settings: Settings, text: str, preset_text: str, as_json: bool, requested: str
+) -> int:
+    from reconciler import describe, expression_check, reports
+    from reconciler.reconcile import read_plan
+    from reconciler.store import reads
+
+    report = expression_check.check(text)
+    if not report.valid:
+        return _check_expression(text, as_json)
+
+    async def work(connection: asyncpg.Connection) -> int:
+        await _require_schema(connection)
+        now = datetime.now(UTC)
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            candidate = await _find_preset(connection, preset_text)
+            resolved = await _read_only_settings(connection, settings, requested)
+            plan = await read_plan(connection, resolved.settings, now)
+            demand = await reads.read_preset_demand(connection, candidate.id, now)
+        preset_plan = describe.preset_plan_of(plan.presets, candidate.id)
+        if preset_plan is None:
+            raise CommandError(f"preset {candidate.id} has no prebuilds (desired_instances is not set)")
+        target = expression_check.evaluate_on(preset_plan, text, demand, resolved.settings.max_desired_instances, now)
+        if as_json:
+            document = {**report.as_json(), "preset_id": str(candidate.id), "target": reports.target_json(target)}
+            print(json.dumps(document, indent=2))
+        else:
+            print(report.as_text())
+            print(expression_check.evaluation_text(preset_plan, target))
+        return EXIT_OK
+
+    return await _with_connection(settings, work)
+
+
 def _actor() -> str:
     import getpass
 
@@ -770,7 +808,7 @@ def _dispatch(arguments: argparse.Namespace) -> int:
     if command == "demo":
         # The demo brings its own database and configures its logging itself.
         return _run_demo(arguments)
-    if command == "presets" and arguments.presets_command == "check-expression":
+    if command == "presets" and arguments.presets_command == "check-expression" and arguments.preset is None:
         # Validating an expression needs no database (nor its settings).
         return _check_expression(arguments.expression, arguments.json)
     settings = _settings()
@@ -794,6 +832,10 @@ def _dispatch(arguments: argparse.Namespace) -> int:
             if arguments.presets_command == "describe"
             else _invalidate_preset(settings, arguments.preset_id)
             if arguments.presets_command == "invalidate"
+            else _check_expression_on_preset(
+                settings, arguments.expression, arguments.preset, arguments.json, arguments.settings
+            )
+            if arguments.presets_command == "check-expression"
             else _reset_preset(settings, arguments.preset_id)
         ),
         "notifications": lambda: _list_notifications(settings, arguments.limit, arguments.json),

@@ -420,3 +420,9 @@ async def read_oldest_pending_prebuild_jobs(connection: db.Connection, now: date
     """Per organization name, the age at `now` in seconds of its oldest unstarted prebuild job (0: none)."""
     rows = await connection.fetch(_query("oldest_pending_prebuild_jobs"), now)
     return {row["organization_name"]: row["age_seconds"] for row in rows}
+
+
+async def read_preset_demand(connection: db.Connection, preset_id: UUID, now: datetime) -> DemandCounts:
+    """One preset's demand windows at `now`, expression or not (`presets check-expression EXPR PRESET`)."""
+    row = await connection.fetchrow(_query("preset_demand"), now, preset_id)
+    return _demand_from_row(row).counts if row is not None else DemandCounts()

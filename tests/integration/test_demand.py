@@ -7,6 +7,7 @@ names the rule it holds.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from uuid import UUID
 
@@ -456,3 +457,28 @@ async def test_presets_describe_shows_the_expression_its_inputs_and_result_or_er
     assert "Expression" in text
     assert "claims_10m / misses_10m" in text
     assert "failed (division_by_zero" in text
+
+
+async def test_check_expression_on_a_preset_evaluates_it_now(factory: Factory, database_url: str) -> None:
+    """`presets check-expression EXPR PRESET`: the expression's value for that preset now, whether or not
+    it has an expression (the demand is read for it alone); an invalid one exits 1 without a database."""
+    preset = await factory.preset(desired=2, timezone="UTC")
+    await published_long_ago(factory, preset)
+    await claims(factory, preset, 3, ago=minutes(2))
+    await claims(factory, preset, 1, ago=minutes(3), missed=True)
+
+    code, out, err = await run(
+        database_url, "presets", "check-expression", "claims_10m + misses_10m * 10", str(preset.id), "--json"
+    )
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["valid"] is True
+    assert document["target"]["result"] == 13
+    assert document["target"]["inputs"] == {"claims_10m": 3, "misses_10m": 1}
+    code, text, err = await run(database_url, "presets", "check-expression", "claims_10m / 0", str(preset.id))
+    assert code == 0, err
+    assert "fails: division_by_zero" in text
+    assert "scheduled_target (2)" in text
+    code, text, _ = await run(database_url, "presets", "check-expression", "claims_10m +", str(preset.id))
+    assert code == 1
+    assert text.startswith("invalid:")
