@@ -303,7 +303,8 @@ async def test_reset_from_the_cli_gives_the_preset_a_fresh_chance(
 
     captured = capsys.readouterr()
     assert exit_code == 0, captured.err
-    assert f"preset {preset.id} reset to normal (was hard_limited)" in captured.out
+    name = f"{preset.template.name}/{preset.version.name}/{preset.name}"
+    assert f"preset {preset.id} ({name}) reset to normal (was hard_limited)" in captured.out
     reset_events = [json.loads(line) for line in captured.err.splitlines() if '"preset.reset"' in line]
     assert reset_events[0]["actor"] == "operator-on-call"
     assert reset_events[0]["previous_status"] == "hard_limited"
