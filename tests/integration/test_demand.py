@@ -8,11 +8,12 @@ names the rule it holds.
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import pytest
 import structlog
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from reconciler import executor, reconcile
@@ -20,9 +21,12 @@ from reconciler.demand import DemandCounts
 from reconciler.plan import CreateAction, DeleteAction, DeleteReason
 from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import PassOutcome, run_pass
+from reconciler.sdnotify import SystemdNotifier
+from reconciler.service import Daemon
 from reconciler.store import writes
 from reconciler.target import TargetHold, TargetSource
 from tests.factories import Factory, Preset, minutes
+from tests.integration.notification_helpers import eventually
 from tests.integration.reconcile_support import (
     open_pool,
     pass_at,
@@ -482,3 +486,50 @@ async def test_check_expression_on_a_preset_evaluates_it_now(factory: Factory, d
     code, text, _ = await run(database_url, "presets", "check-expression", "claims_10m +", str(preset.id))
     assert code == 1
     assert text.startswith("invalid:")
+
+
+async def test_the_daemon_purges_old_events_remembers_holds_and_exports_the_target(
+    factory: Factory, database_url: str
+) -> None:
+    """The daemon as it runs: its purge loop deletes what is older than RECONCILER_PREBUILD_EVENTS_RETENTION
+    (the recent events stay), its passes keep the stabilization holds, and the target's series are served."""
+    preset, _ = await stabilizing_pool(factory)
+    now = datetime.now(UTC)
+    for days in (3, 4):
+        await factory.event(preset, "claim_missed", at=now - timedelta(days=days))
+    settings = settings_for(
+        database_url,
+        http_address="127.0.0.1:0",
+        reconciliation_interval="1h",
+        events_enabled="false",
+        prebuild_events_retention="2d",
+    )
+    daemon = Daemon(settings, registry=CollectorRegistry(), notifier=SystemdNotifier({}))
+    await daemon.start()
+    try:
+
+        async def purged() -> bool:
+            remaining: int = await factory.connection.fetchval("select count(*) from prebuild_events")
+            return remaining == 1
+
+        await eventually(purged, "the start-up purge")
+        await eventually(lambda: _true(daemon.last_pass is not None), "the start-up pass")
+        result = await daemon.run_pass_now()
+        assert result.execution is not None
+        assert result.execution.deleted == 0
+    finally:
+        await daemon.stop()
+    # The pool of 4 is held while the target 1 stabilizes, and the series say so.
+    assert daemon.target_holds[preset.id].retained == 4
+    value = daemon.metrics.registry.get_sample_value
+    labels = {
+        "template_name": preset.template.name,
+        "preset_name": preset.name,
+        "organization_name": preset.template.organization.name,
+    }
+    assert value("prebuilds_reconciler_preset_target", {**labels, "source": "expression"}) == 1
+    assert value("prebuilds_reconciler_preset_target_retained", labels) == 4
+
+
+async def _true(value: bool) -> bool:
+    return value
