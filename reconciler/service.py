@@ -544,20 +544,26 @@ class Daemon:
             return
         self.metrics.set_oldest_pending_jobs(ages)
 
-    async def run_pass_now(self) -> PassResult:
-        """One pass with its metrics and listeners (the scheduler's job; tests call it directly)."""
+    async def _run_pass(self, template_ids: list[uuid.UUID] | None) -> PassResult:
+        """A full pass (no template ids) or a targeted one, one at a time in this process, with the state
+        the daemon keeps between passes."""
         assert self._pool is not None
         async with self._pass_lock:
-            result = await run_pass(
+            return await run_pass(
                 self._pool,
                 self.settings,
                 self.clock(),
                 observe_action=self.metrics.observe_action,
                 problem_log=self.problem_log,
+                template_ids=template_ids,
                 settings_keeper=self.settings_keeper,
                 holds=self.target_holds,
                 state_log=self.state_log,
             )
+
+    async def run_pass_now(self) -> PassResult:
+        """One pass with its metrics and listeners (the scheduler's job; tests call it directly)."""
+        result = await self._run_pass(None)
         # The per-preset metrics text (megabytes at fleet L) is rendered on a thread, before the pass's
         # results are published: a scrape meanwhile is served the previous pass at once.
         prepared = await asyncio.to_thread(self.metrics.presets.prepare, result.plan) if result.plan else None
@@ -566,19 +572,7 @@ class Daemon:
 
     async def run_targeted_pass_now(self, template_ids: frozenset[uuid.UUID]) -> PassResult:
         """A pass for the presets of these templates only, under the same locks as a full pass."""
-        assert self._pool is not None
-        async with self._pass_lock:
-            result = await run_pass(
-                self._pool,
-                self.settings,
-                self.clock(),
-                observe_action=self.metrics.observe_action,
-                problem_log=self.problem_log,
-                template_ids=sorted(template_ids),
-                settings_keeper=self.settings_keeper,
-                holds=self.target_holds,
-                state_log=self.state_log,
-            )
+        result = await self._run_pass(sorted(template_ids))
         events = self.metrics.events
         events.targeted_passes.labels(result.outcome.value).inc()
         if result.outcome is PassOutcome.SUCCESS:
