@@ -246,7 +246,9 @@ async def test_status_shows_a_preset_the_planner_failed_on(
 
     lines = rows_by_id(reports.status_table(plan, paused=False), {"fine": fine, "broken": broken})
     assert broken.name in lines["broken"]
-    assert re.search(r"  \?  +not planned: KeyError: 'boom'; preset left out of this plan$", lines["broken"])
+    # The reason's tail may be shortened to fit 120 columns when the names are long (they are numbered by
+    # the factories, so their length depends on how many tests ran before); --wide and --json show it whole.
+    assert re.search(r"  \?  +not planned: KeyError: 'boom'", lines["broken"])
     assert lines["fine"].endswith("  -")
     wide = reports.status_wide_table(plan, paused=False)
     assert any(line.startswith(str(broken.id)) and "not planned: KeyError" in line for line in wide.splitlines())
