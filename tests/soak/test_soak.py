@@ -1,6 +1,6 @@
 """Soak tests (issue 8). The short one runs with the suite (about a minute); the long one on demand:
 
-    RECONCILER_SOAK_SECONDS=600 .venv/bin/python -m pytest -m soak tests/soak -s
+    RECONCILER_SOAK_SECONDS=600 .venv/bin/python -m pytest -n 0 -m soak tests/soak -s
 
 `RECONCILER_SOAK_PRESETS` (default 200) and `RECONCILER_SOAK_SEED` (default: random, printed) apply to
 both; `-s` shows the summary.
