@@ -168,6 +168,11 @@ class PrebuildCounters:
     def labels_digest(self) -> str | None:
         return self._labels_digest
 
+    @property
+    def labels(self) -> Mapping[UUID, Labels]:
+        """Every preset's labels as last read (a new mapping whenever they are read again)."""
+        return self._labels
+
     def live_workspace_ids(self) -> KeysView[str]:
         """The workspaces (ids as text) of the first builds followed as live prebuilds."""
         return self._live.keys()

@@ -70,6 +70,11 @@ COUNTER_SERIES = (
     ("coderd_prebuilt_workspaces_failed", "Prebuilt workspaces whose first build failed."),
     ("coderd_prebuilt_workspaces_claimed", "Prebuilt workspaces claimed by users."),
 )
+# Claim events of the platform's claim path (`prebuild_events`), by type, in the order of the counts tuples
+# (`reconciler.claim_event_counters.EVENT_TYPES`). Coder exports no such counter: ours, hence our prefix.
+CLAIM_EVENTS_SERIES = "prebuilds_reconciler_preset_claim_events"
+CLAIM_EVENTS_HELP = "Claim events of the preset by type (claim_succeeded, claim_missed), from prebuild_events."
+CLAIM_EVENT_TYPES = ("claim_succeeded", "claim_missed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +116,7 @@ class PreparedPresets:
     samples: tuple[PresetSample, ...]
     totals: Mapping[tuple[str, str, str], tuple[int, int, int]]
     rendered: _Rendered
+    claim_events: Mapping[tuple[str, str, str], tuple[int, int]] | None = None
 
 
 class PresetCollector(Collector):
@@ -120,6 +126,8 @@ class PresetCollector(Collector):
         self._samples: tuple[PresetSample, ...] = ()
         # Counters must never go down while the process runs, even if rows disappear from the database.
         self._totals: dict[tuple[str, str, str], tuple[int, int, int]] = {}
+        # The claim/miss counters by label set (`reconciler.claim_event_counters`), never lowered either.
+        self._claim_events: dict[tuple[str, str, str], tuple[int, int]] = {}
         # The text of every per-preset series, rendered when the samples change (see `exposition`).
         self._label_text: dict[tuple[str, str, str], str] = {}
         self._rendered = _Rendered.of(b"")
@@ -141,12 +149,12 @@ class PresetCollector(Collector):
         right after a pass, do not wait for it): it only reads, and everything it reads is replaced,
         never changed in place."""
         samples = self._samples_from(plan)
-        totals = self._totals
-        return PreparedPresets(samples, totals, self._rendered_from(samples, totals))
+        totals, claim_events = self._totals, self._claim_events
+        return PreparedPresets(samples, totals, self._rendered_from(samples, totals, claim_events), claim_events)
 
     def update_from_plan(self, plan: Plan, prepared: PreparedPresets | None = None) -> None:
         """Publish the plan's samples; with `prepared` (from `prepare`), its text, already rendered."""
-        if prepared is None or prepared.totals is not self._totals:
+        if prepared is None or prepared.totals is not self._totals or prepared.claim_events is not self._claim_events:
             # Not prepared, or the totals moved since: render now (counters must never show going back).
             prepared = self.prepare(plan)
         self._samples, self._rendered = prepared.samples, prepared.rendered
@@ -191,6 +199,15 @@ class PresetCollector(Collector):
         self._totals = updated
         self._render()
 
+    def update_claim_events(self, counts: Mapping[tuple[str, str, str], tuple[int, int]]) -> None:
+        """The claim/miss counters by label set; exported for qualifying presets, like the lifetime ones."""
+        updated = dict(self._claim_events)
+        for labels, values in counts.items():
+            previous = updated.get(labels, (0, 0))
+            updated[labels] = (max(previous[0], values[0]), max(previous[1], values[1]))
+        self._claim_events = updated
+        self._render()
+
     def collect(self) -> Iterator[Metric]:
         if getattr(self._rendering, "excluded", False):
             return
@@ -215,6 +232,11 @@ class PresetCollector(Collector):
             for label_values, values in totals:
                 counter.add_metric(list(label_values), values[index])
             yield counter
+        counter = CounterMetricFamily(CLAIM_EVENTS_SERIES, CLAIM_EVENTS_HELP, labels=(*PRESET_LABELS, "event_type"))
+        for label_values, event_counts in self._qualifying_claim_events():
+            for event_type, value in zip(CLAIM_EVENT_TYPES, event_counts, strict=True):
+                counter.add_metric([*label_values, event_type], value)
+        yield counter
 
     def _qualifying_totals(
         self,
@@ -225,6 +247,16 @@ class PresetCollector(Collector):
         totals = self._totals if totals is None else totals
         qualifying = {sample.labels for sample in samples}
         return [(labels, values) for labels, values in totals.items() if labels in qualifying]
+
+    def _qualifying_claim_events(
+        self,
+        samples: tuple[PresetSample, ...] | None = None,
+        claim_events: Mapping[tuple[str, str, str], tuple[int, int]] | None = None,
+    ) -> list[tuple[tuple[str, str, str], tuple[int, int]]]:
+        samples = self._samples if samples is None else samples
+        claim_events = self._claim_events if claim_events is None else claim_events
+        qualifying = {sample.labels for sample in samples}
+        return [(labels, values) for labels, values in claim_events.items() if labels in qualifying]
 
     def exposition(self) -> bytes:
         """The text format of `collect()`'s families, byte for byte, as rendered at the last update.
@@ -252,12 +284,15 @@ class PresetCollector(Collector):
 
     def _render(self) -> None:
         # The samples and totals are replaced, never changed in place.
-        self._rendered = self._rendered_from(self._samples, self._totals)
+        self._rendered = self._rendered_from(self._samples, self._totals, self._claim_events)
 
     def _rendered_from(
-        self, samples: tuple[PresetSample, ...], totals: Mapping[tuple[str, str, str], tuple[int, int, int]]
+        self,
+        samples: tuple[PresetSample, ...],
+        totals: Mapping[tuple[str, str, str], tuple[int, int, int]],
+        claim_events: Mapping[tuple[str, str, str], tuple[int, int]],
     ) -> _Rendered:
-        return _Rendered.of("".join(self._render_lines(samples, totals)).encode())
+        return _Rendered.of("".join(self._render_lines(samples, totals, claim_events)).encode())
 
     def _labels(self, label_values: tuple[str, str, str]) -> str:
         text = self._label_text.get(label_values)
@@ -273,6 +308,7 @@ class PresetCollector(Collector):
         self,
         samples: tuple[PresetSample, ...],
         all_totals: Mapping[tuple[str, str, str], tuple[int, int, int]],
+        all_claim_events: Mapping[tuple[str, str, str], tuple[int, int]],
     ) -> Iterator[str]:
         # The same families as `_families`, in the same order, written straight from the samples.
         labels = [self._labels(sample.labels) for sample in samples]
@@ -295,6 +331,12 @@ class PresetCollector(Collector):
             yield header(name + "_total", documentation, "counter")
             for label_values, values in totals:
                 yield f"{name}_total{self._labels(label_values)} {float(values[index])!r}\n"
+        yield header(CLAIM_EVENTS_SERIES + "_total", CLAIM_EVENTS_HELP, "counter")
+        for label_values, event_counts in self._qualifying_claim_events(samples, all_claim_events):
+            label_text = self._labels(label_values)
+            for event_type, value in zip(CLAIM_EVENT_TYPES, event_counts, strict=True):
+                # Labels sorted by name, as the client library writes them: event_type comes first.
+                yield f'{CLAIM_EVENTS_SERIES}_total{{event_type="{event_type}",{label_text[1:]} {float(value)!r}\n'
 
     def describe(self) -> Iterable[Metric]:
         # Describing nothing keeps registration cheap and lets the samples change freely.

@@ -33,6 +33,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
 
 from reconciler import db
+from reconciler.claim_event_counters import ClaimEventCounters
 from reconciler.clock import utc_now
 from reconciler.config import Settings
 from reconciler.counters import PrebuildCounters
@@ -44,7 +45,7 @@ from reconciler.prebuilds_settings import SettingsKeeper
 from reconciler.problem_log import ProblemLog
 from reconciler.reconcile import STATE_REMINDER, PassOutcome, PassResult, run_pass
 from reconciler.sdnotify import SystemdNotifier
-from reconciler.store import reads, totals, writes
+from reconciler.store import claim_events, reads, totals, writes
 from reconciler.target import TargetHold
 
 logger = structlog.get_logger(__name__)
@@ -114,6 +115,8 @@ class Daemon:
         self.settings_keeper = SettingsKeeper()
         # The created/failed/claimed counters, kept across refreshes (they never go down in a process).
         self.counters = PrebuildCounters()
+        # The claim/miss counters from the platform's claim events, refreshed with them.
+        self.claim_event_counters = ClaimEventCounters()
         # One refresh at a time: the loop's and a caller's (a test's) would read the same window twice.
         self._totals_lock = asyncio.Lock()
         # Stabilizing targets, from one pass to the next (BEHAVIOR.md 2.1); lost on restart, which holds
@@ -445,12 +448,16 @@ class Daemon:
         acquire_timeout = (self.settings.statement_timeout + db.REPLY_MARGIN).total_seconds()
         async with self._totals_lock, self._pool.acquire(timeout=acquire_timeout) as connection:
             full = await totals.refresh(connection, self.counters)
+            await claim_events.refresh(connection, self.claim_event_counters)
+        self.claim_event_counters.publish(self.counters.labels)
         self.metrics.presets.update_totals(self.counters.by_labels())
+        self.metrics.presets.update_claim_events(self.claim_event_counters.by_labels())
         logger.debug(
             "metrics.totals_refreshed",
             full=full,
             duration_seconds=round(time.perf_counter() - started, 4),
             tracked_builds=self.counters.tracked_builds,
+            remembered_claim_events=self.claim_event_counters.remembered_events,
         )
         return full
 

@@ -659,6 +659,9 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     assert [row["claims_5m"] for row in await run("preset_demand", now, ids["preset"])] == [1]
     demand = await run("snapshot_demand", now)
     assert [(row["preset_id"], row["claims_5m"], row["has_history"]) for row in demand] == [(ids["preset"], 1, True)]
+    # The claim/miss counters' reads (with the lifetime counters' refresh): both events, then the recent one.
+    assert [tuple(row) for row in await run("claim_events_by_preset")] == [(ids["preset"], 1, 1)]
+    assert [row["id"] for row in await run("claim_events_since", now - timedelta(hours=1))] == [ids["recent_event"]]
 
     # The behaviour settings each pass records, and the read-only commands read.
     assert await run("read_recorded_settings") == []
@@ -915,6 +918,8 @@ SNAPSHOT_STATEMENTS = (
     "snapshot_breaker",
     "snapshot_demand",
     "totals_live_workspaces",
+    "claim_events_by_preset",
+    "claim_events_since",
 )
 
 
@@ -936,6 +941,7 @@ async def test_the_snapshot_plans_as_the_role_are_the_owners(connection: asyncpg
         "totals_recent_first_builds": (generated.now - timedelta(hours=1),),
         "snapshot_breaker": (generated.now - timedelta(minutes=10),),
         "snapshot_demand": (generated.now,),
+        "claim_events_since": (generated.now - timedelta(hours=1),),
     }
     role = await db.connect(role_dsn)
     try:

@@ -35,6 +35,17 @@ def populated_collector() -> PresetCollector:
             for index, preset_plan in enumerate(plan.presets)
         }
     )
+    # The claim/miss counters (one label set of no qualifying preset: not exported).
+    collector.update_claim_events(
+        {
+            (preset_plan.preset.template_name, preset_plan.preset.name, preset_plan.preset.organization_name): (
+                3 * index,
+                index,
+            )
+            for index, preset_plan in enumerate(plan.presets)
+        }
+        | {("gone", "gone", "gone"): (1, 1)}
+    )
     return collector
 
 
@@ -59,6 +70,9 @@ def test_exposition_parses_back_to_the_same_samples() -> None:
     }
     assert parsed == expected
     assert len(parsed) > 3 * len(HOSTILE_NAMES)
+    claims = {key: value for key, value in parsed.items() if key[0] == "prebuilds_reconciler_preset_claim_events_total"}
+    assert len(claims) == 2 * len(HOSTILE_NAMES)
+    assert not any(("preset_name", "gone") in labels for _, labels in claims)
 
 
 def test_the_cache_follows_each_update() -> None:
