@@ -74,14 +74,18 @@ def sql_directory() -> Path:
     raise FileNotFoundError(f"no sql/ folder found beside {package_directory}")
 
 
-TARGETED_MARKER = "-- targeted"
+# A line ending in `-- only in NAME` belongs to the statement's variant `verb_noun_NAME` alone; one ending in
+# `-- not in NAME` to every form but that variant. `-- targeted` is short for `-- only in targeted`.
+_VARIANT_MARKER = re.compile(r"--\s*(?:(only in|not in)\s+(\w+)|(targeted))\s*$")
 
 
 def parse_queries(text: str, source: str) -> dict[str, str]:
     """Split a `.sql` file into its named statements (`-- name: verb_noun` starts each one).
 
-    A statement with lines ending in `-- targeted` is two: `verb_noun` without those lines (the full
-    pass's) and `verb_noun_targeted` with them (a targeted pass's, restricted to some templates).
+    A statement whose lines carry variant markers is several statements from one text, so that forms
+    that differ in a line or two are not copies: `verb_noun` without the `only in` lines, and for each
+    variant named, `verb_noun_NAME` with its own `only in NAME` lines and without its `not in NAME` ones.
+    A targeted pass's form (`-- targeted`) restricts the full pass's to some templates.
     """
     matches = list(_QUERY_NAME.finditer(text))
     if not matches:
@@ -92,12 +96,29 @@ def parse_queries(text: str, source: str) -> dict[str, str]:
         body = text[match.end() : end].strip()
         if not body:
             raise ValueError(f"{source}: query {match.group(1)} is empty")
-        lines = body.splitlines()
-        full = [line for line in lines if not line.rstrip().endswith(TARGETED_MARKER)]
-        queries[match.group(1)] = "\n".join(full)
-        if len(full) != len(lines):
-            queries[match.group(1) + "_targeted"] = body
+        marked = [(line, _line_marker(line)) for line in body.splitlines()]
+        variants = sorted({marker[1] for _, marker in marked if marker is not None})
+        for variant in (None, *variants):
+            name = match.group(1) if variant is None else f"{match.group(1)}_{variant}"
+            queries[name] = "\n".join(line for line, marker in marked if _in_variant(marker, variant))
     return queries
+
+
+def _line_marker(line: str) -> tuple[bool, str] | None:
+    """(True, NAME) for `-- only in NAME` (and `-- targeted`), (False, NAME) for `-- not in NAME`."""
+    found = _VARIANT_MARKER.search(line)
+    if found is None:
+        return None
+    if found.group(3):
+        return (True, "targeted")
+    return (found.group(1) == "only in", found.group(2))
+
+
+def _in_variant(marker: tuple[bool, str] | None, variant: str | None) -> bool:
+    if marker is None:
+        return True
+    only, name = marker
+    return (name == variant) if only else (name != variant)
 
 
 @functools.cache

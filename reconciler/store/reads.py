@@ -424,5 +424,5 @@ async def read_oldest_pending_prebuild_jobs(connection: db.Connection, now: date
 
 async def read_preset_demand(connection: db.Connection, preset_id: UUID, now: datetime) -> DemandCounts:
     """One preset's demand windows at `now`, expression or not (`presets check-expression EXPR PRESET`)."""
-    row = await connection.fetchrow(_query("preset_demand"), now, preset_id)
+    row = await connection.fetchrow(_query("snapshot_demand_one_preset"), now, preset_id)
     return _demand_from_row(row).counts if row is not None else DemandCounts()

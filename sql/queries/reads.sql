@@ -7,7 +7,9 @@
 -- A targeted pass (BEHAVIOR.md, "Change events") runs the same statements restricted to some templates:
 -- a line ending in `-- targeted` is in its variant only, and names the template ids as an array (the
 -- last parameter). The full pass's statements do not have those lines at all, rather than a
--- `$n is null or ...` that a generic plan would have to estimate for both uses.
+-- `$n is null or ...` that a generic plan would have to estimate for both uses. The same way, a line
+-- ending in `-- only in NAME` is in the variant `verb_noun_NAME` alone, one ending in `-- not in NAME` in
+-- every form but that one (reconciler/db.py parse_queries).
 
 -- name: try_reconciliation_lock
 -- The pass lock, held by the session (not a transaction), on the pass's own connection, so that it holds
@@ -191,67 +193,12 @@ cross join lateral (
         and e.created_at >= $1::timestamptz - interval '7 days' and e.created_at < $1::timestamptz - interval '7 days' + interval '1 hour'
 ) last_week
 -- Blank (whitespace only) is no expression, as in the planner.
-where p.desired_instances is not null and p.desired_instances_expression ~ '[^[:space:]]'
+where p.desired_instances is not null and p.desired_instances_expression ~ '[^[:space:]]'  -- not in one_preset
     and tv.template_id = any($2::uuid[])  -- targeted
+-- `presets check-expression EXPR PRESET` reads one preset's windows ($2), whether or not it has an
+-- expression (the one being checked may be its first).
+where p.id = $2  -- only in one_preset
 
-
--- name: preset_demand
--- `presets check-expression EXPR PRESET`: snapshot_demand's windows for one preset ($2), whether or not it
--- has an expression (the one being checked may be its first). $1 the command's now.
-select
-    p.id as preset_id,
-    coalesce(recent.claims_5m, 0) as claims_5m,
-    coalesce(recent.claims_10m, 0) as claims_10m,
-    coalesce(recent.claims_30m, 0) as claims_30m,
-    coalesce(recent.claims_60m, 0) as claims_60m,
-    coalesce(recent.claims_120m, 0) as claims_120m,
-    coalesce(recent.misses_5m, 0) as misses_5m,
-    coalesce(recent.misses_10m, 0) as misses_10m,
-    coalesce(recent.misses_30m, 0) as misses_30m,
-    coalesce(recent.misses_60m, 0) as misses_60m,
-    coalesce(recent.misses_120m, 0) as misses_120m,
-    coalesce(last_week.claims, 0) as claims_next_60m_last_week,
-    coalesce(last_week.misses, 0) as misses_next_60m_last_week,
-    exists (
-        select 1 from prebuild_events e
-        where e.preset_id = p.id and e.created_at >= tv.created_at
-            and e.event_type in ('claim_succeeded', 'claim_missed')
-    ) as has_history
-from template_version_presets p
-join template_versions tv on tv.id = p.template_version_id
-cross join lateral (
-    select
-        count(*) filter (where e.event_type = 'claim_succeeded' and e.created_at > $1::timestamptz - interval '5 minutes')
-            as claims_5m,
-        count(*) filter (where e.event_type = 'claim_succeeded' and e.created_at > $1::timestamptz - interval '10 minutes')
-            as claims_10m,
-        count(*) filter (where e.event_type = 'claim_succeeded' and e.created_at > $1::timestamptz - interval '30 minutes')
-            as claims_30m,
-        count(*) filter (where e.event_type = 'claim_succeeded' and e.created_at > $1::timestamptz - interval '60 minutes')
-            as claims_60m,
-        count(*) filter (where e.event_type = 'claim_succeeded') as claims_120m,
-        count(*) filter (where e.event_type = 'claim_missed' and e.created_at > $1::timestamptz - interval '5 minutes')
-            as misses_5m,
-        count(*) filter (where e.event_type = 'claim_missed' and e.created_at > $1::timestamptz - interval '10 minutes')
-            as misses_10m,
-        count(*) filter (where e.event_type = 'claim_missed' and e.created_at > $1::timestamptz - interval '30 minutes')
-            as misses_30m,
-        count(*) filter (where e.event_type = 'claim_missed' and e.created_at > $1::timestamptz - interval '60 minutes')
-            as misses_60m,
-        count(*) filter (where e.event_type = 'claim_missed') as misses_120m
-    from prebuild_events e
-    where e.preset_id = p.id and e.created_at > $1::timestamptz - interval '120 minutes'
-) recent
-cross join lateral (
-    -- The hour that started exactly 7 days ago: [now - 7 days, now - 7 days + 1 hour).
-    select
-        count(*) filter (where e.event_type = 'claim_succeeded') as claims,
-        count(*) filter (where e.event_type = 'claim_missed') as misses
-    from prebuild_events e
-    where e.preset_id = p.id
-        and e.created_at >= $1::timestamptz - interval '7 days' and e.created_at < $1::timestamptz - interval '7 days' + interval '1 hour'
-) last_week
-where p.id = $2
 
 -- name: snapshot_prebuilds
 -- One statement, so that the latest build of each live prebuild is looked up once (the materialized

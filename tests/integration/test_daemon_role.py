@@ -656,7 +656,7 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     assert "running" in {row["kind"] for row in targeted}
     assert await run("snapshot_demand_targeted", now, targets) == await run("snapshot_demand", now)
     assert await run("snapshot_demand_targeted", now, [ids["other_organization"]]) == []
-    assert [row["claims_5m"] for row in await run("preset_demand", now, ids["preset"])] == [1]
+    assert [row["claims_5m"] for row in await run("snapshot_demand_one_preset", now, ids["preset"])] == [1]
     demand = await run("snapshot_demand", now)
     assert [(row["preset_id"], row["claims_5m"], row["has_history"]) for row in demand] == [(ids["preset"], 1, True)]
     # The claim/miss counters' reads (with the lifetime counters' refresh): both events, then the recent one.
