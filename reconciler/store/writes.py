@@ -90,13 +90,13 @@ async def lock_presets_for_create(connection: db.Connection, preset_ids: Sequenc
     locked = [row["id"] for row in await connection.fetch(_query("lock_presets_for_create"), list(preset_ids))]
     if not locked:
         return {}
-    rows = await connection.fetch(_query("read_presets_for_create"), locked)
+    rows = await connection.fetch(_query("read_preset_for_create_batch"), locked)
     return {row["id"]: _create_check(row) for row in rows}
 
 
 async def count_presets_prebuilds(connection: db.Connection, presets: Mapping[UUID, UUID]) -> dict[UUID, int]:
     """The batch form of `count_preset_prebuilds`: preset -> its template in, preset -> count out."""
-    rows = await connection.fetch(_query("count_presets_prebuilds"), list(presets), list(set(presets.values())))
+    rows = await connection.fetch(_query("count_preset_prebuilds_batch"), list(presets), list(set(presets.values())))
     counts = dict.fromkeys(presets, 0)
     for row in rows:
         if presets.get(row["preset_id"]) == row["template_id"]:

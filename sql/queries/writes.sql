@@ -14,8 +14,10 @@ select p.id from template_version_presets p where p.id = $1 for update
 -- change committed before the lock was granted. What a create must still be true of: the preset has
 -- prebuilds, is active, and may create; and what its target is made of now (desired count, schedules in
 -- snapshot order, time zone, expression), since the platform may have changed any of them after the pass's
--- snapshot.
+-- snapshot. `read_preset_for_create_batch`: the same for the presets $1 of a batch (after
+-- `lock_presets_for_create`), with their ids.
 select
+    p.id,
     p.desired_instances,
     p.scheduling_timezone,
     array(
@@ -35,14 +37,17 @@ select
 from template_version_presets p
 join template_versions tv on tv.id = p.template_version_id
 join templates t on t.id = tv.template_id
-where p.id = $1
+where p.id = $1  -- not in batch
+where p.id = any($1::uuid[])  -- only in batch
 
 -- name: count_preset_prebuilds
 -- Fresh count for the create clamp: live prebuilds of the preset that are running or on their way
 -- (latest build a start that has not failed or been canceled), counted for their current preset as the
 -- plan counts them: the preset of the workspace's latest start naming one (a later stop and start may
--- name none).
-select count(*)
+-- name none). `count_preset_prebuilds_batch`: the same for a batch, $1 presets and $2 templates, by
+-- current preset and template (the caller keeps each preset's pair with its own template).
+select count(*)  -- not in batch
+select current_preset.template_version_preset_id as preset_id, w.template_id, count(*)::integer as prebuilds  -- only in batch
 from workspaces w
 cross join lateral (
     select b.transition, b.job_id
@@ -60,10 +65,13 @@ cross join lateral (
     limit 1
 ) current_preset
 where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
-    and w.template_id = $2
+    and w.template_id = $2  -- not in batch
+    and w.template_id = any($2::uuid[])  -- only in batch
     and latest.transition = 'start'
-    and current_preset.template_version_preset_id = $1
+    and current_preset.template_version_preset_id = $1  -- not in batch
+    and current_preset.template_version_preset_id = any($1::uuid[])  -- only in batch
     and job.job_status in ('pending', 'running', 'succeeded')
+group by 1, 2  -- only in batch
 
 -- name: lock_in_flight_budget
 -- $1 the lock's key. Serializes the writers of the in-flight budget (creates and deletes of every replica
@@ -112,59 +120,6 @@ returning workspace_id
 -- $1 the presets. Locks their rows in id order (every batch writer locks in that order: no two wait on
 -- each other in opposite orders) and returns the ids of those that exist.
 select p.id from template_version_presets p where p.id = any($1::uuid[]) order by p.id for update
-
--- name: read_presets_for_create
--- The batch form of `read_preset_for_create`, run right after `lock_presets_for_create` in the same
--- transaction (a statement of its own, for the reason given there): $1 the presets locked.
-select
-    p.id,
-    p.desired_instances,
-    p.scheduling_timezone,
-    array(
-        select s.cron_expression from template_version_preset_prebuild_schedules s
-        where s.preset_id = p.id order by s.id
-    ) as schedule_crons,
-    array(
-        select s.desired_instances from template_version_preset_prebuild_schedules s
-        where s.preset_id = p.id order by s.id
-    ) as schedule_instances,
-    p.prebuild_status::text as prebuild_status,
-    t.active_version_id is not distinct from p.template_version_id and not t.deleted and t.deprecated = ''
-        as active,
-    t.id as template_id,
-    t.organization_id,
-    p.desired_instances_expression
-from template_version_presets p
-join template_versions tv on tv.id = p.template_version_id
-join templates t on t.id = tv.template_id
-where p.id = any($1::uuid[])
-
--- name: count_presets_prebuilds
--- The batch form of `count_preset_prebuilds`: $1 presets, $2 templates. Live prebuilds running or on
--- their way, by current preset and template (the caller keeps each preset's pair with its own template).
-select current_preset.template_version_preset_id as preset_id, w.template_id, count(*)::integer as prebuilds
-from workspaces w
-cross join lateral (
-    select b.transition, b.job_id
-    from workspace_builds b
-    where b.workspace_id = w.id
-    order by b.build_number desc
-    limit 1
-) latest
-join provisioner_jobs job on job.id = latest.job_id
-cross join lateral (
-    select b.template_version_preset_id
-    from workspace_builds b
-    where b.workspace_id = w.id and b.transition = 'start' and b.template_version_preset_id is not null
-    order by b.build_number desc
-    limit 1
-) current_preset
-where w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
-    and w.template_id = any($2::uuid[])
-    and latest.transition = 'start'
-    and current_preset.template_version_preset_id = any($1::uuid[])
-    and job.job_status in ('pending', 'running', 'succeeded')
-group by 1, 2
 
 -- name: create_prebuilds_batch
 -- The batch form of `create_prebuilds`: one element per prebuild in each of $1 presets, $2 template

@@ -706,8 +706,8 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     # The same, in the batch forms (creates of several presets in one transaction).
     async with as_role.transaction():
         assert [row["id"] for row in await run("lock_presets_for_create", [ids["preset"]])] == [ids["preset"]]
-        assert (await run("read_presets_for_create", [ids["preset"]]))[0]["active"] is True
-        counted = await run("count_presets_prebuilds", [ids["preset"]], [ids["template"]])
+        assert (await run("read_preset_for_create_batch", [ids["preset"]]))[0]["active"] is True
+        counted = await run("count_preset_prebuilds_batch", [ids["preset"]], [ids["template"]])
         assert [tuple(row) for row in counted] == [(ids["preset"], ids["template"], 5)]
         batch = await run(
             "create_prebuilds_batch",
