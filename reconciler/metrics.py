@@ -124,6 +124,10 @@ class PresetCollector(Collector):
 
     def __init__(self) -> None:
         self._samples: tuple[PresetSample, ...] = ()
+        # The presets whose lifetime counters are exported: those of the last plan. Kept when the gauges are
+        # withdrawn (a tick lost to another replica's lock): the counters come from the database, not from
+        # a plan, and a counter series that comes and goes would read as resets.
+        self._counted: frozenset[tuple[str, str, str]] = frozenset()
         # Counters must never go down while the process runs, even if rows disappear from the database.
         self._totals: dict[tuple[str, str, str], tuple[int, int, int]] = {}
         # The claim/miss counters by label set (`reconciler.claim_event_counters`), never lowered either.
@@ -150,7 +154,9 @@ class PresetCollector(Collector):
         never changed in place."""
         samples = self._samples_from(plan)
         totals, claim_events = self._totals, self._claim_events
-        return PreparedPresets(samples, totals, self._rendered_from(samples, totals, claim_events), claim_events)
+        counted = frozenset(sample.labels for sample in samples)
+        rendered = self._rendered_from(samples, counted, totals, claim_events)
+        return PreparedPresets(samples, totals, rendered, claim_events)
 
     def update_from_plan(self, plan: Plan, prepared: PreparedPresets | None = None) -> None:
         """Publish the plan's samples; with `prepared` (from `prepare`), its text, already rendered."""
@@ -158,6 +164,7 @@ class PresetCollector(Collector):
             # Not prepared, or the totals moved since: render now (counters must never show going back).
             prepared = self.prepare(plan)
         self._samples, self._rendered = prepared.samples, prepared.rendered
+        self._counted = frozenset(sample.labels for sample in prepared.samples)
 
     @staticmethod
     def _samples_from(plan: Plan) -> tuple[PresetSample, ...]:
@@ -181,7 +188,7 @@ class PresetCollector(Collector):
         return tuple(samples)
 
     def withdraw(self) -> None:
-        """Stop exporting per-preset series until the next plan; the lifetime totals are kept."""
+        """Stop exporting the per-preset gauges until the next plan; the lifetime counters stay exported."""
         self._samples = ()
         self._render()
 
@@ -226,37 +233,29 @@ class PresetCollector(Collector):
                 if getattr(sample, attribute):
                     family.add_metric(list(sample.labels), 1)
             yield family
-        totals = self._qualifying_totals()
+        totals = self._qualifying_totals(self._counted, self._totals)
         for index, (name, documentation) in enumerate(COUNTER_SERIES):
             counter = CounterMetricFamily(name, documentation, labels=PRESET_LABELS)
             for label_values, values in totals:
                 counter.add_metric(list(label_values), values[index])
             yield counter
         counter = CounterMetricFamily(CLAIM_EVENTS_SERIES, CLAIM_EVENTS_HELP, labels=(*PRESET_LABELS, "event_type"))
-        for label_values, event_counts in self._qualifying_claim_events():
+        for label_values, event_counts in self._qualifying_claim_events(self._counted, self._claim_events):
             for event_type, value in zip(CLAIM_EVENT_TYPES, event_counts, strict=True):
                 counter.add_metric([*label_values, event_type], value)
         yield counter
 
+    @staticmethod
     def _qualifying_totals(
-        self,
-        samples: tuple[PresetSample, ...] | None = None,
-        totals: Mapping[tuple[str, str, str], tuple[int, int, int]] | None = None,
+        counted: frozenset[tuple[str, str, str]], totals: Mapping[tuple[str, str, str], tuple[int, int, int]]
     ) -> list[tuple[tuple[str, str, str], tuple[int, int, int]]]:
-        samples = self._samples if samples is None else samples
-        totals = self._totals if totals is None else totals
-        qualifying = {sample.labels for sample in samples}
-        return [(labels, values) for labels, values in totals.items() if labels in qualifying]
+        return [(labels, values) for labels, values in totals.items() if labels in counted]
 
+    @staticmethod
     def _qualifying_claim_events(
-        self,
-        samples: tuple[PresetSample, ...] | None = None,
-        claim_events: Mapping[tuple[str, str, str], tuple[int, int]] | None = None,
+        counted: frozenset[tuple[str, str, str]], claim_events: Mapping[tuple[str, str, str], tuple[int, int]]
     ) -> list[tuple[tuple[str, str, str], tuple[int, int]]]:
-        samples = self._samples if samples is None else samples
-        claim_events = self._claim_events if claim_events is None else claim_events
-        qualifying = {sample.labels for sample in samples}
-        return [(labels, values) for labels, values in claim_events.items() if labels in qualifying]
+        return [(labels, values) for labels, values in claim_events.items() if labels in counted]
 
     def exposition(self) -> bytes:
         """The text format of `collect()`'s families, byte for byte, as rendered at the last update.
@@ -284,15 +283,16 @@ class PresetCollector(Collector):
 
     def _render(self) -> None:
         # The samples and totals are replaced, never changed in place.
-        self._rendered = self._rendered_from(self._samples, self._totals, self._claim_events)
+        self._rendered = self._rendered_from(self._samples, self._counted, self._totals, self._claim_events)
 
     def _rendered_from(
         self,
         samples: tuple[PresetSample, ...],
+        counted: frozenset[tuple[str, str, str]],
         totals: Mapping[tuple[str, str, str], tuple[int, int, int]],
         claim_events: Mapping[tuple[str, str, str], tuple[int, int]],
     ) -> _Rendered:
-        return _Rendered.of("".join(self._render_lines(samples, totals, claim_events)).encode())
+        return _Rendered.of("".join(self._render_lines(samples, counted, totals, claim_events)).encode())
 
     def _labels(self, label_values: tuple[str, str, str]) -> str:
         text = self._label_text.get(label_values)
@@ -307,6 +307,7 @@ class PresetCollector(Collector):
     def _render_lines(
         self,
         samples: tuple[PresetSample, ...],
+        counted: frozenset[tuple[str, str, str]],
         all_totals: Mapping[tuple[str, str, str], tuple[int, int, int]],
         all_claim_events: Mapping[tuple[str, str, str], tuple[int, int]],
     ) -> Iterator[str]:
@@ -326,13 +327,13 @@ class PresetCollector(Collector):
             for sample, label_text in zip(samples, labels, strict=True):
                 if getattr(sample, attribute):
                     yield f"{name}{label_text} 1.0\n"
-        totals = self._qualifying_totals(samples, all_totals)
+        totals = self._qualifying_totals(counted, all_totals)
         for index, (name, documentation) in enumerate(COUNTER_SERIES):
             yield header(name + "_total", documentation, "counter")
             for label_values, values in totals:
                 yield f"{name}_total{self._labels(label_values)} {float(values[index])!r}\n"
         yield header(CLAIM_EVENTS_SERIES + "_total", CLAIM_EVENTS_HELP, "counter")
-        for label_values, event_counts in self._qualifying_claim_events(samples, all_claim_events):
+        for label_values, event_counts in self._qualifying_claim_events(counted, all_claim_events):
             label_text = self._labels(label_values)
             for event_type, value in zip(CLAIM_EVENT_TYPES, event_counts, strict=True):
                 # Labels sorted by name, as the client library writes them: event_type comes first.

@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import random
 import signal
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -532,10 +533,26 @@ class Daemon:
         self._pass_task = asyncio.current_task()
         try:
             result = await self.run_pass_now()
+            if result.outcome is PassOutcome.SKIPPED_LOCK:
+                self._shift_ticks()
             await self.refresh_pending_jobs()
         finally:
             self._pass_task = None
         del result
+
+    def _shift_ticks(self) -> None:
+        """Move this replica's ticks to a random moment of the interval after a tick lost the pass lock.
+
+        Replicas started together tick together: the one that comes a few milliseconds later finds the
+        other's pass holding the lock on every tick, for as long as a pass lasts longer than that offset,
+        and never plans (its per-preset series stay withdrawn). A new random phase after each lost tick
+        ends that lockstep within a few ticks; the fleet is reconciled either way."""
+        if self._scheduler is None or not self._scheduler.running:
+            return
+        interval = self.settings.reconciliation_interval.total_seconds()
+        next_tick = datetime.now(UTC) + timedelta(seconds=random.uniform(0.0, interval))
+        self._scheduler.modify_job("reconcile", next_run_time=next_tick)
+        logger.debug("scheduler.ticks_shifted", next_tick=next_tick.isoformat())
 
     async def refresh_pending_jobs(self) -> None:
         """The oldest unstarted prebuild job per organization, read after every pass (beside it, not in it:

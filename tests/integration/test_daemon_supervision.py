@@ -6,6 +6,7 @@ Each test runs the real `Daemon` in this process against a real database, and br
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -221,3 +222,39 @@ async def test_a_skipped_tick_is_logged_as_a_scheduler_event(factory: Factory, d
     )
     assert value is not None
     assert value >= 1
+
+
+async def test_a_tick_lost_to_the_lock_moves_the_replicas_ticks_to_a_new_phase(
+    factory: Factory, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas started together tick together: the later one would lose the lock on every tick for as long
+    as a pass outlasts their offset. A lost tick moves this replica's ticks to a random moment of the
+    interval (here the middle of it, for a deterministic check), instead of the next regular tick."""
+    await factory.preset(desired=0)
+    monkeypatch.setattr(random, "uniform", lambda low, high: (low + high) / 2)
+    other_replica = await asyncpg.connect(database_url)
+    try:
+        assert await other_replica.fetchval("select pg_try_advisory_lock($1)", db.RECONCILIATION_LOCK_KEY)
+        settings = settings_for(database_url, http_address="127.0.0.1:0", reconciliation_interval="60s")
+        async with running(settings) as daemon:
+
+            def until_next_tick() -> float | None:
+                assert daemon._scheduler is not None
+                job = daemon._scheduler.get_job("reconcile")
+                if daemon.last_pass is None or job is None or job.next_run_time is None:
+                    return None
+                return float((job.next_run_time - daemon.last_pass.started_at).total_seconds())
+
+            async def moved() -> bool:
+                seconds = until_next_tick()
+                # The regular next tick is 60 s after the first.
+                return seconds is not None and seconds < 50
+
+            await eventually(moved, "the next tick to move")
+            assert daemon.last_pass is not None
+            assert daemon.last_pass.outcome.value == "skipped_lock"
+            seconds = until_next_tick()
+            assert seconds is not None
+            assert 25 <= seconds <= 35, "half an interval after the lost tick"
+    finally:
+        await other_replica.close()

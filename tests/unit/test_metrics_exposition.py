@@ -96,7 +96,7 @@ def test_render_serves_every_metric_once() -> None:
     assert sorted(text.splitlines()) == sorted(generate_latest(metrics.registry).decode().splitlines())
 
 
-def test_a_replica_that_skips_a_pass_withdraws_its_per_preset_series() -> None:
+def test_a_replica_that_skips_a_pass_withdraws_its_gauges_and_keeps_its_counters() -> None:
     metrics = Metrics(process_metrics=False)
     preset_plan = PresetPlan(make_preset("a"), PresetState(desired=2, actual=1), (), False)
     metrics.observe_pass("success", 0.1, make_plan(preset_plan), paused=False)
@@ -117,8 +117,24 @@ def test_a_replica_that_skips_a_pass_withdraws_its_per_preset_series() -> None:
     metrics.observe_pass("skipped_lock", 0.0, None, paused=None)
     assert value("coderd_prebuilt_workspaces_desired", labels) is None
     assert b"coderd_prebuilt_workspaces_desired{" not in metrics.render()
+    # The lifetime counters come from the database, not from a plan: they stay, and keep moving, so that a
+    # replica's counter series never comes and goes with the lock.
+    assert value("coderd_prebuilt_workspaces_created_total", labels) == 4
+    assert b"coderd_prebuilt_workspaces_created_total{" in metrics.render()
+    metrics.presets.update_totals(
+        {
+            (
+                preset_plan.preset.template_name,
+                preset_plan.preset.name,
+                preset_plan.preset.organization_name,
+            ): PrebuildTotals(created=5, failed=1, claimed=0)
+        }
+    )
+    assert value("coderd_prebuilt_workspaces_created_total", labels) == 5
+    series = b'coderd_prebuilt_workspaces_created_total{organization_name="acme",preset_name="a",template_name="go"}'
+    assert series + b" 5.0" in metrics.render()
 
     # Back in charge: the series return, and the counter did not go down meanwhile.
     metrics.observe_pass("success", 0.1, make_plan(preset_plan), paused=False)
     assert value("coderd_prebuilt_workspaces_desired", labels) == 2
-    assert value("coderd_prebuilt_workspaces_created_total", labels) == 4
+    assert value("coderd_prebuilt_workspaces_created_total", labels) == 5
