@@ -13,6 +13,8 @@ each preset wants:
    pool is, relatively, the emptiest still. No preset gets a second create while another that wants
    one has none, unless that one's template has no budget left.
 3. A create limit from the breaker: none (open), or a few probes, one per template (half-open).
+4. A create limit from the slow start (`RECONCILER_SLOW_START`): while no prebuild create has succeeded
+   in the breaker's window, at most N prebuild creates in flight; the room left is shared as above.
 
 Everything held back is counted with the reason that held it.
 """
@@ -35,6 +37,7 @@ class HoldReason(enum.StrEnum):
     MAX_IN_FLIGHT_PER_TEMPLATE = "max_in_flight_per_template"
     BREAKER_OPEN = "breaker_open"
     BREAKER_PROBING = "breaker_probing"
+    SLOW_START = "slow_start"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +144,18 @@ def admit(
     *,
     creates_allowed: int | None = None,
     probing: bool = False,
+    slow_start: int | None = None,
 ) -> Admission:
     """Admit what fits. `creates_allowed` caps creates across the deployment (the breaker: 0 when open, the
-    number of probes when half-open); `probing` admits at most one create per template."""
+    number of probes when half-open); `probing` admits at most one create per template; `slow_start`, when
+    the slow start holds, is the room it leaves for creates (its limit less the creates in flight)."""
     wanting = [want for want in wants if want.creates or want.delete_total]
     room = _Room(budget, in_flight, in_flight_by_template)
     deletes = _admit_deletes(wanting, room)
-    create_room = room.overall if creates_allowed is None else min(room.overall, max(creates_allowed, 0))
+    create_room = room.overall
+    for limit in (creates_allowed, slow_start):
+        if limit is not None:
+            create_room = min(create_room, max(limit, 0))
     creates = _admit_creates(wanting, room, create_room, probing=probing)
 
     presets: dict[UUID, Admitted] = {}
@@ -161,20 +169,28 @@ def admit(
             deletes=admitted_deletes,
             creates_held=creates_held,
             deletes_held=deletes_held,
-            creates_held_by=_create_hold_reason(want, room, creates_allowed, probing) if creates_held else None,
+            creates_held_by=(
+                _create_hold_reason(want, room, creates_allowed, probing, slow_start) if creates_held else None
+            ),
             deletes_held_by=room.why_not(want.template_id) if deletes_held else None,
         )
     return Admission(budget, in_flight, dict(in_flight_by_template), presets)
 
 
-def _create_hold_reason(want: Wants, room: _Room, creates_allowed: int | None, probing: bool) -> HoldReason:
+def _create_hold_reason(
+    want: Wants, room: _Room, creates_allowed: int | None, probing: bool, slow_start: int | None
+) -> HoldReason:
     if creates_allowed == 0 and not probing:
         return HoldReason.BREAKER_OPEN
     if room.template(want.template_id) <= 0:
         return HoldReason.MAX_IN_FLIGHT_PER_TEMPLATE
     if room.overall <= 0:
         return HoldReason.MAX_IN_FLIGHT
-    # Half-open: the probes are spent, or this template already has its probe.
+    if probing:
+        # Half-open: the probes are spent, or this template already has its probe.
+        return HoldReason.BREAKER_PROBING
+    if slow_start is not None:
+        return HoldReason.SLOW_START
     return HoldReason.BREAKER_PROBING
 
 

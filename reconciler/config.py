@@ -293,6 +293,10 @@ class Settings(BaseSettings):
     breaker_open_duration: Annotated[Duration, between(SECOND, DAY)] = 5 * MINUTE
     breaker_open_duration_max: Annotated[Duration, between(SECOND, 7 * DAY)] = HOUR
     breaker_probes: int = Field(default=3, ge=1, le=1000)
+    # The slow start (issue 15.6): while no prebuild create has succeeded within the breaker's window, at
+    # most this many prebuild creates in flight, so that an outage nobody has seen yet fails a few builds
+    # rather than a whole wave; 0 = off (Coder's: everything wanted is asked for at once).
+    slow_start: int = Field(default=0, ge=0, le=1_000_000)
     # A lower computed target deletes prebuilds once it has held this long (docs/DEMAND.md); 0 = at once.
     target_stabilization_window: Annotated[Duration, between(timedelta(0), DAY)] = 5 * MINUTE
     # Claim events older than this are purged; last week's demand needs 7 days and an hour.
@@ -443,6 +447,7 @@ BEHAVIOUR_SETTINGS: tuple[str, ...] = (
     "breaker_open_duration",
     "breaker_open_duration_max",
     "breaker_probes",
+    "slow_start",
     "surge",
     "ttl_jitter",
     "failed_prebuilds_keep",

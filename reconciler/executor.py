@@ -35,7 +35,7 @@ from reconciler.plan import (
     StatusChangeKind,
 )
 from reconciler.snapshot import PrebuildStatus, preset_log_fields
-from reconciler.store import writes
+from reconciler.store import reads, writes
 
 logger = structlog.get_logger(__name__)
 
@@ -84,18 +84,28 @@ class ExecutionSummary:
 ActionObserver = Callable[[str, ActionOutcome, int, str], None]
 
 
-async def _budget_room(connection: db.Connection, budget: BudgetUse | None, template_id: UUID) -> int | None:
-    """Jobs the in-flight budget still admits now, across the deployment and for the template; None without
-    a budget. Takes the budget's lock first (held to the end of the caller's transaction), then counts."""
-    if budget is None or not (budget.max_in_flight or budget.max_in_flight_per_template):
+async def _budget_room(
+    connection: db.Connection, budget: BudgetUse | None, template_id: UUID, *, create: bool = False
+) -> int | None:
+    """Jobs the in-flight budget still admits now, across the deployment and for the template, and for a
+    `create` while the plan's slow start holds, the creates it still admits; None without either. Takes
+    the budget's lock first (held to the end of the caller's transaction), then counts."""
+    limited = budget is not None and bool(budget.max_in_flight or budget.max_in_flight_per_template)
+    slow_start = budget.slow_start if budget is not None and create else 0
+    if budget is None or not (limited or slow_start):
         return None
     await writes.lock_in_flight_budget(connection)
-    total, for_template = await writes.count_in_flight(connection, template_id)
     rooms = []
-    if budget.max_in_flight:
-        rooms.append(budget.max_in_flight - total)
-    if budget.max_in_flight_per_template:
-        rooms.append(budget.max_in_flight_per_template - for_template)
+    if limited:
+        total, for_template = await writes.count_in_flight(connection, template_id)
+        if budget.max_in_flight:
+            rooms.append(budget.max_in_flight - total)
+        if budget.max_in_flight_per_template:
+            rooms.append(budget.max_in_flight_per_template - for_template)
+    if slow_start:
+        # The slow start held when the plan was made: what other writers started since counts. (A success
+        # meanwhile would have lifted it; the next pass sees it.)
+        rooms.append(slow_start - await reads.count_prebuild_creates_in_flight(connection))
     return max(min(rooms), 0)
 
 
@@ -150,7 +160,7 @@ async def _create(
     async with connection.transaction():
         # The budget's lock before the preset's: every budgeted writer takes it first, so no two of ours
         # ever wait on each other in opposite orders.
-        room = await _budget_room(connection, budget, preset.template_id)
+        room = await _budget_room(connection, budget, preset.template_id, create=True)
         check = await writes.lock_preset_for_create(connection, preset.id)
         if not _may_create(check):
             return 0, action.count
@@ -553,7 +563,7 @@ async def _create_batch_set(connection: db.Connection, batch: list[PresetPlan], 
 
 
 def _budget_unset(budget: BudgetUse | None) -> bool:
-    return budget is None or not (budget.max_in_flight or budget.max_in_flight_per_template)
+    return budget is None or not (budget.max_in_flight or budget.max_in_flight_per_template or budget.slow_start)
 
 
 def _creates_only(preset_plan: PresetPlan) -> bool:

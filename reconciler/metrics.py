@@ -451,7 +451,8 @@ class Metrics:
         self.in_flight_budget = Gauge(
             "prebuilds_reconciler_in_flight_budget",
             "The in-flight budget of prebuild build jobs, across the deployment (scope=total) and per template "
-            "(scope=per_template); 0 = unlimited.",
+            "(scope=per_template); 0 = unlimited. scope=slow_start: the prebuild creates allowed in flight while "
+            "the slow start holds (0 when it does not).",
             ["scope"],
             registry=registry,
         )
@@ -479,7 +480,7 @@ class Metrics:
         )
         for state in BreakerState:
             self.breaker_state.labels(state.value).set(1 if state is BreakerState.CLOSED else 0)
-        for scope in ("total", "per_template"):
+        for scope in ("total", "per_template", "slow_start"):
             self.in_flight_budget.labels(scope)
         for kind in ("create", "delete"):
             self.in_flight_withheld.labels(kind)
@@ -502,6 +503,7 @@ class Metrics:
         budget = plan.budget
         self.in_flight_budget.labels("total").set(budget.max_in_flight if budget else 0)
         self.in_flight_budget.labels("per_template").set(budget.max_in_flight_per_template if budget else 0)
+        self.in_flight_budget.labels("slow_start").set(budget.slow_start if budget else 0)
         if plan.snapshot is not None:
             self.in_flight_jobs.set(plan.snapshot.in_flight_total)
         self.in_flight_withheld.labels("create").set(budget.creates_held if budget else 0)

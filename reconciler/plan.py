@@ -167,6 +167,10 @@ class BudgetUse:
     admitted: int = 0
     creates_held: int = 0
     deletes_held: int = 0
+    # RECONCILER_SLOW_START when the slow start holds this pass (no prebuild create succeeded within the
+    # breaker's window), else 0; and the prebuild creates in flight it counted.
+    slow_start: int = 0
+    creates_in_flight: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +181,8 @@ class Plan:
     # Every status change of the pass, in snapshot order; also those of a preset the planner failed on,
     # which is not in `presets`: its status follows from its failures alone.
     status_changes: tuple[StatusChange, ...] = ()
-    # The in-flight budget, when one is set (None: unlimited, nothing was admitted or held).
+    # The in-flight budget, when one is set or the slow start holds (None: unlimited, nothing was admitted
+    # or held).
     budget: BudgetUse | None = None
     # The global breaker's decision this pass (None: disabled and closed). The executor writes its
     # record when it changed, with one notification per episode.

@@ -68,6 +68,8 @@ class PlannerConfig:
     budget: Budget = field(default_factory=Budget)
     # The global breaker (issue 15.2); disabled by default.
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    # RECONCILER_SLOW_START; 0 = off.
+    slow_start: int = 0
     # RECONCILER_SURGE and RECONCILER_TTL_JITTER (issue 15.4); 0 = Coder's rotation.
     surge: int = 0
     ttl_jitter: float = 0.0
@@ -495,15 +497,17 @@ def plan(
             presets, status_changes = _without_outage_hard_limits(presets, status_changes)
     budget = None
     creates_allowed = breaker.creates_allowed if breaker is not None else None
-    if not config.budget.unlimited or creates_allowed is not None:
+    slow_start = slow_start_holds(config.slow_start, snapshot)
+    if not config.budget.unlimited or creates_allowed is not None or slow_start:
         presets, use = apply_admission(
             presets,
             snapshot,
             config.budget,
             creates_allowed=creates_allowed,
             probing=breaker is not None and breaker.probing,
+            slow_start=config.slow_start if slow_start else 0,
         )
-        budget = None if config.budget.unlimited else use
+        budget = None if config.budget.unlimited and not slow_start else use
     return Plan(
         generated_at=now,
         presets=tuple(presets),
@@ -513,6 +517,13 @@ def plan(
         budget=budget,
         breaker=breaker,
     )
+
+
+def slow_start_holds(limit: int, snapshot: Snapshot) -> bool:
+    """Whether the slow start limits this pass's creates: it is set, and no prebuild create has completed
+    successfully within the breaker's window (a cold start, or an outage nobody has seen succeed since).
+    The first success lifts it, so on healthy provisioners it costs one build time."""
+    return limit > 0 and not snapshot.create_succeeded_recently
 
 
 def _without_outage_hard_limits(
@@ -558,9 +569,11 @@ def apply_admission(
     *,
     creates_allowed: int | None = None,
     probing: bool = False,
+    slow_start: int = 0,
 ) -> tuple[list[PresetPlan], BudgetUse]:
     """The presets' actions cut to what the in-flight budget admits (reconciler.admission), with what was
-    held back and why on each preset; deletes keep their oldest-first order, so the oldest go first."""
+    held back and why on each preset; deletes keep their oldest-first order, so the oldest go first.
+    `slow_start`: the slow start's limit when it holds this pass (0: it does not)."""
     in_flight_by_template = {row.template_id: row.jobs for row in snapshot.in_flight}
     wants = [wants_of(preset_plan) for preset_plan in presets]
     admission: Admission = admit(
@@ -570,6 +583,7 @@ def apply_admission(
         in_flight_by_template,
         creates_allowed=creates_allowed,
         probing=probing,
+        slow_start=slow_start - snapshot.creates_in_flight if slow_start else None,
     )
     admitted_presets: list[PresetPlan] = []
     for preset_plan in presets:
@@ -610,6 +624,8 @@ def apply_admission(
         admitted=admission.admitted,
         creates_held=admission.creates_held,
         deletes_held=admission.deletes_held,
+        slow_start=slow_start,
+        creates_in_flight=snapshot.creates_in_flight if slow_start else 0,
     )
     return admitted_presets, use
 

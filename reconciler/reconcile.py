@@ -219,6 +219,7 @@ def planner_config(settings: Settings) -> planner.PlannerConfig:
             open_duration_max=settings.breaker_open_duration_max,
             probes=settings.breaker_probes,
         ),
+        slow_start=settings.slow_start,
         stabilization_window=settings.target_stabilization_window,
         surge=settings.surge,
         ttl_jitter=settings.ttl_jitter,
@@ -235,6 +236,7 @@ def snapshot_parameters(settings: Settings, now: datetime) -> reads.SnapshotPara
         capacity_error_codes=settings.capacity_error_codes,
         # Read whether or not the breaker is enabled: one disabled during an episode is closed, and told.
         breaker_window_start=now - settings.breaker_window,
+        slow_start_window_start=now - settings.breaker_window if settings.slow_start else None,
     )
 
 

@@ -107,6 +107,9 @@ def budget_json(budget: BudgetUse | None) -> dict[str, Any] | None:
         "admitted": budget.admitted,
         "creates_held": budget.creates_held,
         "deletes_held": budget.deletes_held,
+        # RECONCILER_SLOW_START when it holds this pass (else 0), and the prebuild creates in flight.
+        "slow_start": budget.slow_start,
+        "creates_in_flight": budget.creates_in_flight,
     }
 
 
@@ -145,9 +148,18 @@ def budget_line(budget: BudgetUse | None) -> str:
         limits.append(f"{budget.max_in_flight} in all")
     if budget.max_in_flight_per_template:
         limits.append(f"{budget.max_in_flight_per_template} per template")
+    slow_start = (
+        f"slow start (no prebuild create succeeded lately): at most {budget.slow_start} creates in flight, "
+        f"{budget.creates_in_flight} now"
+        if budget.slow_start
+        else ""
+    )
+    if not limits:
+        return f"{slow_start}; {budget.admitted} admitted, held back {budget.creates_held} creates\n"
     return (
         f"in-flight budget {', '.join(limits)}: {budget.in_flight} in flight, {budget.admitted} admitted, "
         f"held back {budget.creates_held} creates and {budget.deletes_held} deletes\n"
+        + (f"{slow_start}\n" if slow_start else "")
     )
 
 
@@ -321,6 +333,7 @@ _HELD_BECAUSE = {
     HoldReason.MAX_IN_FLIGHT_PER_TEMPLATE: "the template's in-flight budget",
     HoldReason.BREAKER_OPEN: "the open circuit breaker",
     HoldReason.BREAKER_PROBING: "the circuit breaker's probe",
+    HoldReason.SLOW_START: "the slow start (RECONCILER_SLOW_START: no prebuild create succeeded lately)",
 }
 
 

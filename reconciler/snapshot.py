@@ -209,6 +209,10 @@ class Snapshot:
     # The global breaker as the database holds it, and its evidence (issue 15.2).
     breaker: BreakerRecord = field(default_factory=BreakerRecord)
     breaker_observation: BreakerObservation = field(default_factory=BreakerObservation)
+    # The slow start's evidence (RECONCILER_SLOW_START; read only when it is set): prebuild creates pending
+    # or running, and whether a prebuild create completed successfully within the breaker's window.
+    creates_in_flight: int = 0
+    create_succeeded_recently: bool = True
     # Failed prebuilds per preset, for their cleanup (issue 15.5).
     failed_prebuilds: tuple[FailedPrebuilds, ...] = ()
 

@@ -58,6 +58,8 @@ class SnapshotParameters:
     capacity_error_codes: frozenset[str]
     # The start of the breaker's window (now - RECONCILER_BREAKER_WINDOW); None: the breaker is not read.
     breaker_window_start: datetime | None = None
+    # The start of the slow start's window (the breaker's); None: the slow start is off and not read.
+    slow_start_window_start: datetime | None = None
 
 
 class BadRowError(Exception):
@@ -312,6 +314,12 @@ async def read_snapshot(
     breaker, observation = BreakerRecord(), BreakerObservation()
     if parameters.breaker_window_start is not None:
         breaker, observation = await read_breaker(connection, parameters.breaker_window_start)
+    creates_in_flight, create_succeeded_recently = 0, True
+    if parameters.slow_start_window_start is not None:
+        creates_in_flight = await count_prebuild_creates_in_flight(connection)
+        create_succeeded_recently = bool(
+            await connection.fetchval(_query("prebuild_create_succeeded_since"), parameters.slow_start_window_start)
+        )
     converted = _SnapshotRows()
     for row in rows:
         try:
@@ -358,6 +366,8 @@ async def read_snapshot(
         in_flight=in_flight,
         breaker=breaker,
         breaker_observation=observation,
+        creates_in_flight=creates_in_flight,
+        create_succeeded_recently=create_succeeded_recently,
         hard_limited_preset_ids=frozenset(f.preset_id for f in failures if f.hard_limited),
         validation_failed_preset_ids=frozenset(f.preset_id for f in failures if f.validation_failed),
         failures=tuple(failures),
@@ -378,6 +388,11 @@ def _demand_from_row(row: asyncpg.Record) -> PresetDemand:
             has_history=row["has_history"],
         ),
     )
+
+
+async def count_prebuild_creates_in_flight(connection: db.Connection) -> int:
+    """Prebuild creates pending or running, for the slow start (`count_prebuild_creates_in_flight`)."""
+    return int(await connection.fetchval(_query("count_prebuild_creates_in_flight")))
 
 
 async def read_breaker(connection: db.Connection, window_start: datetime) -> tuple[BreakerRecord, BreakerObservation]:

@@ -131,6 +131,40 @@ select
 from breaker b
 left join prebuild_breaker_episodes e on e.episode = b.episode and b.state <> 'closed'
 
+-- name: count_prebuild_creates_in_flight
+-- The slow start's count (RECONCILER_SLOW_START): first (create) builds of prebuilds whose job is pending
+-- or running. Read in the snapshot, and again under the in-flight budget's lock when a create is written
+-- while the slow start holds (a statement of its own, so that it sees every create a previous holder
+-- committed). Starts from the unfinished jobs, as `snapshot_in_flight` does, then looks each one's build up
+-- by its job (the lateral's limit keeps that lookup per job: without statistics, as the daemon's role
+-- plans it, a join could instead read every first build of every preset).
+select count(*)::integer
+from provisioner_jobs job
+cross join lateral (
+    select 1
+    from workspace_builds build
+    where build.job_id = job.id
+        and build.transition = 'start' and build.build_number = 1
+        and build.template_version_preset_id is not null
+    limit 1
+) as create_build
+where job.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'
+    and job.job_status in ('pending', 'running')
+
+-- name: prebuild_create_succeeded_since
+-- The slow start's evidence: whether a first (create) build of a prebuild completed successfully since $1
+-- (now - RECONCILER_BREAKER_WINDOW), from the partial index on prebuild jobs' completion.
+select exists (
+    select 1
+    from provisioner_jobs job
+    join workspace_builds build on build.job_id = job.id
+    where job.initiator_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and job.completed_at is not null
+        and job.completed_at >= $1
+        and job.job_status = 'succeeded'
+        and build.transition = 'start' and build.build_number = 1
+        and build.template_version_preset_id is not null
+)
+
 -- name: snapshot_demand
 -- Claim events of the presets that have a target expression (docs/DEMAND.md), per window ending at $1
 -- (the pass's now): claims_Xm and misses_Xm for X in 5, 10, 30, 60, 120, the hour that started exactly 7

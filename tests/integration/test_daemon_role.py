@@ -631,6 +631,10 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     breaker = (await run("snapshot_breaker", now - timedelta(minutes=10)))[0]
     # Completed create builds in the window: the running prebuild's and the claimed one's.
     assert (breaker["state"], breaker["episode"], breaker["completed"]) == ("closed", 0, 2)
+    # The slow start's reads: the pending prebuild's create is in flight; the running prebuild's create
+    # succeeded within the window.
+    assert (await run("count_prebuild_creates_in_flight"))[0][0] >= 1
+    assert (await run("prebuild_create_succeeded_since", now - timedelta(minutes=10)))[0][0] is True
     # The lifetime counters' reads, beside the passes.
     await run("totals_clock")
     totals = {row["preset_id"]: row for row in await run("totals_by_preset")}
@@ -916,6 +920,8 @@ SNAPSHOT_STATEMENTS = (
     "totals_unfinished_first_builds",
     "totals_recent_first_builds",
     "snapshot_breaker",
+    "count_prebuild_creates_in_flight",
+    "prebuild_create_succeeded_since",
     "snapshot_demand",
     "totals_live_workspaces",
     "claim_events_by_preset",
@@ -940,6 +946,7 @@ async def test_the_snapshot_plans_as_the_role_are_the_owners(connection: asyncpg
         "snapshot_prebuilds": (generated.now - timedelta(hours=1), 3, ["X"], ["Y"]),
         "totals_recent_first_builds": (generated.now - timedelta(hours=1),),
         "snapshot_breaker": (generated.now - timedelta(minutes=10),),
+        "prebuild_create_succeeded_since": (generated.now - timedelta(minutes=10),),
         "snapshot_demand": (generated.now,),
         "claim_events_since": (generated.now - timedelta(hours=1),),
     }
@@ -956,9 +963,34 @@ async def test_the_snapshot_plans_as_the_role_are_the_owners(connection: asyncpg
         await role.close()
 
 
-def table_reads(plan: list[dict[str, Any]]) -> set[tuple[str, str | None]]:
-    """Each table a plan reads, with each filter it reads it with."""
-    return {(node["Relation Name"], node.get("Filter")) for node in plan if "Relation Name" in node}
+def table_reads(plan: list[dict[str, Any]]) -> set[tuple[str, frozenset[str] | None]]:
+    """Each table a plan reads, with each filter it reads it with (as its conjuncts: on a table with row
+    security, PostgreSQL orders a non-owner's conditions leakproof ones first, the owner's by cost)."""
+    return {
+        (node["Relation Name"], conjuncts(node["Filter"]) if "Filter" in node else None)
+        for node in plan
+        if "Relation Name" in node
+    }
+
+
+def conjuncts(condition: str) -> frozenset[str]:
+    """The top-level AND terms of an EXPLAIN condition: "((a) AND (b = 1))" -> {"(a)", "(b = 1)"}."""
+    if condition.startswith("(") and condition.endswith(")"):
+        depth = 0
+        for index, character in enumerate(condition):
+            depth += {"(": 1, ")": -1}.get(character, 0)
+            if depth == 0 and index < len(condition) - 1:
+                break
+        else:
+            condition = condition[1:-1]
+    terms, depth, start = [], 0, 0
+    for index, character in enumerate(condition):
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        if depth == 0 and condition.startswith(" AND ", index):
+            terms.append(condition[start:index])
+            start = index + len(" AND ")
+    terms.append(condition[start:])
+    return frozenset(terms)
 
 
 async def test_the_outbox_policy_keeps_the_dispatchers_poll_on_its_index(

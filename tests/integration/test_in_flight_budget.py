@@ -84,6 +84,8 @@ async def test_deletes_are_admitted_before_creates(factory: Factory, database_ur
         "admitted": 2,
         "creates_held": 3,
         "deletes_held": 1,
+        "slow_start": 0,
+        "creates_in_flight": 0,
     }
     growing_json = next(entry for entry in shown["presets"] if entry["preset_id"] == str(growing.id))
     assert (growing_json["creates_held"], growing_json["creates_held_by"]) == (3, "max_in_flight")

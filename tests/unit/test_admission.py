@@ -302,3 +302,26 @@ def test_probes_are_few_and_one_per_template(
 def test_the_same_inputs_give_the_same_admission(case: tuple[list[Wants], Budget, int, dict[uuid.UUID, int]]) -> None:
     wanted, budget, in_flight, by_template = case
     assert admit(wanted, budget, in_flight, by_template) == admit(list(wanted), budget, in_flight, dict(by_template))
+
+
+def test_the_slow_start_caps_creates_shared_fairly_and_says_so() -> None:
+    wanted = [wants(1, creates=10, desired=10), wants(2, creates=1), wants(3, creates=2, desired=2, expired=1)]
+    admission = admit(wanted, Budget(), 0, {}, slow_start=3)
+    # One create each before any gets a second; the delete is not the slow start's business.
+    assert [admission.presets[preset(index)].creates for index in (1, 2, 3)] == [1, 1, 1]
+    assert admission.presets[preset(3)].deletes == {"expired": 1}
+    assert admission.presets[preset(1)].creates_held_by is HoldReason.SLOW_START
+    assert admission.presets[preset(3)].deletes_held == 0
+
+
+def test_the_budget_is_said_when_it_binds_harder_than_the_slow_start() -> None:
+    admission = admit([wants(1, creates=10, desired=10)], Budget(max_in_flight=4), 2, {TEMPLATE_A: 2}, slow_start=5)
+    assert admission.presets[preset(1)].creates == 2
+    assert admission.presets[preset(1)].creates_held_by is HoldReason.MAX_IN_FLIGHT
+
+
+def test_half_open_probes_are_the_breakers_even_under_the_slow_start() -> None:
+    wanted = [wants(1, creates=2, desired=2), wants(2, creates=2, desired=2, template=TEMPLATE_B)]
+    admission = admit(wanted, Budget(), 0, {}, creates_allowed=3, probing=True, slow_start=1)
+    assert admission.admitted == 1
+    assert {admitted.creates_held_by for admitted in admission.presets.values()} == {HoldReason.BREAKER_PROBING}
