@@ -56,6 +56,10 @@ MIGRATIONS_LOCK_KEY = 7_236_001
 RECONCILIATION_LOCK_KEY = 7_236_002
 # Held by each budgeted create and delete while it re-counts the jobs in flight (issue 15.1).
 IN_FLIGHT_BUDGET_LOCK_KEY = 7_236_003
+# The class of the template locks (two-key advisory locks, a key space apart from the keys above): a
+# targeted pass holds its templates' for its whole run, a full pass a preset's template's while it writes
+# that preset, so that the two never act on one preset at once (docs/DECISIONS.md).
+TEMPLATE_LOCK_CLASS = 7_236_004
 
 _QUERY_NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

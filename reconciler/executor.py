@@ -9,9 +9,10 @@ an error on one preset is logged and counted while the others go on. Each action
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from uuid import UUID
@@ -54,6 +55,8 @@ class StatusChanges:
     validation_failed: tuple[UUID, ...] = ()
     recovered: tuple[UUID, ...] = ()
     notifications_enqueued: int = 0
+    # Status changes a full pass left to the next one: their template was a targeted pass's (see `execute`).
+    deferred: int = 0
 
 
 @dataclass
@@ -72,6 +75,9 @@ class ExecutionSummary:
     # the room since the snapshot); creates among them are also in `creates_clamped`.
     budget_held: int = 0
     presets_failed: int = 0
+    # Presets whose writes this full pass left to the next one (see `execute`): a targeted pass was acting
+    # on their template, or had acted on it since this pass's snapshot.
+    presets_deferred: int = 0
     # (kind, outcome) -> number of actions, for the actions metric.
     actions: Counter[tuple[str, ActionOutcome]] = field(default_factory=Counter)
     failed_preset_ids: list[UUID] = field(default_factory=list)
@@ -325,15 +331,42 @@ async def execute(
     concurrency: int = 8,
     observe: ActionObserver | None = None,
     create_batch_size: int | None = None,
+    template_locks: bool = False,
+    superseded: Callable[[UUID], bool] | None = None,
+    write_breaker_change: bool = True,
 ) -> ExecutionSummary:
     """Write the plan: its status changes first (a database error there fails the whole execution), then
     every preset's actions (an error there fails that preset only).
 
     Presets that only create are written in batches (`_create_batch`): one commit, and on a durable server
     one flush to disk, for many presets instead of one each, with every guarantee of a preset written
-    alone. The others (deletes, cancels) go one preset at a time."""
-    breaker_written, breaker_notifications = await write_breaker(pool, plan, now)
-    summary = ExecutionSummary(status_changes=await write_status_changes(pool, plan, now))
+    alone. The others (deletes, cancels) go one preset at a time.
+
+    A full pass's plan (`template_locks`) writes each preset under its template's lock, tried without
+    waiting (docs/DECISIONS.md, "Targeted passes beside full passes"): a preset whose template a targeted
+    pass holds is deferred to the next pass, and so is one whose template `superseded` names (a targeted
+    pass took it since this plan's snapshot: its plan is the fresher). Once deferred, a template stays so
+    for the rest of the execution. A targeted pass's plan (`write_breaker_change` false) leaves the breaker
+    to the full passes: when its plan would move the breaker, it writes no create."""
+    deferred_templates: set[UUID] = set()
+
+    def is_superseded(template_id: UUID) -> bool:
+        if template_id in deferred_templates:
+            return True
+        if superseded is not None and superseded(template_id):
+            deferred_templates.add(template_id)
+            return True
+        return False
+
+    if write_breaker_change:
+        breaker_written, breaker_notifications = await write_breaker(pool, plan, now)
+    else:
+        breaker_written, breaker_notifications = plan.breaker is None or plan.breaker.event is None, 0
+    summary = ExecutionSummary(
+        status_changes=await write_status_changes(
+            pool, plan, now, template_locks=template_locks, deferred_templates=deferred_templates, superseded=superseded
+        )
+    )
     summary.breaker_event = plan.breaker.event if plan.breaker is not None and breaker_written else None
     summary.breaker_notifications = breaker_notifications
     semaphore = asyncio.Semaphore(concurrency)
@@ -354,10 +387,22 @@ async def execute(
         summary.failed_preset_ids.append(preset.id)
         logger.error("reconcile.preset_failed", **preset_log_fields(preset), error=f"{type(error).__name__}: {error}")
 
+    def defer(preset_plan: PresetPlan) -> None:
+        deferred_templates.add(preset_plan.preset.template_id)
+        summary.presets_deferred += 1
+        logger.debug("reconcile.preset_deferred", **preset_log_fields(preset_plan.preset))
+
     async def run(preset_plan: PresetPlan) -> None:
         try:
             async with pool.acquire() as connection:
-                await execute_preset(connection, preset_plan, now, summary, observe, budget=plan.budget)
+                if not template_locks:
+                    await execute_preset(connection, preset_plan, now, summary, observe, budget=plan.budget)
+                    return
+                async with _templates_locked(connection, [preset_plan], is_superseded) as (granted, _):
+                    if not granted:
+                        defer(preset_plan)
+                        return
+                    await execute_preset(connection, preset_plan, now, summary, observe, budget=plan.budget)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as error:
@@ -367,21 +412,31 @@ async def execute(
         async with semaphore:
             await run(preset_plan)
 
+    async def write_batch(connection: db.Connection, batch: list[PresetPlan]) -> list[_CreateOutcome]:
+        outcomes = None
+        if _budget_unset(plan.budget):
+            try:
+                outcomes = await _create_batch_set(connection, batch, now)
+            except asyncpg.PostgresError as error:
+                # Some preset of the batch cannot be written: find which, a savepoint each.
+                logger.info("prebuilds.create_batch_split", presets=len(batch), error=db.describe_error(error))
+        if outcomes is None:
+            outcomes = await _create_batch(connection, batch, now, plan.budget)
+        return outcomes
+
     async def run_batch(batch: list[PresetPlan]) -> None:
         async with semaphore:
             try:
                 async with pool.acquire() as connection:
-                    outcomes = None
-                    if _budget_unset(plan.budget):
-                        try:
-                            outcomes = await _create_batch_set(connection, batch, now)
-                        except asyncpg.PostgresError as error:
-                            # Some preset of the batch cannot be written: find which, a savepoint each.
-                            logger.info(
-                                "prebuilds.create_batch_split", presets=len(batch), error=db.describe_error(error)
-                            )
-                    if outcomes is None:
-                        outcomes = await _create_batch(connection, batch, now, plan.budget)
+                    if not template_locks:
+                        outcomes = await write_batch(connection, batch)
+                    else:
+                        async with _templates_locked(connection, batch, is_superseded) as (granted, refused):
+                            for preset_plan in refused:
+                                defer(preset_plan)
+                            # What is written (and, should the batch fail, written again alone).
+                            batch = granted
+                            outcomes = await write_batch(connection, batch) if batch else []
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as error:
@@ -578,21 +633,51 @@ def _has_writes(preset_plan: PresetPlan) -> bool:
 _STATUS_CHANGE_ORDER = (StatusChangeKind.VALIDATION_FAILED, StatusChangeKind.HARD_LIMITED, StatusChangeKind.RECOVERED)
 
 
-async def write_status_changes(pool: db.Acquirer, plan: Plan, now: datetime) -> StatusChanges:
+async def write_status_changes(
+    pool: db.Acquirer,
+    plan: Plan,
+    now: datetime,
+    *,
+    template_locks: bool = False,
+    deferred_templates: set[UUID] | None = None,
+    superseded: Callable[[UUID], bool] | None = None,
+) -> StatusChanges:
     """Write the plan's status changes and their notifications, in one transaction.
 
     The database decides who moves (only presets still in the status the snapshot saw), so two writers or
     a crash between steps never open an episode twice; the outbox's unique key does the same for
     messages. What moved is returned and logged; a preset that did not move is left to the next pass.
+
+    With `template_locks` (a full pass, see `execute`), the transaction first tries its presets' template
+    locks: the changes of a template a targeted pass holds, or has taken since the snapshot (`superseded`),
+    are left to the next pass, and their templates added to `deferred_templates`.
     """
     if not plan.status_changes:
         return StatusChanges()
-    changing: dict[StatusChangeKind, list[StatusChange]] = {kind: [] for kind in _STATUS_CHANGE_ORDER}
-    for change in plan.status_changes:
-        changing[change.kind].append(change)
+    deferred = 0
     moved: dict[StatusChangeKind, list[StatusChange]] = {kind: [] for kind in _STATUS_CHANGE_ORDER}
     notices: list[StatusNotice] = []
     async with pool.acquire() as connection, connection.transaction():
+        status_changes = list(plan.status_changes)
+        if template_locks:
+            granted = await reads.try_template_locks_in_transaction(
+                connection, {change.preset.template_id for change in status_changes}
+            )
+            held = {
+                template_id
+                for template_id in granted
+                if not (superseded is not None and superseded(template_id))
+                and template_id not in (deferred_templates or ())
+            }
+            kept = [change for change in status_changes if change.preset.template_id in held]
+            deferred = len(status_changes) - len(kept)
+            if deferred_templates is not None:
+                deferred_templates.update(change.preset.template_id for change in status_changes)
+                deferred_templates.difference_update(held)
+            status_changes = kept
+        changing: dict[StatusChangeKind, list[StatusChange]] = {kind: [] for kind in _STATUS_CHANGE_ORDER}
+        for change in status_changes:
+            changing[change.kind].append(change)
         for kind, group in changing.items():
             if not group:
                 continue
@@ -623,4 +708,27 @@ async def write_status_changes(pool: db.Acquirer, plan: Plan, now: datetime) -> 
         validation_failed=tuple(change.preset.id for change in moved[StatusChangeKind.VALIDATION_FAILED]),
         recovered=tuple(change.preset.id for change in moved[StatusChangeKind.RECOVERED]),
         notifications_enqueued=enqueued,
+        deferred=deferred,
     )
+
+
+@contextlib.asynccontextmanager
+async def _templates_locked(
+    connection: db.Connection, presets: list[PresetPlan], superseded: Callable[[UUID], bool]
+) -> AsyncIterator[tuple[list[PresetPlan], list[PresetPlan]]]:
+    """Hold the template locks of `presets` on this session, shared, while the caller writes them: yields
+    the presets it may write (their template's lock granted, and no targeted pass has taken it since the
+    plan's snapshot) and those it must defer. Shared, so that the pass's own writers of one template never
+    exclude each other, while a targeted pass's exclusive lock excludes them all; tried without waiting,
+    so a full pass never waits on a targeted one. Released on the way out."""
+    templates = {preset_plan.preset.template_id for preset_plan in presets}
+    locks = await reads.try_template_locks(connection, templates, shared=True)
+    try:
+        # Read under the lock: a targeted pass that took the template before us has marked it by now.
+        granted = [p for p in presets if p.preset.template_id in locks.granted and not superseded(p.preset.template_id)]
+        refused = [p for p in presets if p.preset.template_id not in locks.granted or superseded(p.preset.template_id)]
+        yield granted, refused
+    finally:
+        # A lost connection took its locks with it; the pool's reset would release them too.
+        with contextlib.suppress(*db.SURVIVABLE_ERRORS):
+            await reads.release_template_locks(connection, locks)

@@ -14,7 +14,7 @@ import enum
 import gc
 import time
 import uuid
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -86,15 +86,21 @@ LOCK_IDLE_MARGIN = timedelta(seconds=30)
 T = TypeVar("T")
 
 
-async def _release_lock(connection: db.Connection, body_raised: bool) -> None:
-    """Release the session's pass lock.
+async def _release_lock(
+    connection: db.Connection, body_raised: bool, template_locks: reads.TemplateLocks | None = None
+) -> None:
+    """Release the session's pass lock (a targeted pass's: its template locks).
 
     When the connection broke meanwhile, the lock went with it (the server ends the session), so another
     replica may have started a pass: that is reported as a failed pass, unless the pass already failed
     for its own reason, which is then the one reported.
     """
     try:
-        held = await reads.release_reconciliation_lock(connection)
+        if template_locks is None:
+            held = await reads.release_reconciliation_lock(connection)
+        else:
+            held = await reads.release_template_locks(connection, template_locks)
+            await reads.limit_idle_session(connection, None)
     except db.SURVIVABLE_ERRORS as error:
         if not body_raised:
             reason = f"{type(error).__name__}: {error}"
@@ -456,11 +462,17 @@ async def run_pass(
     settings_keeper: SettingsKeeper | None = None,
     holds: dict[UUID, TargetHold] | None = None,
     state_log: ProblemLog | None = None,
+    superseded: Callable[[UUID], bool] | None = None,
+    on_templates_locked: Callable[[frozenset[UUID]], None] | None = None,
 ) -> PassResult:
     """Run one pass. Never raises for database trouble: a failed pass is an outcome, retried next time.
 
-    With `template_ids` it is a targeted pass (BEHAVIOR.md, "Change events"): the same statements, rules
-    and lock as a full pass, for the presets of those templates only.
+    With `template_ids` it is a targeted pass (BEHAVIOR.md, "Change events"): the same statements and
+    rules as a full pass, for the presets of those templates only. It holds those templates' locks, not
+    the pass lock, so it runs beside a full pass, which writes each preset under its template's lock and
+    defers what a targeted pass holds (docs/DECISIONS.md, "Targeted passes beside full passes"); it
+    calls `on_templates_locked` once it holds them. A full pass also defers the templates `superseded`
+    names when it comes to write them (the daemon's: those a targeted pass took since its snapshot).
 
     Every event logged during the pass, by any module (the executor's included), carries its `run_id`.
     With a `problem_log` (the daemon keeps one), the plan's problems are logged when they appear and when
@@ -474,7 +486,18 @@ async def run_pass(
     run_id = run_id or uuid.uuid4().hex[:12]
     with structlog.contextvars.bound_contextvars(run_id=run_id), _cyclic_gc_paused():
         return await _run_pass(
-            pool, settings, now, run_id, observe_action, problem_log, template_ids, settings_keeper, holds, state_log
+            pool,
+            settings,
+            now,
+            run_id,
+            observe_action,
+            problem_log,
+            template_ids,
+            settings_keeper,
+            holds,
+            state_log,
+            superseded,
+            on_templates_locked,
         )
 
 
@@ -507,12 +530,14 @@ async def _run_pass(
     settings_keeper: SettingsKeeper | None,
     holds: dict[UUID, TargetHold] | None,
     state_log: ProblemLog | None,
+    superseded: Callable[[UUID], bool] | None,
+    on_templates_locked: Callable[[frozenset[UUID]], None] | None,
 ) -> PassResult:
     started = time.perf_counter()
     targeted = template_ids is not None
     scope: dict[str, object] = {"scope": "full"}
     if template_ids is not None:
-        scope = {"scope": "targeted", "templates": len(template_ids)}
+        scope = {"scope": "targeted", "templates": len(template_ids), "template_ids": sorted(map(str, template_ids))}
     log = logger.bind(run_id=run_id)
 
     def result(
@@ -567,8 +592,21 @@ async def _run_pass(
             # transaction meanwhile, and be ended by idle_in_transaction_session_timeout). It is released
             # at the end of the pass, by the pool's reset if that release is skipped, and by the server
             # when this process dies or the connection is closed, so another replica can take over.
-            if not await reads.try_reconciliation_lock(connection, settings.pass_timeout + LOCK_IDLE_MARGIN):
-                return PassOutcome.SKIPPED_LOCK, None, None
+            template_locks: reads.TemplateLocks | None = None
+            if template_ids is None:
+                if not await reads.try_reconciliation_lock(connection, settings.pass_timeout + LOCK_IDLE_MARGIN):
+                    return PassOutcome.SKIPPED_LOCK, None, None
+            else:
+                # A targeted pass: its templates' locks, all or none, held the same way (a session's,
+                # idle-limited). Held by a full pass's write or another replica's targeted pass: skipped,
+                # and the caller tries again shortly.
+                template_locks = await reads.try_template_locks(connection, template_ids)
+                if template_locks.granted != frozenset(template_ids):
+                    await reads.release_template_locks(connection, template_locks)
+                    return PassOutcome.SKIPPED_LOCK, None, None
+                await reads.limit_idle_session(connection, settings.pass_timeout + LOCK_IDLE_MARGIN)
+                if on_templates_locked is not None:
+                    on_templates_locked(template_locks.granted)
             lock_held_from = time.time()
             body_raised = True
             try:
@@ -607,7 +645,14 @@ async def _run_pass(
                 _log_plan_details(plan, state_log, now, targeted=targeted)
                 summary = await _while_lock_held(
                     executor.execute(
-                        connections, plan, now, concurrency=settings.executor_concurrency, observe=observe_action
+                        connections,
+                        plan,
+                        now,
+                        concurrency=settings.executor_concurrency,
+                        observe=observe_action,
+                        template_locks=not targeted,
+                        superseded=superseded,
+                        write_breaker_change=not targeted,
                     ),
                     connection,
                     connections,
@@ -615,7 +660,7 @@ async def _run_pass(
                 body_raised = False
             finally:
                 lock_held_until = time.time()
-                await _release_lock(connection, body_raised)
+                await _release_lock(connection, body_raised, template_locks)
         return PassOutcome.SUCCESS, plan, summary
 
     try:
@@ -654,6 +699,8 @@ async def _run_pass(
         budget_held=summary.budget_held,
         breaker_state=plan.breaker.record.state.value if plan.breaker is not None else "closed",
         presets_failed=summary.presets_failed,
+        presets_deferred=summary.presets_deferred,
+        status_changes_deferred=changes.deferred,
         newly_hard_limited=len(changes.hard_limited),
         newly_validation_failed=len(changes.validation_failed),
         recovered=len(changes.recovered),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import os
 import random
 import signal
@@ -144,9 +145,15 @@ class Daemon:
         self.exit_code = 0
         self.dispatcher: Dispatcher | None = None
         self._stop_started = False
-        # Passes of this process, full and targeted, one at a time (the database's pass lock keeps
-        # replicas apart; this keeps a targeted pass from skipping behind our own full pass).
+        # Full passes of this process one at a time, and targeted ones one at a time; a targeted pass runs
+        # beside a full one, kept off the presets it acts on by the template locks (docs/DECISIONS.md,
+        # "Targeted passes beside full passes"). The database's locks keep replicas apart the same way.
         self._pass_lock = asyncio.Lock()
+        self._targeted_lock = asyncio.Lock()
+        # When a targeted pass last took each template's lock (a count, not a time): a full pass whose
+        # snapshot is older leaves those templates' presets to the next pass.
+        self._template_taken: dict[UUID, int] = {}
+        self._takes = itertools.count(1)
         # Change events (BEHAVIOR.md, "Change events"): gathered here, run as targeted passes.
         self.pending_changes = PendingChanges()
         self.event_listener: EventListener | None = None
@@ -569,21 +576,54 @@ class Daemon:
         self.metrics.set_oldest_pending_jobs(ages)
 
     async def _run_pass(self, template_ids: list[uuid.UUID] | None) -> PassResult:
-        """A full pass (no template ids) or a targeted one, one at a time in this process, with the state
-        the daemon keeps between passes."""
+        """A full pass (no template ids) or a targeted one, with the state the daemon keeps between passes.
+
+        Full passes run one at a time, and so do targeted ones; a targeted pass does not wait for a full
+        one. A full pass defers the templates a targeted pass took after it began (its snapshot is older
+        than what that targeted pass read and wrote)."""
         assert self._pool is not None
+        if template_ids is not None:
+            async with self._targeted_lock:
+                return await self._run_pass_with(template_ids, None, self._took_templates)
         async with self._pass_lock:
-            return await run_pass(
-                self._pool,
-                self.settings,
-                self.clock(),
-                observe_action=self.metrics.observe_action,
-                problem_log=self.problem_log,
-                template_ids=template_ids,
-                settings_keeper=self.settings_keeper,
-                holds=self.target_holds,
-                state_log=self.state_log,
-            )
+            # Counted once the pass may start, before it reads anything: a template a targeted pass takes
+            # later may have been acted on after this pass's snapshot.
+            began = next(self._takes)
+
+            def superseded(template_id: UUID) -> bool:
+                return self._template_taken.get(template_id, 0) > began
+
+            try:
+                return await self._run_pass_with(None, superseded, None)
+            finally:
+                # The next full pass counts after this one: no take so far can concern it.
+                self._template_taken.clear()
+
+    def _took_templates(self, templates: frozenset[UUID]) -> None:
+        take = next(self._takes)
+        for template_id in templates:
+            self._template_taken[template_id] = take
+
+    async def _run_pass_with(
+        self,
+        template_ids: list[uuid.UUID] | None,
+        superseded: Callable[[UUID], bool] | None,
+        on_templates_locked: Callable[[frozenset[UUID]], None] | None,
+    ) -> PassResult:
+        assert self._pool is not None
+        return await run_pass(
+            self._pool,
+            self.settings,
+            self.clock(),
+            observe_action=self.metrics.observe_action,
+            problem_log=self.problem_log,
+            template_ids=template_ids,
+            settings_keeper=self.settings_keeper,
+            holds=self.target_holds,
+            state_log=self.state_log,
+            superseded=superseded,
+            on_templates_locked=on_templates_locked,
+        )
 
     async def run_pass_now(self) -> PassResult:
         """One pass with its metrics and listeners (the scheduler's job; tests call it directly)."""

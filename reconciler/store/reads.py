@@ -97,6 +97,59 @@ async def release_reconciliation_lock(connection: db.Connection) -> bool:
     return bool(row["held"])
 
 
+@dataclass(frozen=True, slots=True)
+class TemplateLocks:
+    """What `try_template_locks` got: the templates whose lock this session holds now, and the keys to
+    release (each key once, whatever the templates that share it), exclusive or shared."""
+
+    granted: frozenset[UUID]
+    keys: tuple[int, ...]
+    shared: bool = False
+
+
+async def try_template_locks(
+    connection: db.Connection, template_ids: Iterable[UUID], *, shared: bool = False
+) -> TemplateLocks:
+    """Try each template's session lock once, without waiting (docs/DECISIONS.md, "Targeted passes beside
+    full passes"): exclusive for a targeted pass, `shared` for a full pass's writers (which never exclude
+    each other); the caller releases them with `release_template_locks`."""
+    ids = sorted(set(template_ids))
+    if not ids:
+        return TemplateLocks(frozenset(), (), shared)
+    name = "try_template_locks_shared" if shared else "try_template_locks"
+    rows = await connection.fetch(_query(name), db.TEMPLATE_LOCK_CLASS, ids)
+    return TemplateLocks(
+        frozenset(row["template_id"] for row in rows if row["locked"]),
+        tuple(sorted({int(row["key"]) for row in rows if row["locked"]})),
+        shared,
+    )
+
+
+async def release_template_locks(connection: db.Connection, locks: TemplateLocks) -> bool:
+    """Release the session's template locks; False when some were no longer held."""
+    if not locks.keys:
+        return True
+    name = "release_template_locks_shared" if locks.shared else "release_template_locks"
+    held = await connection.fetchval(_query(name), db.TEMPLATE_LOCK_CLASS, list(locks.keys))
+    return int(held or 0) == len(locks.keys)
+
+
+async def try_template_locks_in_transaction(connection: db.Connection, template_ids: Iterable[UUID]) -> frozenset[UUID]:
+    """The templates whose lock the caller's transaction now holds, shared, of `template_ids`, tried once
+    each (a full pass's status changes)."""
+    ids = sorted(set(template_ids))
+    if not ids:
+        return frozenset()
+    rows = await connection.fetch(_query("try_template_locks_in_transaction"), db.TEMPLATE_LOCK_CLASS, ids)
+    return frozenset(row["template_id"] for row in rows)
+
+
+async def limit_idle_session(connection: db.Connection, idle_limit: timedelta | None) -> None:
+    """End this session once it idles `idle_limit` (None: the connection's own limit again)."""
+    value = "0" if idle_limit is None else str(max(int(idle_limit / MILLISECOND), 1))
+    await connection.execute(_query("limit_idle_session"), value)
+
+
 async def read_prebuilds_settings(connection: db.Connection) -> str | None:
     """The stored `prebuilds_settings` text (None: no row); `reconciler.prebuilds_settings` reads it."""
     value = await connection.fetchval(_query("read_prebuilds_settings"))

@@ -22,6 +22,52 @@ select pg_try_advisory_lock($1::bigint) as locked, set_config('idle_session_time
 -- False when the session no longer held the lock. The idle limit goes back to the connection's own.
 select pg_advisory_unlock($1::bigint) as held, set_config('idle_session_timeout', '0', false)
 
+-- name: try_template_locks
+-- The template locks (docs/DECISIONS.md, "Targeted passes beside full passes"): $1 the lock class, $2
+-- templates. A session lock per template, keyed by the hash of its id in the class's own key space
+-- (two templates that share a hash merely exclude each other too). Never waits: each key is tried once;
+-- the caller keeps what was granted, or releases it all. One row per template: its key and whether it is
+-- held now. A targeted pass holds its templates' locks, exclusive, from before its snapshot to after its
+-- writes. A full pass holds a preset's template lock shared (`try_template_locks_shared`) while it writes
+-- that preset: its own writers, many at once, never exclude each other, and exclude any targeted pass.
+with keys as (
+    select distinct hashtext(template_id::text) as key from unnest($2::uuid[]) as template_id
+),
+taken as materialized (
+    select key, pg_try_advisory_lock($1::integer, key) as locked from keys  -- not in shared
+    select key, pg_try_advisory_lock_shared($1::integer, key) as locked from keys  -- only in shared
+)
+select template_id, taken.key, taken.locked
+from unnest($2::uuid[]) as template_id
+join taken on taken.key = hashtext(template_id::text)
+
+-- name: release_template_locks
+-- $1 the lock class, $2 keys taken by `try_template_locks` (`release_template_locks_shared`: by
+-- `try_template_locks_shared`) on this session. Returns how many were still held (fewer: the session lost
+-- them, as a lost connection does).
+select count(*) filter (where pg_advisory_unlock($1::integer, key))::integer as held  -- not in shared
+select count(*) filter (where pg_advisory_unlock_shared($1::integer, key))::integer as held  -- only in shared
+from unnest($2::integer[]) as key
+
+-- name: try_template_locks_in_transaction
+-- `try_template_locks_shared` held to the end of the caller's transaction instead (a full pass's status
+-- changes). Returns the templates of $2 whose lock the transaction holds.
+with keys as (
+    select distinct hashtext(template_id::text) as key from unnest($2::uuid[]) as template_id
+),
+taken as materialized (
+    select key, pg_try_advisory_xact_lock_shared($1::integer, key) as locked from keys
+)
+select template_id
+from unnest($2::uuid[]) as template_id
+join taken on taken.key = hashtext(template_id::text)
+where taken.locked
+
+-- name: limit_idle_session
+-- While a targeted pass holds its template locks on this session, the server ends the session once it
+-- has idled $1 milliseconds (as `try_reconciliation_lock` does); '0' gives the connection its own again.
+select set_config('idle_session_timeout', $1::text, false)
+
 -- name: read_prebuilds_settings
 select value from site_configs where key = 'prebuilds_settings'
 

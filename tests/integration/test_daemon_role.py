@@ -621,6 +621,18 @@ async def test_every_statement_of_the_daemon_runs_as_the_role(
     # The snapshot and its companions.
     assert (await run("try_reconciliation_lock", db.RECONCILIATION_LOCK_KEY, "60000"))[0]["locked"] is True
     assert (await run("release_reconciliation_lock", db.RECONCILIATION_LOCK_KEY))[0]["held"] is True
+    # The template locks (a targeted pass's, and a full pass's while it writes a template).
+    template_lock = (await run("try_template_locks", db.TEMPLATE_LOCK_CLASS, [ids["template"]]))[0]
+    assert (template_lock["template_id"], template_lock["locked"]) == (ids["template"], True)
+    await run("limit_idle_session", "60000")
+    assert (await run("release_template_locks", db.TEMPLATE_LOCK_CLASS, [template_lock["key"]]))[0]["held"] == 1
+    await run("limit_idle_session", "0")
+    shared_lock = (await run("try_template_locks_shared", db.TEMPLATE_LOCK_CLASS, [ids["template"]]))[0]
+    assert shared_lock["locked"] is True
+    assert (await run("release_template_locks_shared", db.TEMPLATE_LOCK_CLASS, [shared_lock["key"]]))[0]["held"] == 1
+    async with as_role.transaction():
+        locked = await run("try_template_locks_in_transaction", db.TEMPLATE_LOCK_CLASS, [ids["template"]])
+        assert [row["template_id"] for row in locked] == [ids["template"]]
     assert json.loads((await run("read_prebuilds_settings"))[0]["value"]) == {"reconciliation_paused": False}
     assert {row["id"] for row in await run("snapshot_presets")} >= {ids["preset"], ids["limited_preset"]}
     await run("snapshot_schedules")
