@@ -11,6 +11,13 @@ inserts notifies `bench_created` with the new workspace's template: its delivery
 replacement's create. The reaction is the time from the claim's COMMIT returning here to that delivery,
 both read on this process's clock. Also reported: the targeted passes' durations (the daemon's
 `reconcile.pass` log lines, `scope` targeted), and the daemon's RSS.
+
+With `--interval` short (say 3s), full passes run back to back, so that claims land during them; each
+claim is told apart by whether a full pass held the pass lock at its commit (the full passes'
+`lock_held_from`/`lock_held_until`). With `--compare-with DIR` (a source tree of another build of the
+reconciler, e.g. `git archive COMMIT reconciler sql | tar -x -C DIR`), the run alternates phases of that
+build's daemon (`before`) and this one's (`after`) on the same fleet, `--rounds` times each, every phase
+with `--claims` claims of templates no other phase claimed.
 """
 
 from __future__ import annotations
@@ -109,8 +116,52 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
         await connection.close()
     print(f"fleet generated: {generated.row_counts}", file=sys.stderr)
     random.seed(arguments.seed)
-    chosen = random.sample(list(candidates), min(arguments.claims, len(candidates)))
+    builds: list[tuple[str, str | None]] = [("after", None)]
+    if arguments.compare_with:
+        builds = [("before", arguments.compare_with), ("after", None)]
+    phases = [build for _ in range(arguments.rounds) for build in builds]
+    chosen = random.sample(list(candidates), min(arguments.claims * len(phases), len(candidates)))
+    report: dict[str, Any] = {"fleet": generated.as_json(), "phases": []}
+    for number, (name, source) in enumerate(phases):
+        load_before = os.getloadavg()
+        rows = chosen[number * arguments.claims : (number + 1) * arguments.claims]
+        phase = await _phase(database_url, arguments, rows, user, source)
+        phase = {"build": name, "source": source or "this tree", **phase}
+        phase["load_average_1m"] = {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)}
+        print(f"phase {number + 1}/{len(phases)} ({name}): {json.dumps(phase['reaction_ms'])}", file=sys.stderr)
+        report["phases"].append(phase)
+    for name, _ in builds:
+        reactions = [value for phase in report["phases"] if phase["build"] == name for value in phase["_reactions"]]
+        report[f"{name}_all_phases"] = _split(reactions)
+    for phase in report["phases"]:
+        del phase["_reactions"]
+    return report
 
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0}
+    return {
+        "count": len(values),
+        "p50": _ms(statistics.median(values)),
+        "p90": _ms(_percentile(values, 0.9)),
+        "p99": _ms(_percentile(values, 0.99)),
+        "max": _ms(max(values)),
+    }
+
+
+def _split(reactions: list[tuple[float, bool]]) -> dict[str, Any]:
+    """Reaction percentiles of every claim, and of those that landed during a full pass or not."""
+    return {
+        "all": _summary([value for value, _ in reactions]),
+        "during_full_pass": _summary([value for value, during in reactions if during]),
+        "outside_full_passes": _summary([value for value, during in reactions if not during]),
+    }
+
+
+async def _phase(
+    database_url: str, arguments: argparse.Namespace, chosen: list[Any], user: Any, source: str | None
+) -> dict[str, Any]:
     log_file = tempfile.NamedTemporaryFile(prefix="reconciler-bench-", suffix=".log", delete=False)  # noqa: SIM115
     environment = {
         **os.environ,
@@ -120,9 +171,20 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
         "RECONCILER_LOG_LEVEL": "info",
         "RECONCILER_FAILURE_HARD_LIMIT": str(fleet.FAILURE_HARD_LIMIT),
         "RECONCILER_EVENT_COALESCE": arguments.coalesce,
+        "RECONCILER_RECONCILIATION_INTERVAL": arguments.interval,
     }
+    if source:
+        # The other build's package first on the path (and as the working directory, which `-m` puts first).
+        environment["PYTHONPATH"] = source
     daemon = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "reconciler", "run", env=environment, stdout=log_file, stderr=log_file
+        sys.executable,
+        "-m",
+        "reconciler",
+        "run",
+        env=environment,
+        stdout=log_file,
+        stderr=log_file,
+        cwd=source or None,
     )
     observer = await db.connect(database_url)
     listener = await db.connect(database_url)
@@ -145,6 +207,8 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
 
         await listener.add_listener("bench_created", on_created)
         claimed: dict[uuid.UUID, float] = {}
+        # The claims' commits in wall-clock time, to compare with the full passes' logged lock intervals.
+        claimed_wall: dict[uuid.UUID, float] = {}
         for row in chosen:
             await asyncio.sleep(random.uniform(0, arguments.max_gap))
             async with observer.transaction():
@@ -152,6 +216,7 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
                     "update workspaces set owner_id = $1, updated_at = now() where id = $2", user, row["id"]
                 )
             claimed[row["template_id"]] = time.perf_counter()
+            claimed_wall[row["template_id"]] = time.time()
 
         def replaced_at(template: uuid.UUID) -> float | None:
             after = [at for at in created.get(template, []) if at > claimed[template]]
@@ -169,9 +234,10 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
             daemon.send_signal(signal.SIGTERM)
             await asyncio.wait_for(daemon.wait(), timeout=60)
         log_file.close()
-    reactions = [replaced_at(template) - at for template, at in claimed.items()]  # type: ignore[operator]
     targeted: list[float] = []
     full: list[float] = []
+    full_locks: list[tuple[float, float]] = []
+    deferred = 0
     text = await asyncio.to_thread(Path(log_file.name).read_text)
     for line in text.splitlines():
         try:
@@ -180,22 +246,31 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
             continue
         if event.get("event") == "reconcile.pass" and event.get("outcome") == "success":
             (targeted if event.get("scope") == "targeted" else full).append(float(event["duration_seconds"]))
+            if event.get("scope") != "targeted":
+                full_locks.append((float(event["lock_held_from"]), float(event["lock_held_until"])))
+                deferred += int(event.get("presets_deferred", 0))
     os.unlink(log_file.name)
+    reactions = [
+        (
+            replaced_at(template) - at,  # type: ignore[operator]
+            any(start <= claimed_wall[template] <= end for start, end in full_locks),
+        )
+        for template, at in claimed.items()
+    ]
     return {
-        "fleet": generated.as_json(),
         "claims": len(reactions),
-        "reaction_ms": {
-            "p50": _ms(statistics.median(reactions)),
-            "p90": _ms(_percentile(reactions, 0.9)),
-            "p99": _ms(_percentile(reactions, 0.99)),
-            "max": _ms(max(reactions)),
-        },
+        "reaction_ms": _split(reactions),
+        "_reactions": reactions,
         "targeted_passes": {
             "count": len(targeted),
             "median_ms": _ms(statistics.median(targeted)) if targeted else None,
             "p99_ms": _ms(_percentile(targeted, 0.99)) if targeted else None,
         },
-        "full_passes": {"count": len(full), "median_ms": _ms(statistics.median(full)) if full else None},
+        "full_passes": {
+            "count": len(full),
+            "median_ms": _ms(statistics.median(full)) if full else None,
+            "presets_deferred": deferred,
+        },
         "daemon_rss_mb": rss,
     }
 
@@ -218,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gap", type=float, default=0.5, help="longest pause between claims, seconds")
     parser.add_argument("--coalesce", default="100ms", help="RECONCILER_EVENT_COALESCE of the daemon")
     parser.add_argument("--seed", type=int, default=16, help="random seed of the claims")
+    parser.add_argument("--interval", default="1m", help="RECONCILER_RECONCILIATION_INTERVAL of the daemon")
+    parser.add_argument("--compare-with", default=None, help="source tree of another build, run as 'before'")
+    parser.add_argument("--rounds", type=int, default=1, help="phases of each build, alternated")
     arguments = parser.parse_args(argv)
     configure_logging("json", "warning", stream=open(os.devnull, "w"))  # noqa: SIM115 - for the process
     dsn = os.environ.get("RECONCILER_DATABASE_URL")
