@@ -94,6 +94,11 @@ _GZIP_LEVEL = 1
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
 
+def _header(name: str, documentation: str, kind: str) -> str:
+    documentation = documentation.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"# HELP {name} {documentation}\n# TYPE {name} {kind}\n"
+
+
 @dataclass(frozen=True, slots=True)
 class _Rendered:
     """The per-preset text, and the same as raw deflate blocks ending on a byte boundary (not final)."""
@@ -134,6 +139,10 @@ class PresetCollector(Collector):
         self._claim_events: dict[tuple[str, str, str], tuple[int, int]] = {}
         # The text of every per-preset series, rendered when the samples change (see `exposition`).
         self._label_text: dict[tuple[str, str, str], str] = {}
+        # Each preset's lines as last rendered, by what they show (see `_render_lines`).
+        self._gauge_cache: dict[PresetSample, tuple[str, ...]] = {}
+        self._counter_cache: dict[tuple[tuple[str, str, str], tuple[int, int, int]], tuple[str, ...]] = {}
+        self._claim_cache: dict[tuple[tuple[str, str, str], tuple[int, int]], str] = {}
         self._rendered = _Rendered.of(b"")
         self._rendering = threading.local()
 
@@ -192,8 +201,11 @@ class PresetCollector(Collector):
         self._samples = ()
         self._render()
 
-    def update_totals(self, totals: Mapping[tuple[str, str, str], PrebuildTotals]) -> None:
-        """The lifetime counters by label set (`reconciler.counters`); exported for qualifying presets."""
+    def update_totals(self, totals: Mapping[tuple[str, str, str], PrebuildTotals], *, render: bool = True) -> None:
+        """The lifetime counters by label set (`reconciler.counters`); exported for qualifying presets.
+
+        `render=False` when the claim events are updated right after: one render (and one compression of
+        megabytes of text, on the event loop) instead of two."""
         updated = dict(self._totals)
         for labels, total in totals.items():
             previous = updated.get(labels, (0, 0, 0))
@@ -204,7 +216,8 @@ class PresetCollector(Collector):
                 max(previous[2], total.claimed),
             )
         self._totals = updated
-        self._render()
+        if render:
+            self._render()
 
     def update_claim_events(self, counts: Mapping[tuple[str, str, str], tuple[int, int]]) -> None:
         """The claim/miss counters by label set; exported for qualifying presets, like the lifetime ones."""
@@ -310,34 +323,71 @@ class PresetCollector(Collector):
         counted: frozenset[tuple[str, str, str]],
         all_totals: Mapping[tuple[str, str, str], tuple[int, int, int]],
         all_claim_events: Mapping[tuple[str, str, str], tuple[int, int]],
-    ) -> Iterator[str]:
-        # The same families as `_families`, in the same order, written straight from the samples.
-        labels = [self._labels(sample.labels) for sample in samples]
+    ) -> list[str]:
+        """The same families as `_families`, in the same order, written straight from the samples.
 
-        def header(name: str, documentation: str, kind: str) -> str:
-            documentation = documentation.replace("\\", "\\\\").replace("\n", "\\n")
-            return f"# HELP {name} {documentation}\n# TYPE {name} {kind}\n"
-
-        for name, documentation, attribute in GAUGE_SERIES:
-            yield header(name, documentation, "gauge")
-            for sample, label_text in zip(samples, labels, strict=True):
-                yield f"{name}{label_text} {float(getattr(sample, attribute))!r}\n"
-        for name, documentation, attribute in FLAG_SERIES:
-            yield header(name, documentation, "gauge")
-            for sample, label_text in zip(samples, labels, strict=True):
-                if getattr(sample, attribute):
-                    yield f"{name}{label_text} 1.0\n"
-        totals = self._qualifying_totals(counted, all_totals)
-        for index, (name, documentation) in enumerate(COUNTER_SERIES):
-            yield header(name + "_total", documentation, "counter")
-            for label_values, values in totals:
-                yield f"{name}_total{self._labels(label_values)} {float(values[index])!r}\n"
-        yield header(CLAIM_EVENTS_SERIES + "_total", CLAIM_EVENTS_HELP, "counter")
-        for label_values, event_counts in self._qualifying_claim_events(counted, all_claim_events):
-            label_text = self._labels(label_values)
-            for event_type, value in zip(CLAIM_EVENT_TYPES, event_counts, strict=True):
+        Each preset's lines are kept from one render to the next, keyed by what they show: a pass that
+        changes a few presets formats only theirs. Formatting all of them took ~0.5 s at 10,000 presets on
+        a busy machine, on a thread but holding the interpreter lock, so that the first scrape after a
+        pass waited for it. The caches are replaced, never changed in place: a render on the event loop
+        (new totals) and one on a thread (a new plan) may overlap, and only cost each other a miss."""
+        gauge_cache, counter_cache, claim_cache = self._gauge_cache, self._counter_cache, self._claim_cache
+        gauge_rows: list[tuple[str, ...]] = []
+        new_gauges: dict[PresetSample, tuple[str, ...]] = {}
+        for sample in samples:
+            row = gauge_cache.get(sample)
+            if row is None:
+                row = self._gauge_row(sample)
+            new_gauges[sample] = row
+            gauge_rows.append(row)
+        counter_rows: list[tuple[str, ...]] = []
+        new_counters: dict[tuple[tuple[str, str, str], tuple[int, int, int]], tuple[str, ...]] = {}
+        for key in self._qualifying_totals(counted, all_totals):
+            row = counter_cache.get(key)
+            if row is None:
+                label_text = self._labels(key[0])
+                row = tuple(
+                    f"{name}_total{label_text} {float(value)!r}\n"
+                    for (name, _), value in zip(COUNTER_SERIES, key[1], strict=True)
+                )
+            new_counters[key] = row
+            counter_rows.append(row)
+        claim_lines: list[str] = []
+        new_claims: dict[tuple[tuple[str, str, str], tuple[int, int]], str] = {}
+        for claim_key in self._qualifying_claim_events(counted, all_claim_events):
+            text = claim_cache.get(claim_key)
+            if text is None:
+                label_text = self._labels(claim_key[0])
                 # Labels sorted by name, as the client library writes them: event_type comes first.
-                yield f'{CLAIM_EVENTS_SERIES}_total{{event_type="{event_type}",{label_text[1:]} {float(value)!r}\n'
+                text = "".join(
+                    f'{CLAIM_EVENTS_SERIES}_total{{event_type="{event_type}",{label_text[1:]} {float(value)!r}\n'
+                    for event_type, value in zip(CLAIM_EVENT_TYPES, claim_key[1], strict=True)
+                )
+            new_claims[claim_key] = text
+            claim_lines.append(text)
+        self._gauge_cache, self._counter_cache, self._claim_cache = new_gauges, new_counters, new_claims
+
+        parts: list[str] = []
+        for index, (name, documentation, _) in enumerate(GAUGE_SERIES + FLAG_SERIES):
+            parts.append(_header(name, documentation, "gauge"))
+            parts.extend([row[index] for row in gauge_rows])
+        for index, (name, documentation) in enumerate(COUNTER_SERIES):
+            parts.append(_header(name + "_total", documentation, "counter"))
+            parts.extend([row[index] for row in counter_rows])
+        parts.append(_header(CLAIM_EVENTS_SERIES + "_total", CLAIM_EVENTS_HELP, "counter"))
+        parts.extend(claim_lines)
+        return parts
+
+    def _gauge_row(self, sample: PresetSample) -> tuple[str, ...]:
+        """One preset's line in each gauge family (an empty string where a flag's series is absent)."""
+        label_text = self._labels(sample.labels)
+        gauges = tuple(
+            f"{name}{label_text} {float(getattr(sample, attribute))!r}\n" for name, _, attribute in GAUGE_SERIES
+        )
+        flags = tuple(
+            f"{name}{label_text} 1.0\n" if getattr(sample, attribute) else "" for name, _, attribute in FLAG_SERIES
+        )
+        return gauges + flags
 
     def describe(self) -> Iterable[Metric]:
         # Describing nothing keeps registration cheap and lets the samples change freely.

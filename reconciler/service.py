@@ -458,7 +458,7 @@ class Daemon:
             full = await totals.refresh(connection, self.counters)
             await claim_events.refresh(connection, self.claim_event_counters)
         self.claim_event_counters.publish(self.counters.labels)
-        self.metrics.presets.update_totals(self.counters.by_labels())
+        self.metrics.presets.update_totals(self.counters.by_labels(), render=False)
         self.metrics.presets.update_claim_events(self.claim_event_counters.by_labels())
         logger.debug(
             "metrics.totals_refreshed",

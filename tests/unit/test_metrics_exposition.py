@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.metrics import Metrics, PresetCollector
+from reconciler.metrics import Metrics, PresetCollector, PresetSample
 from reconciler.plan import PresetPlan, PresetState
 from reconciler.snapshot import PrebuildStatus, PrebuildTotals
 from tests.unit.test_metrics import make_plan, make_preset
@@ -138,3 +139,36 @@ def test_a_replica_that_skips_a_pass_withdraws_its_gauges_and_keeps_its_counters
     metrics.observe_pass("success", 0.1, make_plan(preset_plan), paused=False)
     assert value("coderd_prebuilt_workspaces_desired", labels) == 2
     assert value("coderd_prebuilt_workspaces_created_total", labels) == 5
+
+
+def test_a_render_formats_only_the_presets_that_changed_and_writes_what_a_fresh_render_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collector = populated_collector()
+    formatted: list[str] = []
+    gauge_row = PresetCollector._gauge_row
+
+    def counting(self: PresetCollector, sample: PresetSample) -> tuple[str, ...]:
+        formatted.append(sample.labels[1])
+        return gauge_row(self, sample)
+
+    monkeypatch.setattr(PresetCollector, "_gauge_row", counting)
+    plans = []
+    for index, name in enumerate(HOSTILE_NAMES):
+        status = [PrebuildStatus.NORMAL, PrebuildStatus.HARD_LIMITED, PrebuildStatus.VALIDATION_FAILED][index % 3]
+        preset = dataclasses.replace(make_preset(name, status=status), organization_name=f"org {name}")
+        # One preset's pool changed since the last render; the others are as they were.
+        state = PresetState(desired=index + 1, actual=index + (name == "plain"), eligible=max(index - 1, 0))
+        plans.append(PresetPlan(preset=preset, state=state, actions=(), hard_limited=index == 3))
+    collector.update_from_plan(make_plan(*plans))
+    assert formatted == ["plain"]
+
+    # The cached lines make the same text as a render from nothing, which the client library agrees with.
+    fresh = PresetCollector()
+    fresh.update_from_plan(make_plan(*plans))
+    fresh.update_totals({labels: PrebuildTotals(*values) for labels, values in collector._totals.items()})
+    fresh.update_claim_events(collector._claim_events)
+    assert collector.exposition() == fresh.exposition()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    assert collector.exposition() == generate_latest(registry)
