@@ -3,15 +3,19 @@
     python -m bench.outage --dsn postgresql://postgres@127.0.0.1:5432/postgres
 
 Real passes (`reconcile.run_pass`) on a real database, in simulated time: a pass every simulated second,
-and between passes a simulated provisioner finishes every job older than the build time (3 s): during
-the outage every create fails; afterwards every build succeeds (a succeeded create gets a ready agent, a
-delete marks its workspace deleted). 500 presets, one per template, one prebuild each, pools empty at
-the start (a new version everywhere), one site template administrator.
+and between passes a simulated provisioner finishes every job older than the build time (3 s): a job that
+finishes during the outage fails if it is a create; afterwards every build succeeds (a succeeded create
+gets a ready agent, a delete marks its workspace deleted). 500 presets, one per template, one prebuild
+each, pools empty at the start (a new version everywhere), one site template administrator.
 
-Scenario 1, the outage (every create fails for the first 60 s), with Coder-compatible settings (linear
-backoff of 1 s per failure, hard limit 3, no breaker, no budget) and with ours (exponential backoff,
-breaker, in-flight budget 500, and 100): failed builds, notifications enqueued, the most jobs in flight after a
-pass, and the time from recovery to every pool full (capped at 120 s).
+Scenario 1, the outage (every create finishing in the first 60 s fails), with Coder-compatible settings
+(linear backoff of 1 s per failure, hard limit 3, no breaker, no budget, no slow start) and with ours
+(`OURS`: exponential backoff, breaker opening for 1 s, in-flight budget 500, slow start 20;
+`OURS_DOUBLING`, the same with the breaker's open period doubling once to 2 s; `OURS_SLOW_PROBES`, open
+5 s doubling to 20 s): failed builds, notifications enqueued, the most jobs in flight after a pass, and the
+time from recovery to every pool full (capped at 120 s), also for outages of 56 to 60 s (the recovery
+falls at every phase of the breaker's probe cycle). The same without the outage: the time from a cold
+start to every pool full on healthy provisioners, which is what the slow start costs.
 
 Scenario 2, a rotation: every pool full, then every prebuild invalidated at once; the least number of
 eligible prebuilds (all presets together) over the passes until every pool is rotated, surge 0 and 1.
@@ -50,11 +54,21 @@ OURS = {
     "breaker_min_builds": "10",
     "breaker_min_presets": "3",
     "breaker_window": "1m",
-    "breaker_open_duration": "5s",
-    "breaker_open_duration_max": "20s",
+    # About one interval, not doubled: a probe batch starts every build time + 1 s, so recovery is seen
+    # within a probe's build of it (docs/DECISIONS.md, "Half-open keeps its batch").
+    "breaker_open_duration": "1s",
+    "breaker_open_duration_max": "1s",
     "breaker_probes": "3",
     "max_in_flight": "500",
+    # 4% of the fleet's pools: enough failures to open the breaker (10 builds, 3 presets) in one build time.
+    "slow_start": "20",
 }
+# Doubling once (open 1 s, then 2 s): fewer probes fail, and recovery may be seen up to a second later.
+OURS_DOUBLING = {**OURS, "breaker_open_duration_max": "2s"}
+# The breaker's earlier timing (open 5 s doubling to 20 s): fewer probes still, recovery seen much later.
+OURS_SLOW_PROBES = {**OURS, "breaker_open_duration": "5s", "breaker_open_duration_max": "20s"}
+# Outages ending at every phase of a probe cycle (at most 5 s with open 1-2 s): the recovery's range.
+PHASES = [OUTAGE - n * SECOND for n in range(4, -1, -1)]
 
 _FINISH = """
 with due as (
@@ -120,7 +134,8 @@ class OutageResult:
     recovery_seconds: float | None = None
 
 
-async def outage(server: str, values: Mapping[str, str]) -> OutageResult:
+async def outage(server: str, values: Mapping[str, str], duration: timedelta = OUTAGE) -> OutageResult:
+    """The scenario with these settings; `duration` 0: no outage, the recovery is the cold start's."""
     result = OutageResult()
     async with scratch_database(server) as dsn:
         connection = await asyncpg.connect(dsn)
@@ -131,7 +146,7 @@ async def outage(server: str, values: Mapping[str, str]) -> OutageResult:
             pool = await db.create_pool(dsn, max_size=12)
             try:
                 now = START
-                recovered_at = START + OUTAGE
+                recovered_at = START + duration
                 while now < recovered_at + RECOVERY_CAP:
                     await provision(connection, now, failing=now < recovered_at)
                     passed = await run_pass(pool, settings, now)
@@ -203,31 +218,57 @@ async def rotation(server: str, surge: int) -> tuple[int, int]:
             await connection.close()
 
 
-OURS_SMALL_BUDGET = {**OURS, "max_in_flight": "100"}
+def outage_table(
+    results: Mapping[str, OutageResult],
+    healthy: Mapping[str, OutageResult],
+    phases: Mapping[str, list[OutageResult]],
+) -> str:
+    def spread(runs: list[OutageResult]) -> str:
+        seconds = [run.recovery_seconds for run in runs]
+        if any(value is None for value in seconds):
+            return "not always within the cap"
+        known = [value for value in seconds if value is not None]
+        return f"{min(known):.0f}-{max(known):.0f} s"
 
-
-def outage_table(coder: OutageResult, ours: OutageResult, small: OutageResult) -> str:
     def recovery(result: OutageResult) -> str:
         if result.recovery_seconds is None:
             return f"not within {RECOVERY_CAP.total_seconds():.0f} s ({result.hard_limited} presets hard limited)"
         return f"{result.recovery_seconds:.0f} s"
 
     rows = [
-        ("failed builds during the outage", coder.failed_builds, ours.failed_builds, small.failed_builds),
-        ("notifications enqueued", coder.notifications, ours.notifications, small.notifications),
-        ("most jobs in flight after a pass", coder.most_in_flight, ours.most_in_flight, small.most_in_flight),
-        ("recovery to every pool full", recovery(coder), recovery(ours), recovery(small)),
+        ("failed builds during the outage", [str(r.failed_builds) for r in results.values()]),
+        ("notifications enqueued", [str(r.notifications) for r in results.values()]),
+        ("most jobs in flight after a pass", [str(r.most_in_flight) for r in results.values()]),
+        ("recovery to every pool full", [recovery(r) for r in results.values()]),
+        (
+            f"the same, outages of {PHASES[0].total_seconds():.0f}-{PHASES[-1].total_seconds():.0f} s",
+            [spread(phases[name]) if name in phases else "" for name in results],
+        ),
+        ("no outage: cold start to every pool full", [recovery(r) for r in healthy.values()]),
     ]
-    lines = ["| | Coder-compatible | ours, budget 500 | ours, budget 100 |", "|---|---|---|---|"]
-    lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
+    lines = ["| | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
     return "\n".join(lines)
 
 
+SCENARIOS = {
+    "Coder-compatible": CODER,
+    "ours (open 1 s)": OURS,
+    "ours (open 1 s, then 2 s)": OURS_DOUBLING,
+    "ours (open 5 s doubling to 20 s)": OURS_SLOW_PROBES,
+}
+
+
 async def main_async(server: str) -> None:
-    coder = await outage(server, CODER)
-    ours = await outage(server, OURS)
-    small = await outage(server, OURS_SMALL_BUDGET)
-    print(outage_table(coder, ours, small))
+    results = {name: await outage(server, values) for name, values in SCENARIOS.items()}
+    healthy = {name: await outage(server, values, timedelta(0)) for name, values in SCENARIOS.items()}
+    # Coder's never recovers within the cap, whatever the phase: not repeated.
+    phases = {
+        name: [await outage(server, values, duration) for duration in PHASES]
+        for name, values in SCENARIOS.items()
+        if values is not CODER
+    }
+    print(outage_table(results, healthy, phases))
     print()
     print("| surge | eligible before | least eligible during the rotation |")
     print("|---|---|---|")
