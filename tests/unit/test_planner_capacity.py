@@ -13,6 +13,7 @@ from reconciler import backoff, planner
 from reconciler.admission import Budget, HoldReason
 from reconciler.metrics import Metrics
 from reconciler.plan import BackoffAction, CreateAction, DeleteAction, DeleteReason
+from reconciler.reports import budget_line
 from reconciler.snapshot import Backoff, InFlight, PrebuildStatus, Preset, RunningPrebuild, Snapshot
 
 NOW = datetime(2026, 1, 5, 12, tzinfo=UTC)
@@ -127,6 +128,35 @@ def test_the_budget_metrics_follow_the_plan() -> None:
     metrics.observe_pass("success", 0.1, unlimited, paused=False)
     assert value("prebuilds_reconciler_in_flight_budget", {"scope": "total"}) == 0
     assert value("prebuilds_reconciler_in_flight_withheld", {"kind": "create"}) == 0
+
+
+def test_the_slow_start_holds_until_a_create_succeeds_and_its_metric_says_so() -> None:
+    metrics = Metrics(CollectorRegistry(), process_metrics=False)
+    presets = tuple(make_preset(name, 3) for name in ("a", "b", "c"))
+    config = planner.PlannerConfig(slow_start=4)
+    cold = Snapshot(presets=presets, creates_in_flight=1, create_succeeded_recently=False)
+    plan = planner.plan(cold, config, NOW)
+    # Four allowed in flight, one already: three creates, one per pool; six held, with the reason.
+    assert [preset_plan.actions for preset_plan in plan.presets] == [(CreateAction(count=1),)] * 3
+    assert {preset_plan.creates_held_by for preset_plan in plan.presets} == {HoldReason.SLOW_START}
+    assert plan.budget is not None
+    assert (plan.budget.slow_start, plan.budget.creates_in_flight, plan.budget.creates_held) == (4, 1, 6)
+    # The line above status's and plan's tables.
+    assert budget_line(plan.budget) == (
+        "slow start (no prebuild create succeeded lately): at most 4 creates in flight, 1 now; "
+        "3 admitted, held back 6 creates\n"
+    )
+    metrics.observe_pass("success", 0.1, plan, paused=False)
+    value = metrics.registry.get_sample_value
+    assert value("prebuilds_reconciler_in_flight_budget", {"scope": "slow_start"}) == 4
+    assert value("prebuilds_reconciler_in_flight_withheld", {"kind": "create"}) == 6
+
+    warm = dataclasses.replace(cold, create_succeeded_recently=True)
+    lifted = planner.plan(warm, config, NOW)
+    assert [preset_plan.actions for preset_plan in lifted.presets] == [(CreateAction(count=3),)] * 3
+    assert lifted.budget is None
+    metrics.observe_pass("success", 0.1, lifted, paused=False)
+    assert value("prebuilds_reconciler_in_flight_budget", {"scope": "slow_start"}) == 0
 
 
 def test_invalidated_prebuilds_are_admitted_as_expired_ones() -> None:
