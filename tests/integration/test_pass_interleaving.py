@@ -280,3 +280,40 @@ async def test_a_stale_full_plan_written_after_a_targeted_pass_stays_safe(
     row = await preset_row(connection, failing)
     assert (row["prebuild_status"], row["failure_episode"]) == ("hard_limited", 1)
     assert await messages_of(connection, failing) == ["hard_limited"]
+
+
+async def test_a_targeted_pass_never_moves_the_breaker(factory: Factory, pool: asyncpg.Pool, database_url: str) -> None:
+    """The breaker moves in full passes only: a targeted pass whose plan would move it (here: open past its
+    duration, so half-open with probes) writes neither the move nor the probes' creates; the next full
+    pass does both."""
+    settings = settings_for(
+        database_url,
+        breaker_enabled="true",
+        breaker_min_builds="6",
+        breaker_min_presets="3",
+        breaker_probes="2",
+        breaker_open_duration="5m",
+    )
+    failing = [await factory.preset(desired=1) for _ in range(4)]
+    for preset in failing:
+        for ago in (3, 2, 1):
+            await factory.prebuild(preset, status="failed", ago=minutes(ago))
+    opened = await run_pass(pool, settings, factory.now)
+    assert opened.outcome is PassOutcome.SUCCESS, opened.error
+    assert await pool.fetchval("select state from prebuild_breaker") == "open"
+
+    later = factory.now + minutes(5) + minutes(0.1)
+    targeted = await run_pass(pool, settings, later, template_ids=[preset.template.id for preset in failing])
+    assert targeted.outcome is PassOutcome.SUCCESS, targeted.error
+    assert targeted.plan is not None
+    assert targeted.plan.breaker is not None
+    assert targeted.plan.breaker.event is not None
+    assert targeted.execution is not None
+    assert (targeted.execution.breaker_event, targeted.execution.created) == (None, 0)
+    assert await pool.fetchval("select state from prebuild_breaker") == "open"
+
+    full = await run_pass(pool, settings, later)
+    assert full.outcome is PassOutcome.SUCCESS, full.error
+    assert full.execution is not None
+    assert full.execution.created == 2
+    assert await pool.fetchval("select state from prebuild_breaker") == "half_open"
