@@ -85,6 +85,10 @@ LOCK_IDLE_MARGIN = timedelta(seconds=30)
 
 T = TypeVar("T")
 
+# From this many presets, a full pass plans on a thread (see `read_plan`); below, the hop costs more than
+# the loop would wait.
+PLAN_ON_A_THREAD_FROM = 1000
+
 
 async def _release_lock(
     connection: db.Connection, body_raised: bool, template_locks: reads.TemplateLocks | None = None
@@ -273,7 +277,13 @@ async def read_plan(
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await reads.read_snapshot(connection, parameters, bad_rows=bad_rows, template_ids=template_ids)
     expressions = target_expressions(preset.desired_instances_expression for preset in snapshot.presets)
-    return planner.plan(snapshot, planner_config(settings), now, expressions=expressions, holds=holds)
+    config = planner_config(settings)
+    if template_ids is not None or len(snapshot.presets) < PLAN_ON_A_THREAD_FROM:
+        return planner.plan(snapshot, config, now, expressions=expressions, holds=holds)
+    # A full pass's plan takes a few hundred milliseconds of CPU at fleet L, which would stop the event
+    # loop (the change events, the targeted passes that run beside a full one, the scrapes) for as long.
+    # The pure planner runs on a thread instead; the interpreter switches between it and the loop.
+    return await asyncio.to_thread(planner.plan, snapshot, config, now, expressions=expressions, holds=holds)
 
 
 def as_read(plan: Plan) -> Plan:

@@ -7,6 +7,7 @@ The lifetime totals behind the created/failed/claimed counters are read beside t
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from reconciler.snapshot import (
 logger = structlog.get_logger(__name__)
 
 MILLISECOND = timedelta(milliseconds=1)
+# A full snapshot's rows are converted in runs of this many between yields to the event loop.
+YIELD_EVERY_ROWS = 5000
 
 
 def _query(name: str) -> str:
@@ -374,7 +377,10 @@ async def read_snapshot(
             await connection.fetchval(_query("prebuild_create_succeeded_since"), parameters.slow_start_window_start)
         )
     converted = _SnapshotRows()
-    for row in rows:
+    for index, row in enumerate(rows):
+        if index % YIELD_EVERY_ROWS == YIELD_EVERY_ROWS - 1:
+            # Tens of thousands of rows at fleet L: let the event loop run a targeted pass meanwhile.
+            await asyncio.sleep(0)
         try:
             converted.add(row)
         except (ValueError, TypeError) as error:

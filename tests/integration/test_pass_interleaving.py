@@ -317,3 +317,19 @@ async def test_a_targeted_pass_never_moves_the_breaker(factory: Factory, pool: a
     assert full.execution is not None
     assert full.execution.created == 2
     assert await pool.fetchval("select state from prebuild_breaker") == "half_open"
+
+
+async def test_a_full_plan_made_on_a_thread_is_the_plan_made_inline(
+    factory: Factory, database_url: str, connection: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large fleet's full pass plans on a thread (so that a targeted pass runs meanwhile): the same plan."""
+    settings = settings_for(database_url)
+    for desired in (0, 1, 2):
+        preset = await factory.preset(desired=desired)
+        await factory.prebuilds(preset, 1)
+    monkeypatch.setattr(reconcile, "PLAN_ON_A_THREAD_FROM", 10**9)
+    inline = await reconcile.read_plan(connection, settings, factory.now)
+    monkeypatch.setattr(reconcile, "PLAN_ON_A_THREAD_FROM", 1)
+    threaded = await reconcile.read_plan(connection, settings, factory.now)
+    assert threaded == inline
+    assert sum(bool(preset_plan.actions) for preset_plan in threaded.presets) == 2
