@@ -225,6 +225,9 @@ class PassWindow:
     end: float
     created: int
     deleted: int
+    # The templates of a targeted pass (which holds their template locks, not the pass lock); None for a
+    # full pass.
+    templates: frozenset[str] | None = None
 
 
 def pass_windows(replica: str, events: Iterable[Mapping[str, Any]]) -> list[PassWindow]:
@@ -240,13 +243,26 @@ def pass_windows(replica: str, events: Iterable[Mapping[str, Any]]) -> list[Pass
                 end=float(event["lock_held_until"]),
                 created=int(event.get("created", 0)),
                 deleted=int(event.get("deleted", 0)),
+                templates=frozenset(event["template_ids"]) if event.get("scope") == "targeted" else None,
             )
         )
     return windows
 
 
+def _exclusive(first: PassWindow, second: PassWindow) -> bool:
+    """Whether two passes hold a lock in common: two full passes (the pass lock), or two targeted passes
+    with a template in common (its template lock). A targeted pass and a full one run side by side by
+    design: the full pass defers the presets of the templates the targeted one holds."""
+    if first.templates is None and second.templates is None:
+        return True
+    if first.templates is not None and second.templates is not None:
+        return bool(first.templates & second.templates)
+    return False
+
+
 def overlapping_passes(windows: Sequence[PassWindow]) -> list[tuple[PassWindow, PassWindow]]:
-    """Pairs of passes of different replicas that overlap in time, at all.
+    """Pairs of passes of different replicas, holding a lock in common (`_exclusive`), that overlap in
+    time, at all.
 
     No tolerance: each window lies within the time its replica really held the lock. (Windows made from
     a pass's duration and the time of its event were wider than that, by the wait for a connection and
@@ -257,7 +273,7 @@ def overlapping_passes(windows: Sequence[PassWindow]) -> list[tuple[PassWindow, 
     for first, second in itertools.combinations(ordered, 2):
         if second.start >= first.end:
             continue
-        if first.replica != second.replica:
+        if first.replica != second.replica and _exclusive(first, second):
             pairs.append((first, second))
     return pairs
 

@@ -653,7 +653,8 @@ class Soak:
         )
 
     def check_passes(self) -> None:
-        """No two replicas' passes overlap; every pass has its own run id."""
+        """No two replicas' passes that hold a lock in common (two full passes; two targeted passes of a
+        common template) overlap; every pass has its own run id."""
         self.checker.checks += 1
         run_ids = Counter(window.run_id for window in self.windows)
         for run_id, count in run_ids.items():
