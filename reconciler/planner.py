@@ -47,7 +47,7 @@ from reconciler.snapshot import (
     Snapshot,
     Transition,
 )
-from reconciler.target import TargetHold, TargetSettings, resolve_target, scheduled_target
+from reconciler.target import Target, TargetHold, TargetSettings, TargetSource, resolve_target, scheduled_target
 
 # Each distinct expression text of the snapshot, compiled (`expression_compiler.target_expressions`): the
 # planner does no parsing, and a fleet that shares a few expressions compiles each once.
@@ -428,6 +428,100 @@ def plan_preset(
     return result(actions)
 
 
+class _SteadyPath:
+    """The plan of a preset in the steady state, without the general path's machinery (`plan_preset`).
+
+    At fleet size nearly every preset is one of two kinds: active, with a static target and a pool with
+    nothing expired, in flight, backing off or failed (a pool at its target, or missing a few); or
+    inactive with nothing at all (skipped). For those, the general path spends most of its time on what
+    does not apply (targets, schedules, expressions, holds, backoff, status changes, closures). This gives
+    the very same `PresetPlan` (tests/unit/test_planner_steady.py compares both over generated snapshots);
+    `plan` returns None for anything else, which then takes the general path. The targets and states,
+    immutable, are shared between the presets that have equal ones: fewer objects for the collector.
+    The caller has checked what the grouped snapshot says: no expression, schedules, in-progress builds,
+    backoff, failed prebuilds, pending builds or hard limit.
+    """
+
+    __slots__ = ("cap", "jitter", "now", "states", "targets")
+
+    INACTIVE = Target(TargetSource.INACTIVE, desired=0, retained=0, scheduled_target=0)
+    INACTIVE_STATE = PresetState()
+
+    def __init__(self, config: PlannerConfig, now: datetime) -> None:
+        self.cap = config.max_desired_instances
+        self.jitter = config.ttl_jitter > 0
+        self.now = now
+        self.targets: dict[int, Target] = {}
+        self.states: dict[tuple[int, int, int], PresetState] = {}
+
+    def plan(
+        self,
+        preset: Preset,
+        running: Sequence[RunningPrebuild],
+        failures: PresetFailures | None,
+        validation_failed: bool,
+    ) -> PresetPlan | None:
+        now = self.now
+        invalidated = preset.last_invalidated_at
+        if invalidated is not None and invalidated - now > INVALIDATION_CLOCK_SKEW:
+            return None  # the general path reports it (preset.invalidation_ignored)
+        if not (preset.is_active_version and not preset.template_deleted and not preset.template_deprecated):
+            if running:
+                return None
+            return PresetPlan(
+                preset=preset,
+                state=self.INACTIVE_STATE,
+                actions=(),
+                hard_limited=preset.prebuild_status is PrebuildStatus.HARD_LIMITED,
+                target_source=TargetSource.INACTIVE,
+                failures=failures,
+                target=self.INACTIVE,
+                skipped=True,
+            )
+        if validation_failed or preset.prebuild_status is not PrebuildStatus.NORMAL:
+            return None  # a status change, or creates withheld
+        desired = preset.desired_instances
+        if not 0 <= desired <= self.cap:
+            return None  # capped, with its problem
+        cutoff = invalidated
+        ttl = preset.invalidate_after_secs
+        if ttl is not None and ttl > 0:
+            if self.jitter:
+                return None
+            by_ttl = now - timedelta(seconds=ttl)
+            if cutoff is None or by_ttl > cutoff:
+                cutoff = by_ttl
+        ready = 0
+        for prebuild in running:
+            if cutoff is not None and prebuild.created_at < cutoff:
+                return None  # expired: deletes by reason, the surge
+            ready += prebuild.ready
+        count = len(running)
+        target = self.targets.get(desired)
+        if target is None:
+            target = self.targets[desired] = Target(TargetSource.STATIC, desired, desired, desired, problems=())
+        extraneous = max(count - desired, 0)
+        key = (desired, count, ready)
+        state = self.states.get(key)
+        if state is None:
+            state = self.states[key] = PresetState(desired=desired, actual=count, eligible=ready, extraneous=extraneous)
+        actions: tuple[Action, ...] = ()
+        if extraneous:
+            ids = tuple(prebuild.workspace_id for prebuild in _oldest_first(running)[:extraneous])
+            actions = (DeleteAction(workspace_ids=ids, reason=DeleteReason.EXTRANEOUS),)
+        elif desired > count:
+            actions = (CreateAction(count=desired - count),)
+        return PresetPlan(
+            preset=preset,
+            state=state,
+            actions=actions,
+            hard_limited=False,
+            target_source=TargetSource.STATIC,
+            failures=failures,
+            target=target,
+        )
+
+
 def preset_expression(preset: Preset, expressions: Expressions) -> CompiledExpression | InvalidExpression | None:
     """The preset's compiled expression; None when it has none or a blank one (the expression does not apply)."""
     text = preset.desired_instances_expression
@@ -443,12 +537,14 @@ def plan(
     *,
     expressions: Expressions | None = None,
     holds: Mapping[UUID, TargetHold] | None = None,
+    steady_fast_path: bool = True,
 ) -> Plan:
     """Every preset of the snapshot, in snapshot order, skipped ones included (with no actions), each with the
     status change this pass makes, if any.
 
     `expressions` has every non-blank expression text of the snapshot compiled; `holds` is what the last
     pass's plan remembered of each preset's stabilization (`Plan.holds`; none: every pool held at its size).
+    `steady_fast_path=False` plans every preset by the general path (the tests compare both).
     """
     expressions = expressions or {}
     holds = holds or {}
@@ -456,7 +552,36 @@ def plan(
     presets: list[PresetPlan] = []
     problems: list[PlanProblem] = []
     status_changes: list[StatusChange] = []
+    steady = _SteadyPath(config, now) if steady_fast_path else None
+    hard_limited_ids = snapshot.hard_limited_preset_ids
+    validation_failed_ids = snapshot.validation_failed_preset_ids
     for preset in snapshot.presets:
+        preset_id = preset.id
+        if (
+            steady is not None
+            and preset.desired_instances_expression is None
+            and not preset.schedules
+            and preset_id not in grouped.in_progress
+            and preset_id not in grouped.backoffs
+            and preset_id not in grouped.failed
+            and preset_id not in grouped.pending
+            and preset_id not in hard_limited_ids
+        ):
+            # The overwhelmingly common preset of a steady fleet: `_SteadyPath` gives exactly what the
+            # general path below gives, or None when the preset is not one it handles.
+            try:
+                preset_plan = steady.plan(
+                    preset,
+                    grouped.running.get(preset_id, ()),
+                    grouped.failures.get(preset_id),
+                    preset_id in validation_failed_ids,
+                )
+            except Exception:
+                # Whatever it is, the general path meets it too, and reports it as it always has.
+                preset_plan = None
+            if preset_plan is not None:
+                presets.append(preset_plan)
+                continue
         inputs = PresetInputs(
             running=grouped.running.get(preset.id, ()),
             in_progress=grouped.in_progress.get(preset.id, ()),
