@@ -630,6 +630,13 @@ async def test_a_preset_the_planner_fails_on_is_skipped_and_the_pass_goes_on(
         return plan_preset(preset, *arguments)
 
     monkeypatch.setattr(planner, "plan_preset", failing_for_broken)
+    steady_plan = planner._SteadyPath.plan
+
+    def general_path_for_broken(self: planner._SteadyPath, preset: Any, *arguments: Any) -> Any:
+        # The steady fast path would plan it without `plan_preset`: it goes by the general path, made to raise.
+        return None if preset.id == broken.id else steady_plan(self, preset, *arguments)
+
+    monkeypatch.setattr(planner._SteadyPath, "plan", general_path_for_broken)
 
     result, events = await successful_pass(pool, settings_for(database_url))
 
