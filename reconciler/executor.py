@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import enum
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from uuid import UUID
@@ -30,6 +30,7 @@ from reconciler.plan import (
     CancelPendingAction,
     CreateAction,
     DeleteAction,
+    DeleteReason,
     Plan,
     PresetPlan,
     StatusChange,
@@ -199,9 +200,18 @@ async def _delete(
     now: datetime,
     budget: BudgetUse | None = None,
     summary: ExecutionSummary | None = None,
+    counted: Sequence[UUID] = (),
 ) -> int:
+    """Delete the action's prebuilds, re-checked at write time. An extraneous delete also re-counts
+    `counted`, the preset's other prebuilds its plan saw running: each one claimed or deleted since the
+    snapshot is one delete fewer (the newest planned kept), so that a plan older than a claim never
+    shrinks the pool below its target."""
     async with connection.transaction():
         workspace_ids = action.workspace_ids
+        if action.reason is DeleteReason.EXTRANEOUS and counted:
+            lost = len(counted) - await writes.count_prebuilds_still_live(connection, counted)
+            if lost:
+                workspace_ids = workspace_ids[: max(len(workspace_ids) - lost, 0)]
         room = await _budget_room(connection, budget, preset_plan.preset.template_id)
         if room is not None and len(workspace_ids) > room:
             # The oldest first, as planned; the rest wait for the next pass.
@@ -228,10 +238,12 @@ async def execute_preset(
     observe: ActionObserver | None = None,
     *,
     budget: BudgetUse | None = None,
+    counted: Sequence[UUID] = (),
 ) -> None:
     """Run one preset's actions in order. Raises on the first failing action; earlier ones stay done.
 
-    With a `budget` (the plan's), each create and delete is re-admitted under the budget's lock."""
+    With a `budget` (the plan's), each create and delete is re-admitted under the budget's lock. An
+    extraneous delete re-counts `counted`, the preset's other prebuilds the plan saw (`_delete`)."""
 
     def record(
         kind: str, outcome: ActionOutcome, rows: int, *, planned: int, reason: str = "", **details: object
@@ -247,7 +259,7 @@ async def execute_preset(
                 summary.canceled += canceled
                 record("cancel_pending", ActionOutcome.SUCCESS, canceled, planned=action.count)
             elif isinstance(action, DeleteAction):
-                deleted = await _delete(connection, preset_plan, action, now, budget, summary)
+                deleted = await _delete(connection, preset_plan, action, now, budget, summary, counted)
                 summary.deleted += deleted
                 summary.deletes_skipped += len(action.workspace_ids) - deleted
                 record(
@@ -387,6 +399,25 @@ async def execute(
         summary.failed_preset_ids.append(preset.id)
         logger.error("reconcile.preset_failed", **preset_log_fields(preset), error=f"{type(error).__name__}: {error}")
 
+    # The prebuilds each preset with an extraneous delete was counted with (`_delete`), indexed once.
+    trimming = {preset_plan.preset.id for preset_plan in plan.presets if _deletes_extraneous(preset_plan)}
+    running: dict[UUID, list[UUID]] = {preset_id: [] for preset_id in trimming}
+    if trimming and plan.snapshot is not None:
+        for prebuild in plan.snapshot.running:
+            if prebuild.preset_id in running:
+                running[prebuild.preset_id].append(prebuild.workspace_id)
+
+    def counted(preset_plan: PresetPlan) -> tuple[UUID, ...]:
+        if preset_plan.preset.id not in running:
+            return ()
+        deleting = {
+            workspace_id
+            for action in preset_plan.actions
+            if isinstance(action, DeleteAction)
+            for workspace_id in action.workspace_ids
+        }
+        return tuple(workspace_id for workspace_id in running[preset_plan.preset.id] if workspace_id not in deleting)
+
     def defer(preset_plan: PresetPlan) -> None:
         deferred_templates.add(preset_plan.preset.template_id)
         summary.presets_deferred += 1
@@ -396,13 +427,17 @@ async def execute(
         try:
             async with pool.acquire() as connection:
                 if not template_locks:
-                    await execute_preset(connection, preset_plan, now, summary, observe, budget=plan.budget)
+                    await execute_preset(
+                        connection, preset_plan, now, summary, observe, budget=plan.budget, counted=counted(preset_plan)
+                    )
                     return
                 async with _templates_locked(connection, [preset_plan], is_superseded) as (granted, _):
                     if not granted:
                         defer(preset_plan)
                         return
-                    await execute_preset(connection, preset_plan, now, summary, observe, budget=plan.budget)
+                    await execute_preset(
+                        connection, preset_plan, now, summary, observe, budget=plan.budget, counted=counted(preset_plan)
+                    )
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as error:
@@ -615,6 +650,12 @@ async def _create_batch_set(connection: db.Connection, batch: list[PresetPlan], 
             made -= done
             outcome.done.append((action, done, action.count - done))
     return outcomes
+
+
+def _deletes_extraneous(preset_plan: PresetPlan) -> bool:
+    return any(
+        isinstance(action, DeleteAction) and action.reason is DeleteReason.EXTRANEOUS for action in preset_plan.actions
+    )
 
 
 def _budget_unset(budget: BudgetUse | None) -> bool:

@@ -254,3 +254,10 @@ async def purge_prebuild_events(
         if deleted < batch_size:
             break
     return purged
+
+
+async def count_prebuilds_still_live(connection: db.Connection, workspace_ids: Sequence[UUID]) -> int:
+    """How many of `workspace_ids` are still live prebuilds (see `count_prebuilds_still_live`)."""
+    if not workspace_ids:
+        return 0
+    return int(await connection.fetchval(_query("count_prebuilds_still_live"), list(workspace_ids)) or 0)

@@ -187,6 +187,18 @@ select build_id, workspace_id, build_number + 1, 'delete', template_version_id, 
 from deletable
 returning workspace_id
 
+-- name: count_prebuilds_still_live
+-- $1 workspace ids: how many are still live prebuilds (the prebuilds user's, not deleted, latest build a
+-- start). An extraneous delete re-counts, in its transaction, the other prebuilds its plan counted, so
+-- that a plan older than a claim (another replica's pass, or one from before a targeted pass) does not
+-- shrink the pool below its target: each of them claimed or deleted since is one delete fewer.
+select count(*)::integer
+from workspaces w
+where w.id = any($1::uuid[]) and w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0' and not w.deleted
+    and (
+        select b.transition from workspace_builds b where b.workspace_id = w.id order by b.build_number desc limit 1
+    ) = 'start'
+
 -- name: cancel_pending_prebuilds
 -- $1 preset, $2 now. First builds of the preset on a non-active version whose job no provisioner has
 -- picked up: cancel the job, add a delete build completed at once (nothing was provisioned), and mark

@@ -333,3 +333,25 @@ async def test_a_full_plan_made_on_a_thread_is_the_plan_made_inline(
     threaded = await reconcile.read_plan(connection, settings, factory.now)
     assert threaded == inline
     assert sum(bool(preset_plan.actions) for preset_plan in threaded.presets) == 2
+
+
+async def test_an_extraneous_delete_planned_before_a_claim_is_dropped(
+    factory: Factory, pool: asyncpg.Pool, database_url: str, connection: asyncpg.Connection
+) -> None:
+    """Another replica's full plan, older than a claim: one prebuild too many when it read, none after the
+    claim. The delete re-counts the prebuilds its plan counted, and keeps the pool at its target."""
+    settings = settings_for(database_url)
+    preset = await factory.preset(desired=1)
+    older, newer = await factory.prebuild(preset, ago=minutes(10)), await factory.prebuild(preset)
+    stale = await read_plan(connection, settings, factory.now)
+    assert plan_of(stale, preset).actions == (DeleteAction((older.id,), DeleteReason.EXTRANEOUS),)
+    await factory.claim(newer)
+    summary = await executor.execute(pool, stale, factory.now, template_locks=True)
+    assert (summary.deleted, summary.deletes_skipped) == (0, 1)
+    assert await live_prebuilds(connection, preset) == {older.id}
+    # Unclaimed, the same plan deletes as before.
+    again = await factory.preset(desired=1)
+    first, _second = await factory.prebuild(again, ago=minutes(10)), await factory.prebuild(again)
+    fresh = await read_plan(connection, settings, factory.now)
+    assert plan_of(fresh, again).actions == (DeleteAction((first.id,), DeleteReason.EXTRANEOUS),)
+    assert (await executor.execute(pool, fresh, factory.now, template_locks=True)).deleted == 1
