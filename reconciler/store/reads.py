@@ -303,6 +303,7 @@ def _preset_from_row(
     )
 
 
+_RUNNING_REQUIRED = ("preset_id", "template_version_id", "workspace_ids", "ready_flags", "created_ats")
 _TZINFO = attrgetter("tzinfo")
 _NEW_RUNNING_PREBUILD = partial(tuple.__new__, RunningPrebuild)
 
@@ -321,9 +322,16 @@ class _SnapshotRows:
         kind = row["kind"]
         if kind == "running":
             # The hot path: one row per preset, its running prebuilds as arrays ordered oldest first.
-            _require(row, ("preset_id", "template_version_id", "workspace_ids", "ready_flags", "created_ats"))
             preset_id, version_id = row["preset_id"], row["template_version_id"]
             workspace_ids, ready_flags, created_ats = row["workspace_ids"], row["ready_flags"], row["created_ats"]
+            if (
+                preset_id is None
+                or version_id is None
+                or workspace_ids is None
+                or ready_flags is None
+                or created_ats is None
+            ):
+                _require(row, _RUNNING_REQUIRED)
             if not len(workspace_ids) == len(ready_flags) == len(created_ats):
                 raise ValueError("running prebuilds: arrays of different lengths")
             if None in workspace_ids or None in ready_flags or None in created_ats:
