@@ -197,6 +197,10 @@ async def measure(database_url: str, arguments: argparse.Namespace) -> dict[str,
                 last = _require_success(await run_pass(pool, settings, generated.now))
                 durations.append(time.perf_counter() - started)
                 python_cpu.append(time.process_time() - cpu_started)
+                # A full pass ends with the collection it deferred, inside its duration and CPU time: only
+                # the collections after it are added below.
+                collector.take()
+                collector.take_cpu()
         finally:
             gc.callbacks.remove(collector)
         statements = [dict(row) for row in await observer.fetch(_STATEMENT_STATS)] if counting else []
