@@ -144,6 +144,15 @@ class PresetCollector(Collector):
         self._counter_cache: dict[tuple[tuple[str, str, str], tuple[int, int, int]], tuple[str, ...]] = {}
         self._claim_cache: dict[tuple[tuple[str, str, str], tuple[int, int]], str] = {}
         self._rendered = _Rendered.of(b"")
+        # What `_rendered` was rendered from (samples, counted, totals, claim events) and the text, as one
+        # attribute, replaced at once: `prepare`, on a thread, reads both together.
+        self._rendered_from_state: tuple[object, ...] = (
+            (),
+            frozenset(),
+            self._totals,
+            self._claim_events,
+            self._rendered,
+        )
         self._rendering = threading.local()
 
     @contextlib.contextmanager
@@ -164,6 +173,18 @@ class PresetCollector(Collector):
         samples = self._samples_from(plan)
         totals, claim_events = self._totals, self._claim_events
         counted = frozenset(sample.labels for sample in samples)
+        last_samples, last_counted, last_totals, last_claim_events, last_rendered = self._rendered_from_state
+        if (
+            last_totals is totals
+            and last_claim_events is claim_events
+            and last_samples == samples
+            and last_counted == counted
+            and isinstance(last_rendered, _Rendered)
+        ):
+            # A steady pass: the text and its compressed form are the last ones, byte for byte. Not even
+            # the cached lines are joined again (~35 ms at 10,000 presets, holding the interpreter lock
+            # while the first scrape after the pass waits), nor megabytes compressed.
+            return PreparedPresets(samples, totals, last_rendered, claim_events)
         rendered = self._rendered_from(samples, counted, totals, claim_events)
         return PreparedPresets(samples, totals, rendered, claim_events)
 
@@ -172,8 +193,15 @@ class PresetCollector(Collector):
         if prepared is None or prepared.totals is not self._totals or prepared.claim_events is not self._claim_events:
             # Not prepared, or the totals moved since: render now (counters must never show going back).
             prepared = self.prepare(plan)
-        self._samples, self._rendered = prepared.samples, prepared.rendered
-        self._counted = frozenset(sample.labels for sample in prepared.samples)
+        counted = frozenset(sample.labels for sample in prepared.samples)
+        self._samples, self._rendered, self._counted = prepared.samples, prepared.rendered, counted
+        self._rendered_from_state = (
+            prepared.samples,
+            counted,
+            prepared.totals,
+            prepared.claim_events,
+            prepared.rendered,
+        )
 
     @staticmethod
     def _samples_from(plan: Plan) -> tuple[PresetSample, ...]:
@@ -296,7 +324,9 @@ class PresetCollector(Collector):
 
     def _render(self) -> None:
         # The samples and totals are replaced, never changed in place.
-        self._rendered = self._rendered_from(self._samples, self._counted, self._totals, self._claim_events)
+        samples, counted, totals, claim_events = self._samples, self._counted, self._totals, self._claim_events
+        self._rendered = self._rendered_from(samples, counted, totals, claim_events)
+        self._rendered_from_state = (samples, counted, totals, claim_events, self._rendered)
 
     def _rendered_from(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,15 +17,19 @@ from tests.unit.test_metrics import make_plan, make_preset
 HOSTILE_NAMES = ["plain", 'quote " and \\ backslash', "new\nline", "ünïcødé ✓", "semi;colon'"]
 
 
-def populated_collector() -> PresetCollector:
-    collector = PresetCollector()
+def hostile_plans() -> list[PresetPlan]:
     plans = []
     for index, name in enumerate(HOSTILE_NAMES):
         status = [PrebuildStatus.NORMAL, PrebuildStatus.HARD_LIMITED, PrebuildStatus.VALIDATION_FAILED][index % 3]
         preset = dataclasses.replace(make_preset(name, status=status), organization_name=f"org {name}")
         state = PresetState(desired=index + 1, actual=index, eligible=max(index - 1, 0))
         plans.append(PresetPlan(preset=preset, state=state, actions=(), hard_limited=index == 3))
-    plan = make_plan(*plans)
+    return plans
+
+
+def populated_collector() -> PresetCollector:
+    collector = PresetCollector()
+    plan = make_plan(*hostile_plans())
     collector.update_from_plan(plan)
     collector.update_totals(
         {
@@ -172,3 +177,32 @@ def test_a_render_formats_only_the_presets_that_changed_and_writes_what_a_fresh_
     registry = CollectorRegistry()
     registry.register(collector)
     assert collector.exposition() == generate_latest(registry)
+
+
+def test_a_steady_pass_publishes_the_last_text_without_rendering_it_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    collector = populated_collector()
+    # The same presets in the same states as the last pass, in new objects, as a steady pass plans them.
+    plan = make_plan(*hostile_plans())
+    renders = 0
+    render_lines = PresetCollector._render_lines
+
+    def counting(self: PresetCollector, *arguments: Any) -> list[str]:
+        nonlocal renders
+        renders += 1
+        return render_lines(self, *arguments)
+
+    monkeypatch.setattr(PresetCollector, "_render_lines", counting)
+    before = collector._rendered
+    prepared = collector.prepare(plan)
+    assert prepared.rendered is before
+    collector.update_from_plan(plan, prepared)
+    assert renders == 0
+    assert collector._rendered is before
+
+    # New totals: the next pass's text is rendered again, with them.
+    labels = next(iter(collector._totals))
+    collector.update_totals({labels: PrebuildTotals(created=999, failed=0, claimed=0)})
+    assert renders == 1
+    prepared = collector.prepare(plan)
+    assert prepared.rendered is collector._rendered
+    assert b" 999.0\n" in collector.exposition()
